@@ -1,0 +1,270 @@
+"""Selective state-space scans in pure PyTorch: Mamba-1 (diagonal A) and Mamba-2 (SSD, scalar A per head).
+
+Each scan has two implementations that compute the same function:
+
+* a **sequential reference** (``*_ref``): one Python step per time frame, written to be read and checked
+  (mamba-minimal style). Slow; used by tests and the benchmark only.
+* a **chunked fast path** (``selective_scan_chunked``, ``ssd_chunked``): no Python loop over time steps.
+  The sequence is cut into chunks of ``L`` frames; inside a chunk everything is a parallel tensor
+  expression, across chunks a short recurrence over ``c = T / L`` chunk states (done as a log-depth
+  Hillis-Steele scan for Mamba-1 and as a small ``c x c`` segment-sum matrix for Mamba-2).
+
+Both fast paths upcast to float32 inside (autocast is disabled in the scan) and return float32; callers
+under bf16 autocast get the cast back by the next autocast-aware op.
+
+Dimension glossary (used in shapes below)
+----------------------------------------
+    b   batch
+    l   sequence length T (frames)
+    d   d_inner = expand * d_model (channels of the SSM)
+    n   d_state (state size per channel)
+    h   heads (Mamba-2), d = h * p
+    p   head dim (Mamba-2)
+    c   number of chunks = ceil(l / L)
+    L   chunk length (``chunk_size``); ``s``/``t`` index frames inside a chunk (source / target)
+
+Mamba-1 recurrence (per channel d and state n, with dA = exp(dt * A)):
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t          y_t = <C_t, h_t> + D * x_t
+Mamba-2 recurrence (per head h, A scalar, the state is a (p, n) matrix):
+    H_t = exp(dt_t * A) * H_{t-1} + dt_t * x_t B_t^T          y_t = H_t C_t + D * x_t
+
+Mamba-1 chunk algorithm (cumsum/exp factorisation, centred):
+    a_s  = max(dt_s * A, -max_log_decay)        per-step log decay, clamped (see ``MAX_LOG_DECAY``)
+    S_t  = sum_{s<=t} a_s                       inside the chunk;  r = (L-1)//2 is the reference frame
+    h_t  = exp(S_t - S_r) * [ sum_{s<=t} exp(S_r - S_s) u_s  +  exp(S_r) h_start ]
+The two exponentials are bounded by exp(ceil((L-1)/2) * max_log_decay) <= exp(64) for the default
+chunk (L=8, max_log_decay=16), far from the float32 limit exp(88.7), whatever dt and A are. The clamp
+only changes steps whose decay is below exp(-16) ~ 1.1e-7, i.e. below float32 resolution of the state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Budget for the positive exponents of the centred factorisation (exp(64) ~ 6e27 leaves ~1e10 of headroom
+# below float32's max for the values being summed, in forward and backward).
+EXP_BUDGET = 64.0
+MAX_LOG_DECAY = 16.0  # = EXP_BUDGET / ceil((8-1)/2): the clamp for the default Mamba-1 chunk of 8
+
+
+def max_log_decay_for(chunk_size: int) -> float:
+    """Largest per-step log decay |dt*A| the Mamba-1 chunked scan can represent exactly for this chunk."""
+    half = max(1, chunk_size // 2)  # == ceil((L-1)/2)
+    return EXP_BUDGET / half
+
+
+def _pad_time(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """Zero-pad dim 1 (time) of a (b, l, ...) tensor at the end by ``pad`` frames."""
+    if pad == 0:
+        return t
+    return F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mamba-1: diagonal A of shape (d, n)
+# ----------------------------------------------------------------------------------------------------
+
+
+def selective_scan_ref(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sequential reference of the Mamba-1 selective scan (one Python step per frame).
+
+    x: (b, l, d) input;  dt: (b, l, d) step sizes (already softplus'ed, > 0);  A: (d, n) (negative);
+    B, C: (b, l, n);  D: (d,) or None.  Returns y: (b, l, d) float32.
+    """
+    x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
+    b, l, d = x.shape
+    h = x.new_zeros(b, d, A.shape[1])  # (b, d, n)
+    ys = []
+    for t in range(l):
+        dA = torch.exp(dt[:, t, :, None] * A)  # (b, d, n)
+        dBx = dt[:, t, :, None] * B[:, t, None, :] * x[:, t, :, None]  # (b, d, n)
+        h = dA * h + dBx
+        ys.append((h * C[:, t, None, :]).sum(-1))  # (b, d)
+    y = torch.stack(ys, dim=1)  # (b, l, d)
+    if D is not None:
+        y = y + x * D.float()
+    return y
+
+
+def _linear_scan_hs(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inclusive scan H_k = g_k * H_{k-1} + u_k along dim 1 (H_{-1} = 0), Hillis-Steele, log2(c) steps.
+
+    g, u: (b, c, ...) with g in [0, 1]. Stable: only products of decays and sums. Returns (b, c, ...).
+    """
+    c = u.shape[1]
+    k = 1
+    while k < c:
+        u = torch.cat([u[:, :k], u[:, k:] + g[:, k:] * u[:, :-k]], dim=1)
+        if 2 * k < c:  # the decays are not needed after the last step
+            g = torch.cat([g[:, :k], g[:, k:] * g[:, :-k]], dim=1)
+        k *= 2
+    return u
+
+
+def selective_scan_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    chunk_size: int = 8,
+) -> torch.Tensor:
+    """Chunked Mamba-1 selective scan, no Python loop over time (see module docstring for the algorithm).
+
+    Same arguments and result as :func:`selective_scan_ref`: x, dt (b, l, d); A (d, n); B, C (b, l, n);
+    D (d,) or None -> y (b, l, d) float32. ``chunk_size`` L: short chunks keep the exponentials bounded;
+    the per-step log decay is clamped at ``max_log_decay_for(L)`` (16 for L=8).
+    """
+    L = int(chunk_size)
+    amax = max_log_decay_for(L)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
+        b, l, d = x.shape
+        n = A.shape[1]
+        pad = (-l) % L
+        # padded frames get dt = 0: decay 1 and no input, so they change nothing before them
+        xp, dtp, Bp, Cp = (_pad_time(t, pad) for t in (x, dt, B, C))
+        c = (l + pad) // L
+        xp = xp.view(b, c, L, d)
+        dtp = dtp.view(b, c, L, d)
+        Bp = Bp.view(b, c, L, 1, n)
+        Cp = Cp.view(b, c, L, n, 1)
+
+        a = torch.clamp(dtp.unsqueeze(-1) * A, min=-amax)  # (b, c, L, d, n) log decay per step
+        S = torch.cumsum(a, dim=2)  # (b, c, L, d, n) log decay from the chunk start (inclusive)
+        r = (L - 1) // 2
+        S_r = S[:, :, r : r + 1]  # (b, c, 1, d, n)
+        diff = S - S_r
+        E_out = torch.exp(diff)  # exp(S_t - S_r)   <= exp(r * amax)
+        E_in = torch.exp(-diff)  # exp(S_r - S_s)   <= exp((L-1-r) * amax)
+        u = (dtp * xp).unsqueeze(-1) * Bp  # (b, c, L, d, n) dt_s * x_s * B_s
+        cs = torch.cumsum(u * E_in, dim=2)  # (b, c, L, d, n)
+
+        # chunk-level recurrence over the c chunk-start states (zero state at the start of the sequence)
+        h_end = E_out[:, :, -1] * cs[:, :, -1]  # (b, c, d, n) state at each chunk end from its own inputs
+        G = torch.exp(S[:, :, -1])  # (b, c, d, n) total decay over each chunk, in (0, 1]
+        H = _linear_scan_hs(G, h_end)  # (b, c, d, n) true state at each chunk end
+        h_start = torch.cat([torch.zeros_like(H[:, :1]), H[:, :-1]], dim=1)  # (b, c, d, n)
+
+        h = E_out * (cs + (torch.exp(S_r.squeeze(2)) * h_start).unsqueeze(2))  # (b, c, L, d, n)
+        y = torch.matmul(h, Cp).view(b, c * L, d)[:, :l]  # (b, l, d)
+        if D is not None:
+            y = y + x * D.float()
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mamba-2 (SSD): scalar A per head, state (p, n) per head
+# ----------------------------------------------------------------------------------------------------
+
+
+def ssd_ref(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sequential reference of the Mamba-2 SSD recurrence (one Python step per frame).
+
+    x: (b, l, h, p);  dt: (b, l, h) (softplus'ed);  A: (h,) negative;  B, C: (b, l, n) (one group,
+    shared by all heads);  D: (h,) or None.  Returns y: (b, l, h, p) float32.
+    """
+    x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
+    b, l, nh, p = x.shape
+    H = x.new_zeros(b, nh, p, B.shape[-1])  # (b, h, p, n)
+    ys = []
+    for t in range(l):
+        dA = torch.exp(dt[:, t] * A)  # (b, h)
+        dBx = (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, None, None, :]  # (b, h, p, n)
+        H = dA[:, :, None, None] * H + dBx
+        ys.append(torch.einsum("bhpn,bn->bhp", H, C[:, t]))
+    y = torch.stack(ys, dim=1)  # (b, l, h, p)
+    if D is not None:
+        y = y + x * D.float()[:, None]
+    return y
+
+
+def segsum(a: torch.Tensor) -> torch.Tensor:
+    """Stable segment sum: out[..., i, j] = sum_{j < k <= i} a[..., k] for j <= i, -inf above the diagonal.
+
+    a: (..., T) -> (..., T, T). Built from masked cumulative sums (no cumsum differences), so it stays
+    exact for long chunks.
+    """
+    T = a.shape[-1]
+    a = a.unsqueeze(-1).expand(*a.shape, T)  # (..., T, T): a[..., k, j] = a_k
+    strict = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
+    a = a.masked_fill(~strict, 0.0)
+    s = torch.cumsum(a, dim=-2)
+    keep = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(0)
+    return s.masked_fill(~keep, float("-inf"))
+
+
+def ssd_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """Chunked SSD (Mamba-2), no Python loop over time.
+
+    Same arguments and result as :func:`ssd_ref`. Four steps (as in the Mamba-2 paper):
+    1. intra-chunk outputs: masked (L x L) decay matrix exp(segsum) times (C B^T) times dt*x;
+    2. each chunk's final state from its own inputs;
+    3. inter-chunk recurrence over c chunk states via a (c+1 x c+1) segsum matrix per head;
+    4. contribution of each chunk's starting state to its outputs.
+    """
+    L = int(chunk_size)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
+        b, l, nh, p = x.shape
+        n = B.shape[-1]
+        pad = (-l) % L
+        xp, dtp, Bp, Cp = (_pad_time(t, pad) for t in (x, dt, B, C))
+        c = (l + pad) // L
+        xp = xp.view(b, c, L, nh, p)
+        dtp = dtp.view(b, c, L, nh)
+        Bp = Bp.view(b, c, L, n)
+        Cp = Cp.view(b, c, L, n)
+
+        a = (dtp * A).permute(0, 3, 1, 2)  # (b, h, c, L) log decay per step
+        a_cum = torch.cumsum(a, dim=-1)  # (b, h, c, L)
+        xdt = xp * dtp.unsqueeze(-1)  # (b, c, L, h, p)
+
+        # 1. intra-chunk (diagonal blocks)
+        decay = torch.exp(segsum(a))  # (b, h, c, L(t), L(s))
+        CB = torch.einsum("bctn,bcsn->bcts", Cp, Bp)  # (b, c, L, L) shared by all heads
+        M = decay * CB.unsqueeze(1)  # (b, h, c, t, s)
+        y_diag = torch.einsum("bhcts,bcshp->bcthp", M, xdt)
+
+        # 2. chunk-final states from the chunk's own inputs
+        decay_states = torch.exp(a_cum[..., -1:] - a_cum)  # (b, h, c, L): decay from s to chunk end
+        states = torch.einsum("bcsn,bhcs,bcshp->bchpn", Bp, decay_states, xdt)  # (b, c, h, p, n)
+
+        # 3. inter-chunk recurrence: state entering each chunk
+        chunk_decay = a_cum[..., -1]  # (b, h, c)
+        decay_chunk = torch.exp(segsum(F.pad(chunk_decay, (1, 0))))  # (b, h, c+1, c+1)
+        states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)  # (b, c+1, h, p, n)
+        states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)[:, :-1]  # (b, c, h, p, n) at starts
+
+        # 4. state -> output inside each chunk
+        state_decay_out = torch.exp(a_cum)  # (b, h, c, L)
+        y_off = torch.einsum("bctn,bchpn,bhct->bcthp", Cp, states, state_decay_out)
+
+        y = (y_diag + y_off).reshape(b, c * L, nh, p)[:, :l]
+        if D is not None:
+            y = y + x * D.float()[:, None]
+    return y

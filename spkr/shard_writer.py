@@ -1,0 +1,457 @@
+"""Write side: utterances -> log-mel features -> WebDataset tar shards + manifest.
+
+    plan_shards(splits)            deterministic list of ShardJob (split, index, utterances)
+    run(jobs, rank, world, workers) each rank writes the jobs i with i % world == rank, in parallel
+    write_shard(...)               one tar, written under a temporary name, then renamed; then its sidecar
+    merge_manifest(...)            when every planned shard has a sidecar: manifest.json (atomically)
+
+A shard is complete iff its sidecar exists and carries the plan hash of the job, so a re-run after a
+crash (or with more ranks) skips complete shards and redoes the rest. Features are stored as ``.npy``
+(float16, time-major (frames, n_mels)) and only ever read back with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from spkr import storage
+from spkr.corpus.librispeech import Utterance
+from spkr.features import AudioError, FeatureConfig, LogMel, compute_logmel, load_audio
+from spkr.manifest import (
+    FORMAT,
+    MANIFEST_NAME,
+    SIDECAR_SUFFIX,
+    VERSION,
+    Manifest,
+    ManifestError,
+    RunningStats,
+    ShardInfo,
+    shard_name,
+    split_summary,
+)
+
+
+@dataclass
+class Sample:
+    """One encoded sample: what goes into the tar under ``key``."""
+
+    key: str
+    label: int
+    meta: dict
+    feats: np.ndarray  # (frames, n_mels), on-disk dtype
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_tar(fileobj, samples: Iterable[Sample]) -> tuple[list[Sample], list[int]]:
+    """Write samples as WebDataset members into an open binary file; returns (samples, offsets)."""
+    written, offsets = [], []
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for s in samples:
+            if "." in s.key or "/" in s.key:
+                raise ValueError(f"sample key {s.key!r} must not contain '.' or '/'")
+            offsets.append(tf.offset)
+            members = (
+                ("cls", str(int(s.label)).encode()),
+                ("json", json.dumps(s.meta, sort_keys=True).encode()),
+                ("mel.npy", encode_npy(s.feats)),
+            )
+            for ext, payload in members:
+                tf.addfile(_tarinfo(f"{s.key}.{ext}", len(payload)), io.BytesIO(payload))
+            written.append(s)
+    return written, offsets
+
+
+def _sha256_file(path: str) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            n += len(block)
+    return h.hexdigest(), n
+
+
+def _put_atomic(local_path: str, url: str, storage_options: dict | None) -> None:
+    """Move a finished local file to its final place: rename locally, upload for URLs (an object
+    store PUT is atomic: readers see the whole object or none)."""
+    if storage.is_url(url):
+        fs, path = storage.get_fs(url, storage_options)
+        fs.put_file(local_path, path)
+        os.unlink(local_path)
+    else:
+        os.makedirs(os.path.dirname(url) or ".", exist_ok=True)
+        os.replace(local_path, url)
+
+
+def write_bytes_atomic(url: str, payload: bytes, storage_options: dict | None = None) -> None:
+    """Write a small file (sidecar, manifest) so it is either absent or complete."""
+    directory = os.path.dirname(url) if not storage.is_url(url) else None
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory or None)
+    with os.fdopen(fd, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    _put_atomic(tmp, url, storage_options)
+
+
+def write_shard(
+    out: str,
+    name: str,
+    samples: Iterable[Sample],
+    *,
+    storage_options: dict | None = None,
+    extra: dict | None = None,
+) -> ShardInfo:
+    """Write one shard ``<out>/<name>`` (+ sidecar ``<name>.json`` holding the ShardInfo and
+    ``extra``). The tar is complete before it gets its final name; the sidecar comes last."""
+    final = storage.join(out, name)
+    local_dir = os.path.dirname(final) if not storage.is_url(out) else None
+    if local_dir:
+        os.makedirs(local_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tar", dir=local_dir or None)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            written, offsets = write_tar(f, samples)
+            f.flush()
+            os.fsync(f.fileno())
+        digest, size = _sha256_file(tmp)
+        _put_atomic(tmp, final, storage_options)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    info = ShardInfo(
+        name=name,
+        num_samples=len(written),
+        bytes=size,
+        sha256=digest,
+        keys=[s.key for s in written],
+        frames=[int(s.feats.shape[0]) for s in written],
+        labels=[int(s.label) for s in written],
+        offsets=offsets,
+    )
+    sidecar = {**info.to_dict(), **(extra or {})}
+    write_bytes_atomic(final + SIDECAR_SUFFIX, json.dumps(sidecar).encode(), storage_options)
+    return info
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class ShardJob:
+    split: str
+    index: int
+    utterances: list[Utterance]
+    labels: list[int]
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.split, self.index)
+
+    def plan_hash(self) -> str:
+        h = hashlib.sha256()
+        for u, lab in zip(self.utterances, self.labels):
+            h.update(f"{u.key}\t{lab}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def plan_shards(
+    splits: dict[str, list[Utterance]], speakers: list[str], shard_size: int, seed: int = 0
+) -> list[ShardJob]:
+    """Deterministic shard plan: each split's utterances shuffled (seeded, so shards mix speakers)
+    and cut into ceil(n / shard_size) shards whose sizes differ by at most one."""
+    if shard_size < 1:
+        raise ValueError("shard_size must be >= 1")
+    label_of = {spk: i for i, spk in enumerate(speakers)}
+    jobs: list[ShardJob] = []
+    for split, utts in splits.items():
+        order = sorted(utts, key=lambda u: u.key)
+        random.Random(f"{seed}:{split}").shuffle(order)
+        n_shards = max(1, math.ceil(len(order) / shard_size)) if order else 0
+        for i in range(n_shards):
+            part = order[i * len(order) // n_shards : (i + 1) * len(order) // n_shards]
+            unknown = [u for u in part if u.speaker not in label_of]
+            if unknown:
+                raise ValueError(f"{unknown[0].path or unknown[0].key}: unknown speaker {unknown[0].speaker}")
+            jobs.append(ShardJob(split, i, part, [label_of[u.speaker] for u in part]))
+    return jobs
+
+
+# --------------------------------------------------------------------------- one shard job
+
+
+@dataclass
+class WriteOptions:
+    on_error: str = "fail"  # "fail" | "skip"
+    allow_resample: bool = False
+    allow_downmix: bool = False
+    min_seconds: float = 0.1
+    require_transcript: bool = True
+    feature_backend: str = "auto"
+
+
+@dataclass
+class JobResult:
+    name: str
+    num_samples: int
+    seconds: float
+    skipped: list[dict] = field(default_factory=list)
+    reused: bool = False
+
+
+def _featurize(
+    job: ShardJob, cfg: FeatureConfig, opts: WriteOptions, logmel: LogMel, skipped: list, tick: Callable
+) -> Iterator[Sample]:
+    for utt, label in zip(job.utterances, job.labels):
+        name = utt.path or f"{utt.subset}/{utt.key}"
+        try:
+            if opts.require_transcript and utt.transcript is None:
+                raise AudioError(f"{name}: no transcript line for {utt.key}")
+            wave = load_audio(
+                utt.audio_bytes if utt.audio_bytes is not None else utt.path,
+                cfg,
+                name=name,
+                allow_resample=opts.allow_resample,
+                allow_downmix=opts.allow_downmix,
+                min_seconds=max(opts.min_seconds, cfg.win_length / cfg.sample_rate),
+            )
+        except AudioError as e:
+            if opts.on_error != "skip":
+                raise
+            skipped.append({"key": utt.key, "path": name, "error": str(e)})
+            tick(1, 0.0)
+            continue
+        feats = compute_logmel(wave, logmel)
+        meta = {
+            "speaker": utt.speaker,
+            "chapter": utt.chapter,
+            "subset": utt.subset,
+            "duration": round(wave.shape[0] / cfg.sample_rate, 4),
+            "frames": int(feats.shape[0]),
+        }
+        tick(1, wave.shape[0] / cfg.sample_rate)
+        yield Sample(utt.key, label, meta, feats)
+
+
+def sidecar_matches(out: str, job: ShardJob, storage_options: dict | None = None) -> dict | None:
+    """The sidecar of a complete shard written for exactly this job, else None."""
+    url = storage.join(out, job.name + SIDECAR_SUFFIX)
+    fs, path = storage.get_fs(url, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            side = json.loads(f.read())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if side.get("plan_hash") != job.plan_hash():
+        return None
+    return side
+
+
+def write_job(
+    out: str,
+    job: ShardJob,
+    cfg: FeatureConfig,
+    opts: WriteOptions,
+    *,
+    storage_options: dict | None = None,
+    tick: Callable[[int, float], None] = lambda n, s: None,
+    logmel: LogMel | None = None,
+) -> JobResult:
+    """Write one planned shard unless a complete one for the same plan exists."""
+    side = sidecar_matches(out, job, storage_options)
+    if side is not None:
+        tick(len(job.utterances), 0.0)
+        return JobResult(job.name, side["num_samples"], 0.0, side.get("skipped", []), reused=True)
+    logmel = logmel or LogMel(cfg, backend=opts.feature_backend)
+    skipped: list[dict] = []
+    stats = RunningStats(cfg.n_mels) if job.split == "train" else None
+    seconds = [0.0]
+
+    def samples():
+        for s in _featurize(job, cfg, opts, logmel, skipped, tick):
+            seconds[0] += s.meta["duration"]
+            if stats is not None:
+                stats.update(s.feats)
+            yield s
+
+    extra = {"split": job.split, "plan_hash": job.plan_hash(), "skipped": skipped, "stats": None}
+    # The sidecar is serialised after the tar is written, so skipped/stats are filled in by then.
+    info = write_shard(out, job.name, _Lazy(samples(), extra, stats), storage_options=storage_options, extra=extra)
+    return JobResult(job.name, info.num_samples, seconds[0], skipped)
+
+
+class _Lazy:
+    """Iterates the samples, then puts the finished stats into the sidecar's extra dict."""
+
+    def __init__(self, it, extra: dict, stats: RunningStats | None):
+        self.it, self.extra, self.stats = it, extra, stats
+
+    def __iter__(self):
+        yield from self.it
+        self.extra["stats"] = self.stats.to_dict() if self.stats is not None else None
+
+
+# --------------------------------------------------------------------------- running and merging
+
+
+def _worker_init():
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_job(args):
+    out, job, cfg, opts, storage_options, queue = args
+    last = [time.monotonic(), 0, 0.0]
+
+    def tick(n, s):
+        last[1] += n
+        last[2] += s
+        if queue is not None and (last[1] >= 16 or time.monotonic() - last[0] > 0.5):
+            queue.put((last[1], last[2]))
+            last[:] = [time.monotonic(), 0, 0.0]
+
+    try:
+        result = write_job(out, job, cfg, opts, storage_options=storage_options, tick=tick)
+    finally:
+        if queue is not None and last[1]:
+            queue.put((last[1], last[2]))
+    return result
+
+
+def run_jobs(
+    out: str,
+    jobs: list[ShardJob],
+    cfg: FeatureConfig,
+    opts: WriteOptions,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 1,
+    storage_options: dict | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> list[JobResult]:
+    """Write this rank's share of the jobs (i % world_size == rank) with ``workers`` processes."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    mine = [j for i, j in enumerate(jobs) if i % world_size == rank]
+    progress = progress or (lambda n, s: None)
+    if workers <= 1:
+        logmel = LogMel(cfg, backend=opts.feature_backend)
+        return [
+            write_job(out, j, cfg, opts, storage_options=storage_options, tick=progress, logmel=logmel)
+            for j in mine
+        ]
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    manager = ctx.Manager()
+    queue = manager.Queue()
+    results = []
+    with ctx.Pool(workers, initializer=_worker_init) as pool:
+        pending = pool.imap_unordered(_run_job, [(out, j, cfg, opts, storage_options, queue) for j in mine])
+        it = iter(pending)
+        done = 0
+        while done < len(mine):
+            try:
+                results.append(it.next(timeout=0.2))
+                done += 1
+            except mp.TimeoutError:
+                pass
+            while not queue.empty():
+                progress(*queue.get())
+        while not queue.empty():
+            progress(*queue.get())
+    manager.shutdown()
+    return results
+
+
+def merge_manifest(
+    out: str,
+    jobs: list[ShardJob],
+    cfg: FeatureConfig,
+    speakers: list[str],
+    class_weights: list[float],
+    corpus: dict,
+    *,
+    storage_options: dict | None = None,
+    class_weight_scheme: str = "inverse_frequency_mean1",
+) -> Manifest | None:
+    """Write manifest.json if every planned shard is complete; return it, else None."""
+    sidecars = []
+    for job in jobs:
+        side = sidecar_matches(out, job, storage_options)
+        if side is None:
+            return None
+        sidecars.append((job, side))
+    stats = RunningStats(cfg.n_mels)
+    splits: dict[str, list[ShardInfo]] = {}
+    skipped = []
+    for job, side in sidecars:
+        splits.setdefault(job.split, []).append(ShardInfo.from_dict(side, job.name + SIDECAR_SUFFIX))
+        skipped.extend(side.get("skipped") or [])
+        if side.get("stats"):
+            stats.merge(RunningStats.from_dict(side["stats"]))
+    data = {
+        "format": FORMAT,
+        "version": VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "corpus": corpus,
+        "feature_config": cfg.to_dict(),
+        "feature_fingerprint": cfg.fingerprint(),
+        "labels": list(speakers),
+        "class_weights": list(class_weights),
+        "class_weight_scheme": class_weight_scheme,
+        "splits": {
+            name: split_summary(shards, cfg.sample_rate, cfg.hop_length) for name, shards in splits.items()
+        },
+        "stats": {"split": "train", **stats.summary()},
+        "skipped": skipped,
+    }
+    manifest = Manifest(data, url=storage.join(out, MANIFEST_NAME))
+    write_bytes_atomic(storage.join(out, MANIFEST_NAME), manifest.to_json().encode(), storage_options)
+    return manifest
+
+
+__all__ = [
+    "Sample",
+    "ShardJob",
+    "WriteOptions",
+    "JobResult",
+    "ManifestError",
+    "encode_npy",
+    "write_tar",
+    "write_shard",
+    "write_bytes_atomic",
+    "plan_shards",
+    "write_job",
+    "run_jobs",
+    "merge_manifest",
+]

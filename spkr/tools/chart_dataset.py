@@ -1,0 +1,117 @@
+"""python -m spkr.tools.chart_dataset --shards DIR — the original chart_dataset.py, from the manifest.
+
+Reads only ``manifest.json`` (never audio, never the shards): min/max of the log-mel values, per-bin
+mean/std, the speaker (label) distribution per split and the duration histogram. Writes
+``<out>/dataset.png`` and ``<out>/dataset.json`` (default out: the shards directory when local, else
+the current directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from spkr import storage
+from spkr.manifest import Manifest, ManifestError
+
+
+def dataset_summary(manifest: Manifest) -> dict:
+    """Everything the chart shows, as plain numbers."""
+    cfg = manifest.feature_config
+    seconds_per_frame = cfg.hop_length / cfg.sample_rate
+    n_classes = len(manifest.labels)
+    splits = {}
+    for name in manifest.split_names:
+        split = manifest.split(name)
+        frames = split.frames_array()
+        counts = np.bincount(split.labels_array(), minlength=n_classes)
+        seconds = frames * seconds_per_frame
+        splits[name] = {
+            "num_samples": int(split.num_samples),
+            "num_shards": len(split.shards),
+            "hours": float(seconds.sum() / 3600),
+            "duration_seconds": {
+                "min": float(seconds.min()) if len(seconds) else 0.0,
+                "mean": float(seconds.mean()) if len(seconds) else 0.0,
+                "max": float(seconds.max()) if len(seconds) else 0.0,
+            },
+            "speakers_present": int((counts > 0).sum()),
+            "utterances_per_speaker": {"min": int(counts.min()), "max": int(counts.max())},
+            "label_counts": counts.tolist(),
+        }
+    stats = manifest.stats
+    return {
+        "manifest": manifest.url,
+        "num_classes": n_classes,
+        "mel_min": stats["min"],
+        "mel_max": stats["max"],
+        "mel_mean": stats["mean"],
+        "mel_std": stats["std"],
+        "feature_config": manifest.feature_config.to_dict(),
+        "skipped": len(manifest.data.get("skipped", [])),
+        "splits": splits,
+    }
+
+
+def plot(manifest: Manifest, summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = manifest.feature_config
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    ax = axes[0, 0]
+    for name in manifest.split_names:
+        ax.plot(summary["splits"][name]["label_counts"], ".", label=name, markersize=3)
+    ax.set(title="utterances per speaker (class id)", xlabel="class id", ylabel="utterances")
+    ax.legend()
+    ax = axes[0, 1]
+    for name in manifest.split_names:
+        seconds = manifest.split(name).frames_array() * cfg.hop_length / cfg.sample_rate
+        ax.hist(seconds, bins=40, alpha=0.6, label=name)
+    ax.set(title="duration histogram", xlabel="seconds", ylabel="utterances")
+    ax.legend()
+    ax = axes[1, 0]
+    mean, std = np.asarray(summary["mel_mean"]), np.asarray(summary["mel_std"])
+    ax.plot(mean, label="mean")
+    ax.fill_between(np.arange(len(mean)), mean - std, mean + std, alpha=0.3, label="±1 std")
+    ax.axhline(summary["mel_min"], color="k", ls=":", label=f"min {summary['mel_min']:.1f} dB")
+    ax.axhline(summary["mel_max"], color="r", ls=":", label=f"max {summary['mel_max']:.1f} dB")
+    ax.set(title="log-mel values per bin (train)", xlabel="mel bin", ylabel="dB")
+    ax.legend(fontsize=8)
+    ax = axes[1, 1]
+    names = manifest.split_names
+    ax.bar(names, [summary["splits"][n]["hours"] for n in names])
+    ax.set(title=f"hours per split ({summary['num_classes']} speakers)", ylabel="hours")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m spkr.tools.chart_dataset", description=__doc__.split("\n")[0])
+    p.add_argument("--shards", required=True, help="shards directory or URL (reads manifest.json only)")
+    p.add_argument("--out", default=None, help="where to write dataset.png/json")
+    args = p.parse_args(argv)
+    try:
+        manifest = Manifest.load(args.shards)
+    except ManifestError as e:
+        print(f"[chart_dataset] error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or (args.shards if not storage.is_url(args.shards) else ".")
+    os.makedirs(out, exist_ok=True)
+    summary = dataset_summary(manifest)
+    with open(os.path.join(out, "dataset.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    plot(manifest, summary, os.path.join(out, "dataset.png"))
+    print(f"[chart_dataset] wrote {os.path.join(out, 'dataset.png')} and dataset.json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

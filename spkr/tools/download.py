@@ -1,0 +1,110 @@
+"""Download LibriSpeech (OpenSLR tarballs) or inspect/materialise a Hugging Face copy.
+
+    python -m spkr.tools.download --subsets train.100 dev-clean test-clean --dest data
+    python -m spkr.tools.download --subsets dev-clean --dest data --md5 dev-clean=42e2...
+    python -m spkr.tools.download --hf openslr/librispeech_asr --subsets train.100 dev-clean test-clean \
+        --save-to-disk data/hf-librispeech
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from spkr.corpus.download import (
+    KNOWN_MD5,
+    OPENSLR_BASE_URL,
+    ChecksumError,
+    DownloadError,
+    UnsafeArchiveError,
+    download_openslr,
+    read_checksum_file,
+)
+from spkr.corpus.librispeech import expand_subsets, load_hf_split
+
+
+def _parse_assignments(values: list[str] | None, flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values or []:
+        subset, sep, digest = v.partition("=")
+        if not sep or not subset or not digest:
+            raise SystemExit(f"{flag} expects SUBSET=HEX, got {v!r}")
+        for s in expand_subsets(subset):
+            out[s] = digest.strip().lower()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m spkr.tools.download", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--subsets",
+        nargs="+",
+        default=["train.100", "dev-clean", "test-clean"],
+        help="subsets or combined names (train.100, train.460, train.960); default: %(default)s",
+    )
+    p.add_argument("--dest", default="data", help="destination directory (gets LibriSpeech/<subset>/)")
+    p.add_argument("--base-url", default=OPENSLR_BASE_URL, help="OpenSLR mirror (default: %(default)s)")
+    p.add_argument("--md5", action="append", metavar="SUBSET=HEX", help="expected md5 (repeatable)")
+    p.add_argument("--sha256", action="append", metavar="SUBSET=HEX", help="expected sha256 (repeatable)")
+    p.add_argument("--checksum-file", help="md5sum/sha256sum-style file (e.g. OpenSLR's md5sum.txt)")
+    p.add_argument(
+        "--no-verify", action="store_true", help="do not use the built-in md5 sums (still prints them)"
+    )
+    p.add_argument("--keep-archive", action="store_true", help="keep the .tar.gz after extraction")
+    p.add_argument("--retries", type=int, default=5)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--hf", metavar="NAME_OR_PATH", help="Hugging Face dataset: load it and report counts")
+    p.add_argument("--hf-config", help="HF config (clean/other/all); default: derived from the subset")
+    p.add_argument("--save-to-disk", metavar="DIR", help="with --hf: save a local copy (DatasetDict by subset)")
+    return p
+
+
+def _run_hf(args) -> int:
+    import datasets
+
+    saved = {}
+    for subset in expand_subsets(args.subsets):
+        for name, ds in load_hf_split(args.hf, subset, config=args.hf_config):
+            speakers = len(set(ds.unique("speaker_id"))) if "speaker_id" in ds.column_names else "?"
+            print(f"{name}: {ds.num_rows} utterances, {speakers} speakers")
+            saved[name] = ds
+    if args.save_to_disk:
+        datasets.DatasetDict(saved).save_to_disk(args.save_to_disk)
+        print(f"saved to {args.save_to_disk} (read with --hf {args.save_to_disk} / iter_hf_dataset)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.hf:
+            return _run_hf(args)
+        if args.save_to_disk:
+            raise SystemExit("--save-to-disk needs --hf")
+        md5s = {} if args.no_verify else dict(KNOWN_MD5)
+        sha256s: dict[str, str] = {}
+        if args.checksum_file:
+            for subset, digest in read_checksum_file(args.checksum_file).items():
+                (sha256s if len(digest) == 64 else md5s)[subset] = digest
+        md5s.update(_parse_assignments(args.md5, "--md5"))
+        sha256s.update(_parse_assignments(args.sha256, "--sha256"))
+        dirs = download_openslr(
+            args.subsets,
+            args.dest,
+            base_url=args.base_url,
+            md5s=md5s,
+            sha256s=sha256s,
+            keep_archive=args.keep_archive,
+            retries=args.retries,
+            progress=not args.no_progress,
+        )
+    except (ValueError, DownloadError, ChecksumError, UnsafeArchiveError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for d in dirs:
+        print(d)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
