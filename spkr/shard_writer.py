@@ -403,6 +403,7 @@ def merge_manifest(
     *,
     storage_options: dict | None = None,
     class_weight_scheme: str = "inverse_frequency_mean1",
+    skipped: list[dict] | None = None,
 ) -> Manifest | None:
     """Write manifest.json if every planned shard is complete; return it, else None."""
     sidecars = []
@@ -413,7 +414,7 @@ def merge_manifest(
         sidecars.append((job, side))
     stats = RunningStats(cfg.n_mels)
     splits: dict[str, list[ShardInfo]] = {}
-    skipped = []
+    skipped = list(skipped or [])  # utterances rejected before planning (metadata problems)
     for job, side in sidecars:
         splits.setdefault(job.split, []).append(ShardInfo.from_dict(side, job.name + SIDECAR_SUFFIX))
         skipped.extend(side.get("skipped") or [])

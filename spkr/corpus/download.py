@@ -45,7 +45,7 @@ KNOWN_SHA256: dict[str, str] = {
 }
 
 COMPLETE_MARKER = ".complete"
-_CHUNK = 1 << 20
+_CHUNK = 1 << 16  # download block: at most this much is lost (re-fetched) when a connection drops
 
 
 class DownloadError(RuntimeError):
@@ -86,7 +86,7 @@ def file_digests(path: str | os.PathLike) -> dict[str, str]:
     """``{"md5": ..., "sha256": ...}`` of a file (one read)."""
     md5, sha = hashlib.md5(), hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
+        while block := f.read(1 << 22):
             md5.update(block)
             sha.update(block)
     return {"md5": md5.hexdigest(), "sha256": sha.hexdigest()}
@@ -203,7 +203,11 @@ def download_file(
                     return part
             except _Restart:
                 continue
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+            ) as e:
                 attempt += 1
                 if attempt > retries:
                     raise DownloadError(
@@ -358,7 +362,13 @@ def download_openslr(
         final = extract_subset(archive, dest, subset)
         _write_marker(
             final,
-            {"subset": subset, "url": url, "md5": got["md5"], "sha256": got["sha256"], "verified": bool(expected)},
+            {
+                "subset": subset,
+                "url": url,
+                "md5": got["md5"],
+                "sha256": got["sha256"],
+                "verified": bool(expected),
+            },
         )
         if not keep_archive:
             archive.unlink()

@@ -376,7 +376,7 @@ def load_hf_split(
     result = []
     for subset, ds in out:
         cols = ds.column_names if ds.column_names is not None else list(ds.features or {})
-        if "audio" not in cols:
+        if cols and "audio" not in cols:  # (a streaming dataset may not know its columns yet)
             raise ValueError(f"{path_or_name} split {subset!r} has no 'audio' column (columns: {cols})")
         result.append((subset, ds.cast_column("audio", Audio(decode=False))))
     return result

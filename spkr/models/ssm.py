@@ -109,6 +109,131 @@ def _linear_scan_hs(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return u
 
 
+def _scan_block(dt: torch.Tensor, A: torch.Tensor, p: torch.Tensor, q: torch.Tensor, L: int) -> torch.Tensor:
+    """States of h_t = exp(clamp(dt_t*A)) * h_{t-1} + p_t q_t^T for one block (no autograd, in place).
+
+    dt, p: (b, l, k) with l a multiple of L;  A: (k, n);  q: (b, l, n).  Returns h: (b, l, k, n) float32.
+    Peak memory: three (b, l, k, n) tensors.
+    """
+    b, l, k = dt.shape
+    n = A.shape[1]
+    c = l // L
+    amax = max_log_decay_for(L)
+    r = (L - 1) // 2
+    S = (dt.view(b, c, L, k, 1) * A).clamp_(min=-amax).cumsum_(dim=2)  # log decay since chunk start
+    S_r = S[:, :, r : r + 1].clone()  # (b, c, 1, k, n)
+    G = torch.exp(S[:, :, -1])  # (b, c, k, n) decay over the whole chunk, in (0, 1]
+    S.sub_(S_r)
+    w = torch.neg(S).exp_()  # E_in = exp(S_r - S_s)
+    E_out = S.exp_()  # exp(S_t - S_r)
+    w.mul_(p.view(b, c, L, k, 1) * q.view(b, c, L, 1, n)).cumsum_(dim=2)  # cs
+    h_end = E_out[:, :, -1] * w[:, :, -1]  # (b, c, k, n) chunk-end state from the chunk's own inputs
+    H = _linear_scan_hs(G, h_end)  # true chunk-end states
+    h_start = torch.cat([torch.zeros_like(H[:, :1]), H[:, :-1]], dim=1)
+    w.add_((torch.exp(S_r) * h_start.unsqueeze(2))).mul_(E_out)
+    return w.view(b, l, k, n)
+
+
+def _blocks(b: int, l: int, d: int, n: int, target: int = 1 << 19):
+    """(batch index, channel slice) blocks whose (l, k, n) state tensor has about ``target`` elements."""
+    k = max(1, min(d, target // max(1, l * n)))
+    for i in range(b):
+        for j in range(0, d, k):
+            yield slice(i, i + 1), slice(j, min(d, j + k))
+
+
+def _ssm1_fwd(x, dt, A, B, C, chunk_size: int) -> torch.Tensor:
+    """y = sum_n C * h (no D term) for padded, float32, contiguous inputs; blockwise to stay in cache."""
+    b, l, d = x.shape
+    n = A.shape[1]
+    y = x.new_empty(b, l, d)
+    for bi, ds in _blocks(b, l, d, n):
+        dtb = dt[bi, :, ds]
+        h = _scan_block(dtb, A[ds], dtb * x[bi, :, ds], B[bi], chunk_size)  # (1, l, k, n)
+        y[bi, :, ds] = torch.matmul(h, C[bi].unsqueeze(-1)).squeeze(-1)
+    return y
+
+
+def _ssm1_bwd(gy, x, dt, A, B, C, chunk_size: int):
+    """Gradients of :func:`_ssm1_fwd` w.r.t. x, dt, A, B, C (recomputes the states block by block).
+
+    With g_t = exp(dt_t A), u_t = dt_t x_t B_t and the adjoint lam_t = gy_t C_t + g_{t+1} lam_{t+1}
+    (a reverse scan with the same decays, shifted by one frame):
+        dL/du_t = lam_t,   dL/d(dt_t A) = lam_t * g_t h_{t-1} = lam_t * (h_t - u_t),   dL/dC_t = sum_d gy_t h_t.
+    """
+    b, l, d = x.shape
+    n = A.shape[1]
+    gx = torch.empty_like(x)
+    gdt = torch.empty_like(dt)
+    gA = torch.zeros_like(A)
+    gB = torch.zeros_like(B)
+    gC = torch.zeros_like(C)
+    # reversed time, decays shifted: lam'_t' = exp(dt_{l-t'} A) lam'_{t'-1} + v'_t'
+    dt_rev = torch.cat([torch.zeros_like(dt[:, :1]), dt.flip(1)[:, :-1]], dim=1)
+    gy_rev = gy.flip(1)
+    C_rev = C.flip(1)
+    for bi, ds in _blocks(b, l, d, n):
+        dtb, xb, gyb, Ab = dt[bi, :, ds], x[bi, :, ds], gy[bi, :, ds], A[ds]
+        dxb = dtb * xb
+        h = _scan_block(dtb, Ab, dxb, B[bi], chunk_size)  # (1, l, k, n)
+        gC[bi] += torch.matmul(gyb.unsqueeze(-2), h).squeeze(-2)  # (1, l, n)
+        lam = _scan_block(dt_rev[bi, :, ds], Ab, gy_rev[bi, :, ds], C_rev[bi], chunk_size).flip(1)
+        gp = torch.matmul(lam, B[bi].unsqueeze(-1)).squeeze(-1)  # dL/d(dt*x): (1, l, k)
+        gB[bi] += torch.matmul(dxb.unsqueeze(-2), lam).squeeze(-2)  # (1, l, n)
+        h.sub_(dxb.unsqueeze(-1) * B[bi].unsqueeze(-2)).mul_(lam)  # ga = lam * (h - u)
+        gdt[bi, :, ds] = gp * xb + (h * Ab).sum(-1)
+        gx[bi, :, ds] = gp * dtb
+        gA[ds] += torch.einsum("blkn,blk->kn", h, dtb)
+    return gx, gdt, gA, gB, gC
+
+
+@torch.library.custom_op("spkr::selective_scan_chunked", mutates_args=())
+def _ssm1_op(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    with torch.no_grad():
+        return _ssm1_fwd(x, dt, A, B, C, chunk_size)
+
+
+@_ssm1_op.register_fake
+def _(x, dt, A, B, C, chunk_size):
+    return torch.empty_like(x)
+
+
+def _ssm1_setup(ctx, inputs, output):
+    x, dt, A, B, C, chunk_size = inputs
+    ctx.save_for_backward(x, dt, A, B, C)
+    ctx.chunk_size = chunk_size
+
+
+def _ssm1_backward(ctx, gy):
+    x, dt, A, B, C = ctx.saved_tensors
+    grads = _ssm1_bwd_op(gy.contiguous(), x, dt, A, B, C, ctx.chunk_size)
+    return (*grads, None)
+
+
+@torch.library.custom_op("spkr::selective_scan_chunked_bwd", mutates_args=())
+def _ssm1_bwd_op(
+    gy: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return _ssm1_bwd(gy, x, dt, A, B, C, chunk_size)
+
+
+@_ssm1_bwd_op.register_fake
+def _(gy, x, dt, A, B, C, chunk_size):
+    return tuple(torch.empty_like(t) for t in (x, dt, A, B, C))
+
+
+_ssm1_op.register_autograd(_ssm1_backward, setup_context=_ssm1_setup)
+
+
 def selective_scan_chunked(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -123,40 +248,20 @@ def selective_scan_chunked(
     Same arguments and result as :func:`selective_scan_ref`: x, dt (b, l, d); A (d, n); B, C (b, l, n);
     D (d,) or None -> y (b, l, d) float32. ``chunk_size`` L: short chunks keep the exponentials bounded;
     the per-step log decay is clamped at ``max_log_decay_for(L)`` (16 for L=8).
+
+    Implemented as a custom op (``torch.ops.spkr.selective_scan_chunked``) with a hand-written backward
+    that recomputes the states: nothing of size (b, l, d, n) is kept for backward, and the work is done
+    in cache-sized blocks of (batch item, channel group) -- a Python loop over blocks, never over time.
+    torch.compile sees one opaque op (no graph break).
     """
     L = int(chunk_size)
-    amax = max_log_decay_for(L)
     with torch.autocast(device_type=x.device.type, enabled=False):
         x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
-        b, l, d = x.shape
-        n = A.shape[1]
+        l = x.shape[1]
         pad = (-l) % L
         # padded frames get dt = 0: decay 1 and no input, so they change nothing before them
-        xp, dtp, Bp, Cp = (_pad_time(t, pad) for t in (x, dt, B, C))
-        c = (l + pad) // L
-        xp = xp.view(b, c, L, d)
-        dtp = dtp.view(b, c, L, d)
-        Bp = Bp.view(b, c, L, 1, n)
-        Cp = Cp.view(b, c, L, n, 1)
-
-        a = torch.clamp(dtp.unsqueeze(-1) * A, min=-amax)  # (b, c, L, d, n) log decay per step
-        S = torch.cumsum(a, dim=2)  # (b, c, L, d, n) log decay from the chunk start (inclusive)
-        r = (L - 1) // 2
-        S_r = S[:, :, r : r + 1]  # (b, c, 1, d, n)
-        diff = S - S_r
-        E_out = torch.exp(diff)  # exp(S_t - S_r)   <= exp(r * amax)
-        E_in = torch.exp(-diff)  # exp(S_r - S_s)   <= exp((L-1-r) * amax)
-        u = (dtp * xp).unsqueeze(-1) * Bp  # (b, c, L, d, n) dt_s * x_s * B_s
-        cs = torch.cumsum(u * E_in, dim=2)  # (b, c, L, d, n)
-
-        # chunk-level recurrence over the c chunk-start states (zero state at the start of the sequence)
-        h_end = E_out[:, :, -1] * cs[:, :, -1]  # (b, c, d, n) state at each chunk end from its own inputs
-        G = torch.exp(S[:, :, -1])  # (b, c, d, n) total decay over each chunk, in (0, 1]
-        H = _linear_scan_hs(G, h_end)  # (b, c, d, n) true state at each chunk end
-        h_start = torch.cat([torch.zeros_like(H[:, :1]), H[:, :-1]], dim=1)  # (b, c, d, n)
-
-        h = E_out * (cs + (torch.exp(S_r.squeeze(2)) * h_start).unsqueeze(2))  # (b, c, L, d, n)
-        y = torch.matmul(h, Cp).view(b, c * L, d)[:, :l]  # (b, l, d)
+        xp, dtp, Bp, Cp = (_pad_time(t, pad).contiguous() for t in (x, dt, B, C))
+        y = _ssm1_op(xp, dtp, A.contiguous(), Bp, Cp, L)[:, :l]
         if D is not None:
             y = y + x * D.float()
     return y

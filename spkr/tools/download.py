@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--hf", metavar="NAME_OR_PATH", help="Hugging Face dataset: load it and report counts")
     p.add_argument("--hf-config", help="HF config (clean/other/all); default: derived from the subset")
-    p.add_argument("--save-to-disk", metavar="DIR", help="with --hf: save a local copy (DatasetDict by subset)")
+    p.add_argument(
+        "--save-to-disk", metavar="DIR", help="with --hf: save a local copy (DatasetDict by subset)"
+    )
     return p
 
 

@@ -20,7 +20,14 @@ import sys
 import time
 
 from spkr.corpus.labels import build_splits, class_weights
-from spkr.corpus.librispeech import Utterance, iter_hf_dataset, iter_openslr, training_combination
+from spkr.corpus.librispeech import (
+    Utterance,
+    find_speakers_txt,
+    iter_hf_dataset,
+    iter_openslr,
+    read_speakers_txt,
+    training_combination,
+)
 from spkr.features import AudioError, FeatureConfig
 from spkr.manifest import ManifestError
 from spkr.shard_writer import WriteOptions, merge_manifest, plan_shards, run_jobs
@@ -52,13 +59,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_corpus(args) -> tuple[list[Utterance], list[Utterance], list[Utterance], list[str]]:
+def check_utterances(utts: list[Utterance], known_speakers: set[str] | None, on_error: str, skipped: list):
+    """Metadata checks before any audio is read: the key must be <speaker>-<chapter>-<n> and match its
+    directories, and the speaker must be listed in SPEAKERS.TXT when there is one."""
+    good = []
+    for u in utts:
+        name = u.path or f"{u.subset}/{u.key}"
+        problem = None
+        if not u.key.startswith(f"{u.speaker}-{u.chapter}-"):
+            problem = f"{name}: utterance id {u.key!r} does not match speaker {u.speaker} / chapter {u.chapter}"
+        elif known_speakers is not None and u.speaker not in known_speakers:
+            problem = f"{name}: unknown speaker {u.speaker} (not listed in SPEAKERS.TXT)"
+        if problem is None:
+            good.append(u)
+        elif on_error == "skip":
+            skipped.append({"key": u.key, "path": name, "error": problem})
+        else:
+            raise AudioError(problem)
+    return good
+
+
+def load_corpus(args, skipped: list) -> tuple[list[Utterance], list[Utterance], list[Utterance], list[str]]:
     train_subsets, dev, test = training_combination(args.subsets)
+    known = None
+    if not args.hf:
+        speakers_txt = find_speakers_txt(args.source)
+        known = set(read_speakers_txt(speakers_txt)) if speakers_txt else None
 
     def read(subsets):
         if args.hf:
-            return [u for s in subsets for u in iter_hf_dataset(args.source, s, config=args.hf_config)]
-        return list(iter_openslr(args.source, subsets, with_duration=False))
+            utts = [u for s in subsets for u in iter_hf_dataset(args.source, s, config=args.hf_config)]
+        else:
+            utts = list(iter_openslr(args.source, subsets, with_duration=False))
+        return check_utterances(utts, known, args.on_error, skipped)
 
     return read(train_subsets), read([dev]), read([test]), train_subsets + [dev, test]
 
@@ -98,7 +131,8 @@ def main(argv=None) -> int:
         overrides["n_mels"] = args.n_mels
     try:
         cfg = FeatureConfig.from_dict({**FeatureConfig().to_dict(), **overrides})
-        train, dev, test, subsets = load_corpus(args)
+        pre_skipped: list[dict] = []
+        train, dev, test, subsets = load_corpus(args, pre_skipped)
         if not train:
             raise ValueError(f"{args.source}: no training utterances found for {args.subsets}")
         splits = build_splits(train, dev, test, seed=args.seed)
@@ -158,7 +192,14 @@ def main(argv=None) -> int:
                 file=sys.stderr,
             )
         manifest = merge_manifest(
-            args.out, jobs, cfg, splits.speakers, weights, corpus, storage_options=storage_options
+            args.out,
+            jobs,
+            cfg,
+            splits.speakers,
+            weights,
+            corpus,
+            storage_options=storage_options,
+            skipped=pre_skipped,
         )
     except (AudioError, ManifestError, ValueError, FileNotFoundError) as e:
         print(f"[shard] error: {e}", file=sys.stderr)

@@ -1,0 +1,209 @@
+"""Write side: the shard tool on tiny corpora — format, manifest, determinism, resume, errors, ranks."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from spkr import shard_writer
+from spkr.features import FeatureConfig, LogMel, compute_logmel, load_audio
+from spkr.manifest import Manifest, ManifestError
+from spkr.tools import shard as shard_tool
+
+from .conftest import write_corpus
+
+
+def run_shard(corpus: Path, out: Path, *extra: str) -> int:
+    return shard_tool.main(
+        ["--source", str(corpus), "--subsets", "train.100", "--out", str(out), "--shard-size", "5", "--no-progress"]
+        + list(extra)
+    )
+
+
+def manifest_without_time(out: Path) -> dict:
+    data = json.loads((out / "manifest.json").read_text())
+    data.pop("created")
+    return data
+
+
+def test_shards_and_manifest_describe_everything(tiny_corpus, tmp_path):
+    out = tmp_path / "shards"
+    assert run_shard(tiny_corpus, out) == 0
+    m = Manifest.load(str(out))
+    assert m.labels == ["1", "2", "3", "4", "5", "6"]  # train + dev + test speakers
+    n = {s: m.split(s).num_samples for s in ("train", "valid", "test")}
+    assert n == {"train": 24, "valid": 6, "test": 6}  # original dev/test sizes restored
+    cfg = FeatureConfig()
+    lm = LogMel(cfg)
+    all_keys, train_feats = [], []
+    for split in ("train", "valid", "test"):
+        for info in m.split(split).shards:
+            blob = (out / info.name).read_bytes()
+            assert len(blob) == info.bytes and hashlib.sha256(blob).hexdigest() == info.sha256
+            with tarfile.open(fileobj=io.BytesIO(blob)) as tf:
+                names = [t.name for t in tf.getmembers()]
+                assert names == [f"{k}.{e}" for k in info.keys for e in ("cls", "json", "mel.npy")]
+                for i, key in enumerate(info.keys):
+                    # the offset points at the sample's first header
+                    header = tarfile.TarInfo.frombuf(blob[info.offsets[i] : info.offsets[i] + 512], "utf-8", "strict")
+                    assert header.name == f"{key}.cls"
+                    assert int(tf.extractfile(f"{key}.cls").read()) == info.labels[i]
+                    meta = json.loads(tf.extractfile(f"{key}.json").read())
+                    assert m.labels[info.labels[i]] == meta["speaker"] == key.split("-")[0]
+                    feats = np.load(io.BytesIO(tf.extractfile(f"{key}.mel.npy").read()), allow_pickle=False)
+                    assert feats.dtype == np.float16 and feats.shape == (info.frames[i], 80)
+                    spk, chapter, _ = key.split("-")
+                    path = tiny_corpus / "LibriSpeech"
+                    path = next(path.glob(f"*/{spk}/{chapter}/{key}.flac"))
+                    np.testing.assert_array_equal(feats, compute_logmel(load_audio(path, cfg), lm))
+                    if split == "train":
+                        train_feats.append(feats.astype(np.float64))
+            all_keys += info.keys
+    assert len(all_keys) == len(set(all_keys)) == 36
+    stacked = np.concatenate(train_feats)
+    np.testing.assert_allclose(m.stats["mean"], stacked.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(m.stats["std"], stacked.std(0), rtol=1e-5, atol=1e-5)
+    assert m.stats["min"] == stacked.min() and m.stats["max"] == stacked.max()
+    assert m.data["feature_fingerprint"] == cfg.fingerprint()
+    assert abs(np.mean(m.class_weights) - 1.0) < 1e-9
+
+
+def test_deterministic_across_worker_counts(tiny_corpus, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_shard(tiny_corpus, a) == 0
+    assert run_shard(tiny_corpus, b, "--workers", "2") == 0
+    assert manifest_without_time(a) == manifest_without_time(b)
+
+
+def test_split_by_rank_then_merge(tiny_corpus, tmp_path):
+    single, ranked = tmp_path / "single", tmp_path / "ranked"
+    assert run_shard(tiny_corpus, single) == 0
+    assert run_shard(tiny_corpus, ranked, "--rank", "0", "--world-size", "3") == 0
+    assert not (ranked / "manifest.json").exists()  # other ranks' shards missing: no manifest yet
+    with pytest.raises(ManifestError, match="incomplete"):
+        Manifest.load(str(ranked))
+    assert run_shard(tiny_corpus, ranked, "--rank", "2", "--world-size", "3") == 0
+    assert not (ranked / "manifest.json").exists()
+    assert run_shard(tiny_corpus, ranked, "--rank", "1", "--world-size", "3") == 0
+    assert manifest_without_time(single) == manifest_without_time(ranked)
+
+
+def test_crash_mid_shard_leaves_nothing_listed_and_resume_redoes_only_the_rest(tiny_corpus, tmp_path, monkeypatch):
+    out = tmp_path / "shards"
+    real = shard_writer.load_audio
+    calls = {"n": 0}
+
+    def dying_load_audio(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 13:  # inside the third shard
+            raise KeyboardInterrupt("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shard_writer, "load_audio", dying_load_audio)
+    with pytest.raises(KeyboardInterrupt):
+        run_shard(tiny_corpus, out)
+    assert not (out / "manifest.json").exists()
+    tars = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.tar"))
+    sidecars = sorted(p.relative_to(out).as_posix()[: -len(".json")] for p in out.rglob("*.tar.json"))
+    assert tars == sidecars and len(tars) == 2  # the interrupted shard has no final name
+    assert not list(out.rglob(".tmp-*"))  # its temporary file was removed
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
+    monkeypatch.setattr(shard_writer, "load_audio", real)
+    assert run_shard(tiny_corpus, out) == 0
+    for p, mtime in before.items():
+        assert p.stat().st_mtime_ns == mtime  # complete shards were not rewritten
+    fresh = tmp_path / "fresh"
+    assert run_shard(tiny_corpus, fresh) == 0
+    assert manifest_without_time(out) == manifest_without_time(fresh)
+
+
+def test_changed_plan_is_not_mistaken_for_complete(tiny_corpus, tmp_path):
+    out = tmp_path / "shards"
+    assert run_shard(tiny_corpus, out) == 0
+    assert run_shard(tiny_corpus, out, "--seed", "1") == 0  # other split: every shard redone
+    fresh = tmp_path / "fresh"
+    assert run_shard(tiny_corpus, fresh, "--seed", "1") == 0
+    assert manifest_without_time(out) == manifest_without_time(fresh)
+
+
+def _break(corpus: Path, kind: str) -> str:
+    """Damage one training utterance of speaker 2; returns the file name the error must name."""
+    d = corpus / "LibriSpeech" / "train-clean-100" / "2" / "21"
+    target = d / "2-21-0003.flac"
+    if kind == "corrupt":
+        target.write_bytes(b"fLaC" + b"\x00garbage" * 20)
+    elif kind == "empty":
+        target.write_bytes(b"")
+    elif kind == "short":
+        sf.write(target, np.zeros(300, np.float32), 16000)
+    elif kind == "rate":
+        sf.write(target, np.zeros(8000, np.float32), 8000)
+    elif kind == "stereo":
+        sf.write(target, np.zeros((16000, 2), np.float32), 16000)
+    elif kind == "transcript":
+        trans = d / "2-21.trans.txt"
+        trans.write_text("".join(x for x in trans.read_text().splitlines(True) if "0003" not in x))
+    elif kind == "speaker":
+        other = corpus / "LibriSpeech" / "train-clean-100" / "77" / "771"
+        other.mkdir(parents=True)
+        sf.write(other / "77-771-0000.flac", np.zeros(16000, np.float32), 16000)
+        (other / "77-771.trans.txt").write_text("77-771-0000 HELLO\n")
+        return "77-771-0000.flac"
+    return target.name
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("corrupt", "cannot decode"),
+        ("empty", "cannot decode|no samples"),
+        ("short", "too short"),
+        ("rate", "sample rate 8000 Hz"),
+        ("stereo", "2 channels"),
+        ("transcript", "no transcript"),
+        ("speaker", "unknown speaker 77"),
+    ],
+)
+def test_bad_input_named_and_skip_mode_counts(tiny_corpus, tmp_path, capsys, kind, message):
+    name = _break(tiny_corpus, kind)
+    out = tmp_path / "shards"
+    assert run_shard(tiny_corpus, out) == 2
+    err = capsys.readouterr().err
+    assert name in err and any(m in err for m in message.split("|")), err
+    assert not (out / "manifest.json").exists()
+    assert run_shard(tiny_corpus, out, "--on-error", "skip") == 0
+    m = Manifest.load(str(out))
+    assert [s["path"].rsplit("/", 1)[-1] for s in m.data["skipped"]] == [name]
+    assert "1 skipped" in capsys.readouterr().err
+    keys = {k for s in ("train", "valid", "test") for sh in m.split(s).shards for k in sh.keys}
+    assert name.removesuffix(".flac") not in keys and len(keys) == 36 - (kind != "speaker")
+
+
+def test_resample_and_downmix_flags_convert(tiny_corpus, tmp_path):
+    _break(tiny_corpus, "stereo")
+    assert run_shard(tiny_corpus, tmp_path / "a", "--downmix") == 0
+    _break(tiny_corpus, "rate")
+    assert run_shard(tiny_corpus, tmp_path / "b", "--resample") == 0
+
+
+def test_impossible_resplit_is_loud(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c", {"train-clean-100": [1], "dev-clean": [2], "test-clean": [3]}, 1)
+    assert run_shard(corpus, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "[shard] error:" in err and "re-split" in err, err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_missing_subset_named(tiny_corpus, tmp_path, capsys):
+    import shutil
+
+    shutil.rmtree(tiny_corpus / "LibriSpeech" / "dev-clean")
+    assert run_shard(tiny_corpus, tmp_path / "out") == 2
+    assert "dev-clean" in capsys.readouterr().err

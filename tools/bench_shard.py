@@ -1,0 +1,109 @@
+"""Benchmark the write side: audio-seconds processed per wall-second per core (x realtime).
+
+Runs, in one process on one core (torch.set_num_threads(1)) and on the same audio, side by side:
+  original   the original scripts' way: per utterance soundfile load -> MelSpectrogram -> dB ->
+             one torch.save file per utterance
+  spkr       spkr.shard_writer: decode -> log-mel -> float16 .npy -> tar shards + sidecars + sha256
+  limit      soundfile FLAC decode + log-mel alone (nothing written): the ceiling for this machine
+Rounds alternate (original, spkr, limit, ...) so machine noise hits all alike; the median is printed.
+
+    python tools/bench_shard.py [--source data/demo] [--rounds 3] [--backend auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import soundfile as sf
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from spkr.corpus.labels import build_splits  # noqa: E402
+from spkr.corpus.librispeech import iter_openslr, training_combination  # noqa: E402
+from spkr.features import FeatureConfig, LogMel, compute_logmel, load_audio  # noqa: E402
+from spkr.shard_writer import WriteOptions, plan_shards, run_jobs  # noqa: E402
+
+
+def original_way(utts, out_dir: str, cfg: FeatureConfig) -> None:
+    import torchaudio.transforms as T
+
+    mel = T.MelSpectrogram(
+        sample_rate=cfg.sample_rate,
+        n_fft=cfg.n_fft,
+        hop_length=cfg.hop_length,
+        n_mels=cfg.n_mels,
+        f_min=cfg.f_min,
+        f_max=cfg.f_max,
+    )
+    db = T.AmplitudeToDB(top_db=cfg.top_db)
+    for u in utts:
+        data, sr = sf.read(u.path, dtype="float32")
+        spec = db(mel(torch.from_numpy(data)))
+        torch.save({"mel": spec, "speaker": u.speaker}, os.path.join(out_dir, f"{u.key}.pt"))
+
+
+def limit_way(utts, cfg: FeatureConfig, logmel: LogMel) -> None:
+    for u in utts:
+        compute_logmel(load_audio(u.path, cfg), logmel)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--source", default=os.path.join(os.path.dirname(__file__), "..", "data", "demo"))
+    p.add_argument("--subsets", default="train.100")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "torchaudio"))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    cfg = FeatureConfig()
+    train_subsets, dev, test = training_combination(args.subsets)
+    train = list(iter_openslr(args.source, train_subsets))
+    dev_u, test_u = list(iter_openslr(args.source, [dev])), list(iter_openslr(args.source, [test]))
+    splits = build_splits(train, dev_u, test_u)
+    utts = splits.train + splits.valid + splits.test
+    audio = sum(u.duration for u in utts)
+    logmel = LogMel(cfg, backend=args.backend)
+    print(f"{len(utts)} utterances, {audio / 60:.1f} min of audio, feature backend {logmel.backend}, 1 thread")
+    times = {"original": [], "spkr": [], "limit": []}
+    for r in range(args.rounds):
+        tmp = tempfile.mkdtemp(prefix="bench-shard-")
+        try:
+            os.makedirs(os.path.join(tmp, "orig"))
+            t0 = time.perf_counter()
+            original_way(utts, os.path.join(tmp, "orig"), cfg)
+            times["original"].append(time.perf_counter() - t0)
+
+            jobs = plan_shards(
+                {"train": splits.train, "valid": splits.valid, "test": splits.test}, splits.speakers, 200
+            )
+            t0 = time.perf_counter()
+            run_jobs(os.path.join(tmp, "shards"), jobs, cfg, WriteOptions(feature_backend=args.backend))
+            times["spkr"].append(time.perf_counter() - t0)
+
+            t0 = time.perf_counter()
+            limit_way(utts, cfg, logmel)
+            times["limit"].append(time.perf_counter() - t0)
+        finally:
+            shutil.rmtree(tmp)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rt = {k: audio / v for k, v in med.items()}
+    print()
+    print(f"{'way':<10}{'x realtime / core':>20}")
+    for k in ("original", "spkr", "limit"):
+        print(f"{k:<10}{rt[k]:>20.0f}")
+    print()
+    print(f"spkr / original       = {rt['spkr'] / rt['original']:.2f}x   (target >= 3x)")
+    print(f"spkr / decode+mel     = {rt['spkr'] / rt['limit']:.2f}    (share of the decode+log-mel ceiling)")
+    print(f"spkr x realtime/core  = {rt['spkr']:.0f}x  (target >= 1200x)")
+
+
+if __name__ == "__main__":
+    main()
