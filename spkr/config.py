@@ -7,11 +7,12 @@ this module only knows how to fill a dataclass from a mapping and say clearly wh
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
+
+import tomllib
 
 T = TypeVar("T")
 

@@ -303,7 +303,9 @@ def write_job(
 
     extra = {"split": job.split, "plan_hash": job.plan_hash(), "skipped": skipped, "stats": None}
     # The sidecar is serialised after the tar is written, so skipped/stats are filled in by then.
-    info = write_shard(out, job.name, _Lazy(samples(), extra, stats), storage_options=storage_options, extra=extra)
+    info = write_shard(
+        out, job.name, _Lazy(samples(), extra, stats), storage_options=storage_options, extra=extra
+    )
     return JobResult(job.name, info.num_samples, seconds[0], skipped)
 
 

@@ -45,7 +45,9 @@ def write_corpus(
             (d / f"{spk}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
             rows.append(f"{spk:<5}| M | {subset:<16} | 1.00 | tone {spk}")
     if speakers_txt:
-        (base / "SPEAKERS.TXT").write_text(";ID  |SEX| SUBSET           |MINUTES| NAME\n" + "\n".join(rows) + "\n")
+        (base / "SPEAKERS.TXT").write_text(
+            ";ID  |SEX| SUBSET           |MINUTES| NAME\n" + "\n".join(rows) + "\n"
+        )
     return root
 
 

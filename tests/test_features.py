@@ -44,7 +44,9 @@ def test_filterbank_matches_torchaudio():
 
     for scale in ("htk", "slaney"):
         cfg = FeatureConfig(mel_scale=scale, n_mels=40, f_min=0.0, f_max=8000.0)
-        ref = F.melscale_fbanks(cfg.n_fft // 2 + 1, cfg.f_min, cfg.f_max, cfg.n_mels, cfg.sample_rate, None, scale)
+        ref = F.melscale_fbanks(
+            cfg.n_fft // 2 + 1, cfg.f_min, cfg.f_max, cfg.n_mels, cfg.sample_rate, None, scale
+        )
         torch.testing.assert_close(mel_filterbank(cfg), ref, atol=1e-5, rtol=1e-4)
 
 

@@ -70,7 +70,9 @@ def main() -> None:
     utts = splits.train + splits.valid + splits.test
     audio = sum(u.duration for u in utts)
     logmel = LogMel(cfg, backend=args.backend)
-    print(f"{len(utts)} utterances, {audio / 60:.1f} min of audio, feature backend {logmel.backend}, 1 thread")
+    print(
+        f"{len(utts)} utterances, {audio / 60:.1f} min of audio, feature backend {logmel.backend}, 1 thread"
+    )
     times = {"original": [], "spkr": [], "limit": []}
     for r in range(args.rounds):
         tmp = tempfile.mkdtemp(prefix="bench-shard-")

@@ -35,17 +35,25 @@ from spkr.shard_writer import WriteOptions, merge_manifest, plan_shards, run_job
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m spkr.tools.shard", description=__doc__.split("\n")[0])
-    p.add_argument("--source", required=True, help="LibriSpeech root (OpenSLR layout) or, with --hf, a HF dataset")
-    p.add_argument("--hf", action="store_true", help="--source is a Hugging Face dataset (name, saved dir, parquet)")
+    p.add_argument(
+        "--source", required=True, help="LibriSpeech root (OpenSLR layout) or, with --hf, a HF dataset"
+    )
+    p.add_argument(
+        "--hf", action="store_true", help="--source is a Hugging Face dataset (name, saved dir, parquet)"
+    )
     p.add_argument("--hf-config", default=None, help="HF dataset config (e.g. clean/other/all)")
-    p.add_argument("--subsets", default="train.100", help="training combination: train.100, train.460, train.960 ...")
+    p.add_argument(
+        "--subsets", default="train.100", help="training combination: train.100, train.460, train.960 ..."
+    )
     p.add_argument("--out", required=True, help="output directory or fsspec URL (s3://bucket/prefix)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (balanced to +-1)")
     p.add_argument("--workers", type=int, default=1, help="local worker processes")
     p.add_argument("--rank", type=int, default=None, help="this machine's rank (default: $RANK or 0)")
     p.add_argument("--world-size", type=int, default=None, help="number of ranks (default: $WORLD_SIZE or 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the re-split and the write-time shuffle")
-    p.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="bad audio: stop, or skip+report")
+    p.add_argument(
+        "--on-error", choices=("fail", "skip"), default="fail", help="bad audio: stop, or skip+report"
+    )
     p.add_argument("--resample", action="store_true", help="resample audio that is not at the sample rate")
     p.add_argument("--downmix", action="store_true", help="downmix multi-channel audio to mono")
     p.add_argument("--min-seconds", type=float, default=0.1, help="shorter audio is an error")
@@ -67,7 +75,9 @@ def check_utterances(utts: list[Utterance], known_speakers: set[str] | None, on_
         name = u.path or f"{u.subset}/{u.key}"
         problem = None
         if not u.key.startswith(f"{u.speaker}-{u.chapter}-"):
-            problem = f"{name}: utterance id {u.key!r} does not match speaker {u.speaker} / chapter {u.chapter}"
+            problem = (
+                f"{name}: utterance id {u.key!r} does not match speaker {u.speaker} / chapter {u.chapter}"
+            )
         elif known_speakers is not None and u.speaker not in known_speakers:
             problem = f"{name}: unknown speaker {u.speaker} (not listed in SPEAKERS.TXT)"
         if problem is None:
@@ -149,7 +159,11 @@ def main(argv=None) -> int:
             "subsets": subsets,
             "seed": args.seed,
             "num_speakers": len(splits.speakers),
-            "num_utterances": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test)},
+            "num_utterances": {
+                "train": len(splits.train),
+                "valid": len(splits.valid),
+                "test": len(splits.test),
+            },
         }
         opts = WriteOptions(
             on_error=args.on_error,
@@ -205,7 +219,10 @@ def main(argv=None) -> int:
         print(f"[shard] error: {e}", file=sys.stderr)
         return 2
     if manifest is None:
-        print("[shard] other ranks' shards are not complete yet; the last rank writes the manifest", file=sys.stderr)
+        print(
+            "[shard] other ranks' shards are not complete yet; the last rank writes the manifest",
+            file=sys.stderr,
+        )
         return 0
     sk = manifest.data["skipped"]
     print(
