@@ -195,7 +195,7 @@ def mel_filterbank(cfg: FeatureConfig) -> torch.Tensor:
 
 
 def _to_db(power_mel: torch.Tensor, top_db: float) -> torch.Tensor:
-    """(..., n_mels, frames) power -> dB, floored at max - top_db per utterance (last two dims)."""
+    """(..., frames, n_mels) power -> dB, floored at max - top_db per utterance (last two dims)."""
     db = 10.0 * torch.log10(torch.clamp(power_mel, min=AMIN))
     peak = db.amax(dim=(-2, -1), keepdim=True)
     return torch.maximum(db, peak - top_db)
@@ -246,33 +246,36 @@ class LogMel(torch.nn.Module):
             )
             self.db = T.AmplitudeToDB(stype="power", top_db=cfg.top_db)
         else:
-            self.register_buffer("window", torch.hann_window(cfg.win_length), persistent=False)
+            # torch.stft's convention: a win_length window centred in n_fft
+            window = torch.hann_window(cfg.win_length)
+            left = (cfg.n_fft - cfg.win_length) // 2
+            window = torch.nn.functional.pad(window, (left, cfg.n_fft - cfg.win_length - left))
+            self.register_buffer("window", window, persistent=False)
             self.register_buffer("fb", mel_filterbank(cfg), persistent=False)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         single = wave.dim() == 1
-        x = wave[None] if single else wave
+        x = wave[None] if single else wave  # (batch, samples)
         if self.backend == "torchaudio":
             # AmplitudeToDB floors a 3-D input with one max: apply it per utterance
             mel_db = torch.stack([self.db(self.mel(w)) for w in x])  # (batch, n_mels, frames)
+            out = mel_db.transpose(-1, -2).contiguous()
         else:
-            spec = torch.stft(
-                x,
-                n_fft=self.cfg.n_fft,
-                hop_length=self.cfg.hop_length,
-                win_length=self.cfg.win_length,
-                window=self.window,
-                center=self.cfg.center,
-                pad_mode="reflect",
-                normalized=False,
-                onesided=True,
-                return_complex=True,
-            )
-            power = spec.abs().pow(2.0)  # (batch, n_freqs, frames)
-            mel = torch.matmul(power.transpose(-1, -2), self.fb).transpose(-1, -2)
-            mel_db = _to_db(mel, self.cfg.top_db)
-        out = mel_db.transpose(-1, -2).contiguous()  # (batch, frames, n_mels)
+            out = self._torch_logmel(x)
         return out[0] if single else out
+
+    def _torch_logmel(self, x: torch.Tensor) -> torch.Tensor:
+        """The same STFT as torch.stft(center, reflect, onesided), computed time-major: frame with
+        unfold, window, rfft. |X|^2 as re^2 + im^2 (2-3x cheaper than abs().pow(2))."""
+        cfg = self.cfg
+        if cfg.center:
+            pad = cfg.n_fft // 2
+            x = torch.nn.functional.pad(x[:, None], (pad, pad), mode="reflect")[:, 0]
+        frames = x.unfold(-1, cfg.n_fft, cfg.hop_length)  # (batch, frames, n_fft)
+        spec = torch.fft.rfft(frames * self.window, n=cfg.n_fft)  # (batch, frames, n_freqs)
+        power = spec.real.square() + spec.imag.square()
+        mel = torch.matmul(power, self.fb)  # (batch, frames, n_mels)
+        return _to_db(mel, cfg.top_db)
 
 
 def compute_logmel(wave: np.ndarray, logmel: LogMel) -> np.ndarray:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -94,36 +94,32 @@ class SplitInfo:
         return np.asarray([lab for s in self.shards for lab in s.labels], dtype=np.int64)
 
 
-@dataclass
 class RunningStats:
     """Per-mel-bin sums for mean/std plus global min/max; mergeable across shards and ranks."""
 
-    n_mels: int
-    count: int = 0
-    total: list[float] = field(default_factory=list)
-    total_sq: list[float] = field(default_factory=list)
-    min: float = math.inf
-    max: float = -math.inf
-
-    def __post_init__(self):
-        if not self.total:
-            self.total = [0.0] * self.n_mels
-            self.total_sq = [0.0] * self.n_mels
+    def __init__(self, n_mels: int):
+        self.n_mels = n_mels
+        self.count = 0
+        self.total = np.zeros(n_mels, np.float64)
+        self.total_sq = np.zeros(n_mels, np.float64)
+        self.min = math.inf
+        self.max = -math.inf
 
     def update(self, feats: np.ndarray) -> None:
         """feats: (frames, n_mels)."""
-        x = feats.astype(np.float64)
+        if feats.size == 0:
+            return
+        x = feats.astype(np.float32, copy=False)  # float16 values are exact in float32
         self.count += x.shape[0]
-        self.total = (np.asarray(self.total) + x.sum(0)).tolist()
-        self.total_sq = (np.asarray(self.total_sq) + (x * x).sum(0)).tolist()
-        if x.size:
-            self.min = min(self.min, float(x.min()))
-            self.max = max(self.max, float(x.max()))
+        self.total += x.sum(0, dtype=np.float64)
+        self.total_sq += np.square(x).sum(0, dtype=np.float64)
+        self.min = min(self.min, float(feats.min()))
+        self.max = max(self.max, float(feats.max()))
 
     def merge(self, other: RunningStats) -> None:
         self.count += other.count
-        self.total = (np.asarray(self.total) + np.asarray(other.total)).tolist()
-        self.total_sq = (np.asarray(self.total_sq) + np.asarray(other.total_sq)).tolist()
+        self.total += other.total
+        self.total_sq += other.total_sq
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
 
@@ -131,15 +127,18 @@ class RunningStats:
         return {
             "n_mels": self.n_mels,
             "count": self.count,
-            "total": self.total,
-            "total_sq": self.total_sq,
+            "total": self.total.tolist(),
+            "total_sq": self.total_sq.tolist(),
             "min": self.min if self.count else None,
             "max": self.max if self.count else None,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> RunningStats:
-        s = cls(n_mels=d["n_mels"], count=d["count"], total=list(d["total"]), total_sq=list(d["total_sq"]))
+        s = cls(d["n_mels"])
+        s.count = d["count"]
+        s.total = np.asarray(d["total"], np.float64)
+        s.total_sq = np.asarray(d["total_sq"], np.float64)
         s.min = d["min"] if d["min"] is not None else math.inf
         s.max = d["max"] if d["max"] is not None else -math.inf
         return s
@@ -147,8 +146,8 @@ class RunningStats:
     def summary(self) -> dict:
         if self.count == 0:
             raise ManifestError("no frames to compute feature statistics from")
-        mean = np.asarray(self.total) / self.count
-        var = np.maximum(np.asarray(self.total_sq) / self.count - mean**2, 0.0)
+        mean = self.total / self.count
+        var = np.maximum(self.total_sq / self.count - mean**2, 0.0)
         return {
             "mean": mean.tolist(),
             "std": np.sqrt(var).tolist(),

@@ -26,7 +26,9 @@ class ModelConfig:
     headdim: int = 32  # Mamba-2 head dim p (d_inner must be a multiple)
     chunk_size: int = 0  # scan chunk; 0 = auto (8 for mamba, 64 for mamba2)
     bidirectional: bool = True  # forward + within-length-reversed backward Mamba per layer, summed
-    backend: str = "auto"  # "auto" | "torch" | "mamba_ssm" (CUDA kernels; "auto" uses them on CUDA if importable)
+    backend: str = (
+        "auto"  # "auto" | "torch" | "mamba_ssm" (CUDA kernels; "auto" uses them on CUDA if importable)
+    )
     # front-end over mel frames
     frontend_channels: list[int] = field(default_factory=lambda: [128, 128])
     frontend_kernel: int = 5

@@ -79,9 +79,17 @@ class RMSNorm(nn.Module):
 
 
 def _causal_conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
-    """Depthwise causal conv over time: x (b, l, d) -> (b, l, d) (conv1d has padding d_conv - 1)."""
+    """Depthwise causal conv over time: x (b, l, d) -> (b, l, d); same result as
+    ``conv(x.transpose(1, 2))[..., :l]`` (conv1d with padding d_conv - 1), written as d_conv shifted
+    multiply-adds because CPU depthwise conv1d backward is very slow for long sequences."""
     l = x.shape[1]
-    return conv(x.transpose(1, 2))[..., :l].transpose(1, 2)
+    K = conv.kernel_size[0]
+    w = conv.weight[:, 0, :]  # (d, K)
+    xp = F.pad(x, (0, 0, K - 1, 0))  # K-1 zero frames in front
+    y = xp[:, 0:l] * w[:, 0]
+    for k in range(1, K):
+        y = y + xp[:, k : k + l] * w[:, k]
+    return y + conv.bias if conv.bias is not None else y
 
 
 def _inv_softplus_dt(n: int, dt_min: float, dt_max: float, floor: float = 1e-4) -> torch.Tensor:

@@ -1,0 +1,101 @@
+"""Iterate the loader without a model: throughput, and a record of which keys every rank consumed.
+
+    python -m spkr.stream.data_only --shards DIR --split train --batch-size 32 --epochs 2 --workers 2 \
+        --log-keys OUTDIR [--seed 0] [--crop-frames 200]
+    torchrun --nproc_per_node 3 -m spkr.stream.data_only ...
+
+Under torchrun (WORLD_SIZE > 1) a gloo process group is initialised from the environment and all
+ranks meet at a barrier after every epoch, so a rank yielding a different number of batches would
+hang there (tests bound this with a timeout). Per rank ``OUTDIR/rank{r}.jsonl`` gets one line per
+step: ``{"epoch", "step", "keys": [...]}``. ``spkr.train --data-only`` delegates to :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="spkr.stream.data_only", description=__doc__.split("\n")[0])
+    p.add_argument("--shards", required=True, help="shards directory or URL (s3://bucket/prefix)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--crop-frames", type=int, default=None)
+    p.add_argument("--bucket-window", type=int, default=None)
+    p.add_argument("--eval", action="store_true", help="evaluation order: no shuffle, no drop")
+    p.add_argument("--log-keys", default=None, help="directory for rank{r}.jsonl key logs")
+    p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps")
+    p.add_argument("--timeout", type=float, default=300.0, help="process-group timeout (s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch.distributed as dist
+
+    from spkr.stream.loader import SpeakerLoader
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    initialised_here = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
+        initialised_here = True
+    loader = SpeakerLoader(
+        args.shards,
+        args.split,
+        args.batch_size,
+        train=not args.eval,
+        seed=args.seed,
+        num_workers=args.workers,
+        crop_frames=args.crop_frames,
+        bucket_window=args.bucket_window,
+    )
+    rank = loader.rank
+    log = None
+    if args.log_keys:
+        os.makedirs(args.log_keys, exist_ok=True)
+        log = open(os.path.join(args.log_keys, f"rank{rank}.jsonl"), "w")
+    try:
+        for epoch in range(args.epochs):
+            loader.set_epoch(epoch)
+            t0 = time.perf_counter()
+            samples = frames = steps = 0
+            for step, batch in enumerate(loader):
+                samples += len(batch["keys"])
+                frames += int(batch["lengths"].sum())
+                steps += 1
+                if log:
+                    log.write(json.dumps({"epoch": epoch, "step": step, "keys": batch["keys"]}) + "\n")
+                if args.max_steps and steps >= args.max_steps:
+                    break
+            dt = max(time.perf_counter() - t0, 1e-9)
+            if log:
+                log.flush()
+            mb = loader.bytes_read / 1e6
+            print(
+                f"[rank {rank}/{loader.world_size}] epoch {epoch}: {steps} steps (plan {len(loader)}), "
+                f"{samples} samples, {frames} frames in {dt:.2f}s = {samples / dt:.1f} samples/s, "
+                f"{mb / dt:.1f} MB/s; dropped {loader.dropped} (< world {loader.world_size}), "
+                f"skipped {len(loader.skipped)}, retries {loader.retries}",
+                flush=True,
+            )
+            if dist.is_initialized():
+                dist.barrier()
+    finally:
+        if log:
+            log.close()
+        if initialised_here:
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

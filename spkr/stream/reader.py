@@ -1,0 +1,534 @@
+"""Reading spkr shards: local paths or fsspec URLs, byte ranges, retries, safe member decoding.
+
+A reader reads, per shard, only a contiguous sample range ``[a, b)``: the single byte range
+``[offsets[a], offsets[b])`` (or to the shard's end), fetched sequentially in chunks (remote
+chunks are fetched one ahead by a helper thread) and parsed here, 512-byte tar blocks at a time.
+
+Safety: a sample's members must be exactly ``<key>.cls`` (ASCII int), ``<key>.json`` (UTF-8 JSON)
+and ``<key>.mel.npy`` (parsed with ``allow_pickle=False`` semantics: float dtypes only, 2-D,
+``n_mels`` columns). Anything else — ``.pth``, ``.pkl``, ``.pickle`` or any other extension, links,
+directories, pax/GNU headers — is refused with :class:`ShardError` and never deserialised.
+
+Retries: a transient error while fetching (dropped connection, timeout, short read before the
+shard's known end) closes the source, waits ``backoff * 2**attempt`` seconds and reopens at the
+byte offset reached (HTTP/S3 range request, or seek), so no sample is lost or repeated. After
+``retries`` failed attempts a :class:`ShardError` names the shard and the offset.
+
+Corruption (truncated tar, bad header, unknown member, bad npy header, key/label/frames not
+matching the manifest, sha256 mismatch with ``verify=True``) raises :class:`ShardError` naming the
+shard and member. With ``on_error="skip"`` the sample is skipped instead (the reader seeks to the
+next sample's manifest offset), counted in ``reader.stats.skipped`` as ``{"shard", "key", "error"}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from spkr import storage
+from spkr.manifest import MEMBER_EXTS, ShardInfo
+
+BLOCK = 512
+DEFAULT_CHUNK = 4 << 20
+PICKLE_EXTS = ("pth", "pt", "pkl", "pickle", "ckpt", "bin", "npz")
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be read: corrupt, truncated, unsafe, or unreachable."""
+
+    def __init__(self, shard: str, message: str, member: str | None = None, offset: int | None = None):
+        self.shard, self.member, self.offset, self.reason = shard, member, offset, message
+        where = shard + (f" [{member}]" if member else "") + (f" at byte {offset}" if offset is not None else "")
+        super().__init__(f"{where}: {message}")
+
+
+class Record(NamedTuple):
+    index: int  # sample index within the shard
+    key: str
+    label: int
+    meta: dict
+    feats: np.ndarray  # (frames, n_mels), on-disk dtype (float16), read-only view
+
+
+@dataclass
+class ReadStats:
+    retries: int = 0
+    bytes: int = 0
+    skipped: list[dict] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- member decoding
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """'19-198-0001.mel.npy' -> ('19-198-0001', 'mel.npy')."""
+    base = name.rsplit("/", 1)[-1]
+    key, _, ext = base.partition(".")
+    return key, ext
+
+
+def check_member_name(name: str, shard: str, offset: int | None = None) -> tuple[str, str]:
+    key, ext = split_member(name)
+    if "/" in name or ext not in MEMBER_EXTS:
+        low = ext.lower().rsplit(".", 1)[-1]
+        why = (
+            "pickle-based formats are never deserialised"
+            if low in PICKLE_EXTS
+            else "unknown member type"
+        )
+        raise ShardError(
+            shard,
+            f"refusing member '{name}' ({why}; spkr decodes only .cls, .json and .mel.npy)",
+            member=name,
+            offset=offset,
+        )
+    return key, ext
+
+
+def decode_npy(payload, *, shard: str = "?", member: str = "?", n_mels: int | None = None) -> np.ndarray:
+    """A ``.npy`` payload -> array view, without ever unpickling (object dtypes are refused)."""
+    mv = memoryview(payload)
+    try:
+        if bytes(mv[:6]) != b"\x93NUMPY" or len(mv) < 10:
+            raise ValueError("no .npy magic")
+        major = mv[6]
+        if major == 1:
+            hlen, hstart = int.from_bytes(mv[8:10], "little"), 10
+        elif major in (2, 3):
+            hlen, hstart = int.from_bytes(mv[8:12], "little"), 12
+        else:
+            raise ValueError(f"unsupported .npy version {major}")
+        f = io.BytesIO(bytes(mv[: hstart + hlen]))
+        np.lib.format.read_magic(f)
+        reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(f)
+    except Exception as e:
+        raise ShardError(shard, f"bad .npy header: {e}", member=member) from None
+    if dtype.hasobject or dtype.kind != "f":
+        raise ShardError(shard, f"refusing .npy of dtype {dtype} (float arrays only)", member=member)
+    if len(shape) != 2 or (n_mels is not None and shape[1] != n_mels):
+        raise ShardError(shard, f".npy shape {shape}, expected (frames, {n_mels})", member=member)
+    count = int(shape[0]) * int(shape[1])
+    if len(mv) - hstart - hlen != count * dtype.itemsize:
+        raise ShardError(
+            shard, f".npy holds {len(mv) - hstart - hlen} data bytes for shape {shape}", member=member
+        )
+    arr = np.frombuffer(mv, dtype=dtype, count=count, offset=hstart + hlen)
+    return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+
+
+def decode_member(ext: str, payload, *, shard: str = "?", member: str = "?", n_mels: int | None = None):
+    """Decode one allowed member; anything else is refused (never deserialised)."""
+    if ext == "cls":
+        try:
+            return int(bytes(payload).decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise ShardError(shard, "bad .cls payload (expected an ASCII integer)", member=member) from None
+    if ext == "json":
+        try:
+            return json.loads(bytes(payload).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ShardError(shard, f"bad .json payload: {e}", member=member) from None
+    if ext == "mel.npy":
+        return decode_npy(payload, shard=shard, member=member, n_mels=n_mels)
+    check_member_name(member, shard)
+    raise ShardError(shard, f"refusing member type '{ext}'", member=member)
+
+
+# --------------------------------------------------------------------------- byte sources
+
+
+class _LocalSource:
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+
+    def read_at(self, pos: int, n: int) -> bytes:
+        return os.pread(self.fd, n, pos)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class _FsspecSource:
+    """Range reads on an fsspec filesystem (HTTP Range / S3 GetObject Range)."""
+
+    def __init__(self, fs, path: str, size: int | None):
+        self.fs, self.path = fs, path
+        self.size = size if size is not None else fs.size(path)
+
+    def read_at(self, pos: int, n: int) -> bytes:
+        if n <= 0 or pos >= self.size:
+            return b""
+        return self.fs.cat_file(self.path, start=pos, end=min(self.size, pos + n))
+
+    def close(self):
+        pass
+
+
+class _FileSource:
+    """A seekable file object (e.g. fsspec filecache's local copy)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.size = f.seek(0, os.SEEK_END)
+
+    def read_at(self, pos: int, n: int) -> bytes:
+        self.f.seek(pos)
+        return self.f.read(n)
+
+    def close(self):
+        self.f.close()
+
+
+_TRANSIENT_EXCLUDE = (ShardError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+class _Stream:
+    """Sequential reader over the byte range [start, end) of one shard, chunked, with retries and
+    (for remote sources) one chunk of read-ahead."""
+
+    def __init__(self, reader: ShardReader, shard: ShardInfo, start: int, end: int, readahead: bool):
+        self.reader, self.shard = reader, shard
+        self.pos, self.end = start, end  # pos: next byte handed out
+        self.buf, self.buf_pos = memoryview(b""), start
+        self.fetch_pos = start  # next byte to fetch
+        self.pool = reader._pool if readahead else None
+        self.pending = None
+
+    def _next_chunk(self) -> bytes:
+        n = min(self.reader.chunk_size, self.end - self.fetch_pos)
+        if n <= 0:
+            return b""
+        pos = self.fetch_pos
+        self.fetch_pos += n
+        if self.pending is not None:
+            fut, fpos = self.pending
+            self.pending = None
+            data = fut.result() if fpos == pos else self.reader._fetch(self.shard, pos, n)
+        else:
+            data = self.reader._fetch(self.shard, pos, n)
+        if len(data) < n:  # the file ends early: truncated (size already checked for transients)
+            self.fetch_pos = pos + len(data)
+        elif self.pool is not None and self.fetch_pos < self.end:
+            nxt = min(self.reader.chunk_size, self.end - self.fetch_pos)
+            self.pending = (self.pool.submit(self.reader._fetch, self.shard, self.fetch_pos, nxt), self.fetch_pos)
+        return data
+
+    def take(self, n: int) -> memoryview:
+        """The next n bytes (fewer only at the end of the data)."""
+        off = self.pos - self.buf_pos
+        if off + n <= len(self.buf):
+            self.pos += n
+            return self.buf[off : off + n]
+        parts = [bytes(self.buf[off:])]
+        have = len(parts[0])
+        while have < n:
+            chunk = self._next_chunk()
+            if not chunk:
+                break
+            parts.append(chunk)
+            have += len(chunk)
+        joined = b"".join(parts) if len(parts) > 1 else parts[0]
+        self.buf_pos = self.pos
+        self.buf = memoryview(joined)
+        got = min(n, len(joined))
+        self.pos += got
+        return self.buf[:got]
+
+    def seek(self, pos: int) -> None:
+        """Jump forward to ``pos`` (skip mode); drops buffered bytes."""
+        if self.buf_pos <= pos <= self.buf_pos + len(self.buf):
+            self.pos = pos
+            return
+        self.pending = None
+        self.pos = self.buf_pos = self.fetch_pos = pos
+        self.buf = memoryview(b"")
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+class ShardReader:
+    """Reads samples from the shards under ``base`` (a directory or URL prefix)."""
+
+    def __init__(
+        self,
+        base: str,
+        storage_options: dict | None = None,
+        *,
+        n_mels: int | None = None,
+        retries: int = 5,
+        backoff: float = 0.2,
+        chunk_size: int = DEFAULT_CHUNK,
+        readahead: bool | None = None,
+        cache_dir: str | None = None,
+        verify: bool = False,
+        on_error: str = "fail",
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        if on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
+        self.base, self.storage_options = str(base), storage_options
+        self.n_mels, self.retries, self.backoff = n_mels, int(retries), float(backoff)
+        self.chunk_size, self.cache_dir = int(chunk_size), cache_dir
+        self.verify, self.on_error, self.sleep = verify, on_error, sleep
+        self.remote = storage.is_url(self.base)
+        self.readahead = self.remote if readahead is None else readahead
+        self.stats = ReadStats()
+        self._fs = None
+        self._pid = None
+        self._open: tuple[str, object] | None = None
+        self._pool_obj = None
+        self._verified: set[str] = set()
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- sources
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d.update(_fs=None, _pid=None, _open=None, _pool_obj=None, _lock=None)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+    @property
+    def _pool(self):
+        if self._pool_obj is None or self._pid != os.getpid():
+            self._pool_obj = ThreadPoolExecutor(1, thread_name_prefix="spkr-readahead")
+        return self._pool_obj
+
+    def url(self, shard: ShardInfo | str) -> str:
+        return storage.join(self.base, shard if isinstance(shard, str) else shard.name)
+
+    def _filesystem(self):
+        if self._fs is None or self._pid != os.getpid():
+            self._pid, self._open = os.getpid(), None
+            self._pool_obj = None
+            if not self.remote:
+                self._fs = "local"
+            elif self.cache_dir:
+                import fsspec
+
+                protocol = self.base.split("://", 1)[0]
+                opts = storage.storage_options_from_env(self.storage_options)
+                self._fs = fsspec.filesystem(
+                    "filecache", target_protocol=protocol, target_options=opts, cache_storage=self.cache_dir
+                )
+            else:
+                self._fs = storage.get_fs(self.base, self.storage_options)[0]
+        return self._fs
+
+    def _source(self, shard: ShardInfo):
+        fs = self._filesystem()
+        with self._lock:
+            if self._open is not None and self._open[0] == shard.name:
+                return self._open[1]
+            self._close_open()
+            url = self.url(shard)
+            try:
+                if fs == "local":
+                    src = _LocalSource(url)
+                elif self.cache_dir:
+                    path = url if "://" not in url else url.split("://", 1)[1]
+                    src = _FileSource(fs.open(path, "rb"))
+                else:
+                    src = _FsspecSource(fs, fs._strip_protocol(url), shard.bytes)
+            except FileNotFoundError:
+                raise ShardError(shard.name, f"shard not found ({url})") from None
+            self._open = (shard.name, src)
+            return src
+
+    def _close_open(self):
+        if self._open is not None:
+            try:
+                self._open[1].close()
+            except Exception:
+                pass
+            self._open = None
+
+    def close(self):
+        self._close_open()
+
+    def _fetch(self, shard: ShardInfo, pos: int, n: int) -> bytes:
+        """Bytes [pos, pos+n) of the shard, retrying transient failures from ``pos``."""
+        last: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                src = self._source(shard)
+                data = src.read_at(pos, n)
+                if len(data) == n or pos + len(data) >= src.size:
+                    self.stats.bytes += len(data)
+                    return data
+                raise ConnectionError(f"short read: {len(data)} of {n} bytes")
+            except _TRANSIENT_EXCLUDE:
+                raise
+            except Exception as e:  # dropped connection, timeout, server error: reopen and resume
+                last = e
+                with self._lock:
+                    self._close_open()
+                if attempt < self.retries:
+                    self.stats.retries += 1
+                    self.sleep(min(self.backoff * 2**attempt, 10.0))
+        raise ShardError(
+            shard.name, f"read failed after {self.retries} retries: {type(last).__name__}: {last}", offset=pos
+        )
+
+    # ---------------------------------------------------------------- verification
+    def verify_shard(self, shard: ShardInfo) -> None:
+        """Hash the whole shard and compare with the manifest's sha256 (once per reader)."""
+        if shard.name in self._verified:
+            return
+        h = hashlib.sha256()
+        pos, size = 0, None
+        while True:
+            data = self._fetch(shard, pos, self.chunk_size)
+            h.update(data)
+            pos += len(data)
+            if len(data) < self.chunk_size:
+                break
+        size = pos
+        if size != shard.bytes or h.hexdigest() != shard.sha256:
+            raise ShardError(
+                shard.name,
+                f"sha256 mismatch: {size} bytes hashing to {h.hexdigest()[:16]}..., "
+                f"manifest says {shard.bytes} bytes, {shard.sha256[:16]}...",
+            )
+        self._verified.add(shard.name)
+
+    # ---------------------------------------------------------------- samples
+    def read_shard(self, shard: ShardInfo) -> list[Record]:
+        """Every sample of the shard (verified first when ``verify=True``)."""
+        return list(self.iter_range(shard, 0, shard.num_samples))
+
+    def iter_range(self, shard: ShardInfo, start: int = 0, stop: int | None = None) -> Iterator[Record]:
+        """Samples ``start..stop-1`` of the shard, reading one byte range. With ``verify=True`` the
+        shard is hashed first when the range is the whole shard."""
+        stop = shard.num_samples if stop is None else stop
+        if not 0 <= start <= stop <= shard.num_samples:
+            raise ValueError(f"{shard.name}: range [{start}, {stop}) outside 0..{shard.num_samples}")
+        if start == stop:
+            return
+        if self.verify and start == 0 and stop == shard.num_samples:
+            try:
+                self.verify_shard(shard)
+            except ShardError as e:
+                if self.on_error != "skip":
+                    raise
+                for i in range(start, stop):
+                    self._skip(shard, i, e)
+                return
+        end = shard.offsets[stop] if stop < shard.num_samples else shard.bytes
+        stream = _Stream(self, shard, shard.offsets[start], end, self.readahead)
+        i = start
+        while i < stop:
+            try:
+                yield self._parse_sample(stream, shard, i)
+            except ShardError as e:
+                if self.on_error != "skip":
+                    raise
+                self._skip(shard, i, e)
+                if i + 1 < stop:
+                    stream.seek(shard.offsets[i + 1])
+            i += 1
+
+    def _skip(self, shard: ShardInfo, i: int, err: ShardError) -> None:
+        self.stats.skipped.append({"shard": shard.name, "key": shard.keys[i], "error": str(err)})
+
+    def _parse_sample(self, stream: _Stream, shard: ShardInfo, i: int) -> Record:
+        key = shard.keys[i]
+        values = {}
+        for ext in MEMBER_EXTS:
+            expected = f"{key}.{ext}"
+            hpos = stream.pos
+            hdr = stream.take(BLOCK)
+            if len(hdr) < BLOCK:
+                raise ShardError(shard.name, "truncated tar: file ends inside a header", expected, hpos)
+            if bytes(hdr) == bytes(BLOCK):
+                raise ShardError(shard.name, "unexpected end of archive", expected, hpos)
+            try:
+                info = tarfile.TarInfo.frombuf(bytes(hdr), "utf-8", "surrogateescape")
+            except tarfile.HeaderError as e:
+                raise ShardError(shard.name, f"bad tar header: {e}", expected, hpos) from None
+            name = info.name
+            if not info.isreg():
+                raise ShardError(
+                    shard.name, f"refusing member '{name}' of tar type {info.type!r} (regular files only)",
+                    name, hpos,
+                )
+            mkey, mext = check_member_name(name, shard.name, hpos)
+            if mkey != key or mext != ext:
+                raise ShardError(
+                    shard.name, f"found member '{name}' where the manifest expects '{expected}'", name, hpos
+                )
+            payload = stream.take(info.size)
+            if len(payload) < info.size:
+                raise ShardError(
+                    shard.name, f"truncated tar: member needs {info.size} bytes, file ends", name, hpos
+                )
+            pad = -info.size % BLOCK
+            if pad and len(stream.take(pad)) < pad:
+                raise ShardError(shard.name, "truncated tar: file ends inside padding", name, hpos)
+            values[ext] = decode_member(ext, payload, shard=shard.name, member=name, n_mels=self.n_mels)
+        feats = values["mel.npy"]
+        if values["cls"] != shard.labels[i]:
+            raise ShardError(
+                shard.name, f"label {values['cls']} but manifest says {shard.labels[i]}", f"{key}.cls"
+            )
+        if feats.shape[0] != shard.frames[i]:
+            raise ShardError(
+                shard.name, f"{feats.shape[0]} frames but manifest says {shard.frames[i]}", f"{key}.mel.npy"
+            )
+        return Record(i, key, values["cls"], values["json"], feats)
+
+
+# --------------------------------------------------------------------------- webdataset
+
+
+def _fsspec_gopen(storage_options: dict | None):
+    def gopen(url, mode="rb", bufsize=8192, **kw):
+        fs, path = storage.get_fs(url, storage_options)
+        return fs.open(path, mode)
+
+    return gopen
+
+
+FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "r2")
+
+
+def register_webdataset_fsspec(storage_options: dict | None = None, schemes=FSSPEC_SCHEMES) -> None:
+    """Let ``webdataset.WebDataset("s3://...")`` (and gs://, az://, ...) open shards through fsspec
+    (webdataset 1.0.2 has no s3 scheme and shells out to gsutil for gs). ``storage_options`` (or
+    ``SPKR_STORAGE_OPTIONS``) configure endpoint/credentials."""
+    import importlib
+
+    module = importlib.import_module("webdataset.gopen")
+    opener = _fsspec_gopen(storage_options)
+    for scheme in schemes:
+        module.gopen_schemes[scheme] = opener
+
+
+__all__ = [
+    "ShardError",
+    "ShardReader",
+    "Record",
+    "ReadStats",
+    "decode_member",
+    "decode_npy",
+    "check_member_name",
+    "register_webdataset_fsspec",
+]

@@ -1,0 +1,139 @@
+"""Synthetic spkr shards for stream tests: ``make_shards(tmp, counts=[7, 11, 13])`` writes tar shards
+with ``spkr.shard_writer.write_shard`` (random float16 features of chosen lengths) and a manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+N_MELS = 80
+
+
+def sample_frames(rng: np.random.Generator, n: int, mean: float = 60.0, sigma: float = 0.5, lo: int = 8):
+    """Log-normal frame counts (LibriSpeech-like shape when mean ~ 1230)."""
+    mu = np.log(mean) - sigma**2 / 2
+    return np.maximum(lo, rng.lognormal(mu, sigma, n).astype(np.int64))
+
+
+def make_shards(
+    out: str | Path,
+    counts=(7, 11, 13),
+    *,
+    splits: dict[str, list[int]] | None = None,
+    n_mels: int = N_MELS,
+    n_classes: int = 5,
+    mean_frames: float = 60.0,
+    sigma: float = 0.5,
+    seed: int = 0,
+    frames: list[list[int]] | None = None,
+) -> Path:
+    """Write ``<out>/<split>/shard-XXXXXX.tar`` (+ sidecars) and ``<out>/manifest.json``.
+
+    ``counts``: samples per train shard (``splits`` overrides: {split: counts}). Keys are
+    ``<split>-<shard>-<i>`` (unique); feats are ``float16`` with values ``label + N(0, 1)`` so that
+    tests can check normalisation. Returns ``out``.
+    """
+    from spkr.features import FeatureConfig
+    from spkr.manifest import FORMAT, VERSION, shard_name, split_summary
+    from spkr.shard_writer import Sample, write_shard
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    splits = splits or {"train": list(counts)}
+    cfg = FeatureConfig(n_mels=n_mels)
+    summary, total, total_sq, nfr = {}, np.zeros(n_mels), np.zeros(n_mels), 0
+    for split, cnts in splits.items():
+        infos = []
+        for si, c in enumerate(cnts):
+            fr = frames[si] if frames is not None and split == "train" else sample_frames(rng, c, mean_frames, sigma)
+            samples = []
+            for i in range(c):
+                label = int(rng.integers(n_classes))
+                feats = (label + rng.standard_normal((int(fr[i]), n_mels))).astype(np.float16)
+                if split == "train":
+                    x = feats.astype(np.float64)
+                    total += x.sum(0)
+                    total_sq += (x * x).sum(0)
+                    nfr += x.shape[0]
+                key = f"{split}-{si:03d}-{i:04d}"
+                samples.append(Sample(key, label, {"speaker": str(label), "frames": int(fr[i])}, feats))
+            infos.append(write_shard(str(out), shard_name(split, si), samples))
+        summary[split] = split_summary(infos, cfg.sample_rate, cfg.hop_length)
+    n = max(nfr, 1)
+    mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - mean**2, 0))
+    data = {
+        "format": FORMAT,
+        "version": VERSION,
+        "corpus": {"source": "synthetic", "subsets": [], "name": "synthetic"},
+        "feature_config": cfg.to_dict(),
+        "feature_fingerprint": cfg.fingerprint(),
+        "labels": [str(i) for i in range(n_classes)],
+        "class_weights": [1.0] * n_classes,
+        "class_weight_scheme": "inverse_frequency_mean1",
+        "splits": summary,
+        "stats": {"split": "train", "mean": mean.tolist(), "std": std.tolist(), "min": -9.0, "max": 9.0,
+                  "num_frames": nfr},
+        "skipped": [],
+    }
+    tmp = out / ".manifest.tmp"
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, out / "manifest.json")
+    return out
+
+
+def all_keys(out: str | Path, split: str = "train") -> list[str]:
+    data = json.loads((Path(out) / "manifest.json").read_text())
+    return [k for s in data["splits"][split]["shards"] for k in s["keys"]]
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def good_members(key: str, label: int, feats: np.ndarray) -> list[tuple[str, bytes]]:
+    return [
+        (f"{key}.cls", str(label).encode()),
+        (f"{key}.json", json.dumps({"frames": int(feats.shape[0])}).encode()),
+        (f"{key}.mel.npy", npy_bytes(feats)),
+    ]
+
+
+def custom_shard(base: str | Path, name: str, samples: list[tuple[str, int, int, list[tuple[str, bytes]]]]):
+    """A hand-made tar ``<base>/<name>`` whose samples are (key, label, frames, [(member, payload)...]),
+    members written as given (to build corrupt shards); returns the matching ``ShardInfo``."""
+    import hashlib
+    import io
+    import tarfile
+
+    from spkr.manifest import ShardInfo
+
+    path = Path(base) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    offsets = []
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for _key, _label, _frames, members in samples:
+            offsets.append(tf.offset)
+            for mname, payload in members:
+                info = tarfile.TarInfo(mname)
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                tf.addfile(info, io.BytesIO(payload))
+    blob = path.read_bytes()
+    return ShardInfo(
+        name=name,
+        num_samples=len(samples),
+        bytes=len(blob),
+        sha256=hashlib.sha256(blob).hexdigest(),
+        keys=[s[0] for s in samples],
+        frames=[s[2] for s in samples],
+        labels=[s[1] for s in samples],
+        offsets=offsets,
+    )

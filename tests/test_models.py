@@ -1,0 +1,203 @@
+"""Classifier: padding invariance, heads, backends, config loading, torch.compile, bf16 autocast."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from spkr.config import ConfigError
+from spkr.models import BackendUnavailable, ModelConfig, build_model, mamba_ssm_available
+from spkr.models.classifier import AAMHead, reverse_index, reverse_within_length
+
+ROOT = Path(__file__).resolve().parents[1]
+N_MELS, N_CLASSES = 20, 7
+
+
+def small(**kw) -> ModelConfig:
+    base = dict(
+        d_model=16,
+        n_layers=2,
+        d_state=4,
+        expand=2,
+        headdim=8,
+        chunk_size=0,
+        frontend_channels=[16, 16],
+        frontend_kernel=5,
+        embedding_dim=12,
+        dropout=0.0,
+        n_heads=2,
+        backend="torch",
+    )
+    base.update(kw)
+    if base.get("arch") == "mamba2" and "d_state" not in kw:
+        base["d_state"] = 8
+    return ModelConfig(**base)
+
+
+def _padded_vs_alone(model, lengths, T_pad, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B = len(lengths)
+    mel = torch.randn(B, T_pad, N_MELS, generator=g)
+    lengths_t = torch.tensor(lengths)
+    with torch.no_grad():
+        emb_batch = model.embed(mel, lengths_t)
+        frames_batch, out_len = model.encode(mel, lengths_t)
+        alone = [model.embed(mel[i : i + 1, :n], lengths_t[i : i + 1]) for i, n in enumerate(lengths)]
+        frames_alone = [
+            model.encode(mel[i : i + 1, :n], lengths_t[i : i + 1])[0] for i, n in enumerate(lengths)
+        ]
+    return emb_batch, torch.cat(alone), frames_batch, frames_alone, out_len
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(arch="mamba", bidirectional=False, pooling="mean", subsample=1),
+        dict(arch="mamba", bidirectional=True, pooling="attentive_stats", subsample=2),
+        dict(arch="mamba", bidirectional=True, pooling="mean", subsample=4),
+        dict(arch="mamba2", bidirectional=True, pooling="attentive_stats", subsample=2, chunk_size=8),
+        dict(arch="transformer", pooling="attentive_stats", subsample=2),
+    ],
+    ids=["mamba-uni-mean", "mamba-bi-stats-s2", "mamba-bi-mean-s4", "mamba2-bi-s2", "transformer"],
+)
+def test_padding_invariance(kw):
+    torch.manual_seed(0)
+    model = build_model(small(**kw), N_MELS, N_CLASSES).eval()
+    lengths = [45, 17, 30, 1]
+    emb_b, emb_a, frames_b, frames_a, out_len = _padded_vs_alone(model, lengths, 52)
+    assert torch.allclose(emb_b, emb_a, atol=1e-4), (emb_b - emb_a).abs().max()
+    for i, fa in enumerate(frames_a):
+        n = int(out_len[i])
+        assert fa.shape[1] == n
+        assert torch.allclose(frames_b[i, :n], fa[0], atol=1e-4), (i, (frames_b[i, :n] - fa[0]).abs().max())
+        assert torch.all(frames_b[i, n:] == 0)
+
+
+def test_padding_invariance_can_fail_without_masking():
+    # sanity check that the test above is sensitive: ignoring the lengths changes the embedding
+    torch.manual_seed(0)
+    model = build_model(small(arch="mamba"), N_MELS, N_CLASSES).eval()
+    mel = torch.randn(1, 40, N_MELS)
+    with torch.no_grad():
+        a = model.embed(mel, torch.tensor([25]))
+        b = model.embed(mel, torch.tensor([40]))
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
+@pytest.mark.parametrize("sub", [1, 2, 4])
+def test_output_lengths_match_frontend(sub):
+    model = build_model(small(subsample=sub), N_MELS, N_CLASSES)
+    for T in [1, 2, 3, 4, 5, 16, 17, 101]:
+        x, _ = model.frontend(torch.zeros(1, T, N_MELS), torch.tensor([T]))
+        assert x.shape[1] == int(model.output_lengths(torch.tensor([T]))[0])
+        assert x.shape[1] == -(-T // sub)
+
+
+def test_reverse_within_length():
+    lengths = torch.tensor([3, 5, 1])
+    idx = reverse_index(lengths, 5)
+    x = torch.arange(15.0).view(3, 5, 1)
+    r = reverse_within_length(x, idx)[..., 0]
+    assert r.tolist() == [[2, 1, 0, 3, 4], [9, 8, 7, 6, 5], [10, 11, 12, 13, 14]]
+    assert torch.equal(reverse_within_length(reverse_within_length(x, idx), idx), x)
+
+
+def test_aam_margin_only_with_labels_in_training():
+    torch.manual_seed(0)
+    head = AAMHead(8, 5, margin=0.3, scale=10.0)
+    emb = torch.randn(6, 8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    head.train()
+    plain = head(emb)
+    margin = head(emb, labels)
+    assert plain.abs().max() <= 10.0 + 1e-5 and margin.abs().max() <= 10.0 + 1e-5
+    target = torch.arange(6), labels
+    assert torch.all(margin[target] < plain[target])  # margin lowers the target logit
+    off = torch.ones_like(plain, dtype=torch.bool)
+    off[target] = False
+    assert torch.allclose(margin[off], plain[off])
+    head.eval()
+    assert torch.allclose(head(emb, labels), plain)
+
+
+def test_model_forward_heads_and_shapes():
+    torch.manual_seed(0)
+    for head in ("softmax", "aam"):
+        model = build_model(small(head=head), N_MELS, N_CLASSES)
+        mel, lengths = torch.randn(3, 30, N_MELS), torch.tensor([30, 12, 5])
+        logits = model(mel, lengths, torch.tensor([0, 1, 2]))
+        assert logits.shape == (3, N_CLASSES)
+        assert model.embed(mel, lengths).shape == (3, 12)
+        logits.sum().backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_backend_selection():
+    cfg = small(backend="auto")
+    model = build_model(cfg, N_MELS, N_CLASSES)
+    assert model.backend_name() == "torch"  # CPU tensors -> pure torch even if mamba_ssm were installed
+    assert build_model(small(backend="torch"), N_MELS, N_CLASSES).backend_name() == "torch"
+    assert build_model(small(arch="transformer"), N_MELS, N_CLASSES).backend_name() == "transformer"
+    if mamba_ssm_available() is not None:
+        with pytest.raises(BackendUnavailable, match="mamba_ssm"):
+            build_model(small(backend="mamba_ssm"), N_MELS, N_CLASSES)
+    with pytest.raises(ValueError, match="backend"):
+        small(backend="cuda")
+
+
+def test_config_files_load_and_reject_unknown_keys(tmp_path):
+    for name in ["mamba-ssm", "mamba-torch", "mamba2-torch", "transformer", "tiny"]:
+        cfg = ModelConfig.from_toml(ROOT / "configs" / f"{name}.toml")
+        assert cfg.arch in ("mamba", "mamba2", "transformer")
+    assert ModelConfig.from_toml(ROOT / "configs" / "mamba-ssm.toml").backend == "mamba_ssm"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\narch = "mamba"\nd_modle = 64\n')
+    with pytest.raises(ConfigError, match="d_modle"):
+        ModelConfig.from_toml(bad)
+    bad.write_text('[model]\nd_model = "big"\n')
+    with pytest.raises(ConfigError, match="d_model"):
+        ModelConfig.from_toml(bad)
+    bad.write_text('[model]\narch = "lstm"\n')
+    with pytest.raises(ConfigError, match="arch"):
+        ModelConfig.from_toml(bad)
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2", "transformer"])
+def test_bf16_autocast_close_to_fp32(arch):
+    torch.manual_seed(0)
+    model = build_model(small(arch=arch, head="softmax"), N_MELS, N_CLASSES).eval()
+    mel, lengths = torch.randn(2, 40, N_MELS), torch.tensor([40, 23])
+    with torch.no_grad():
+        ref = model.embed(mel, lengths)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.embed(mel, lengths)
+    assert torch.isfinite(low).all()
+    rel = (low.float() - ref).norm() / ref.norm()
+    assert rel < 0.05, rel
+
+
+@pytest.mark.slow
+def test_tiny_config_compiles_and_matches_eager():
+    torch._dynamo.reset()
+    cfg = ModelConfig.from_toml(ROOT / "configs" / "tiny.toml")
+    cfg = dataclasses.replace(cfg, backend="torch")
+    torch.manual_seed(0)
+    model = build_model(cfg, N_MELS, N_CLASSES).eval()
+    compiled = torch.compile(model)
+    mel, lengths = torch.randn(2, 48, N_MELS), torch.tensor([48, 31])
+    with torch.no_grad():
+        ref = model(mel, lengths)
+        out = compiled(mel, lengths)
+    assert torch.allclose(out, ref, atol=1e-4), (out - ref).abs().max()
+
+
+def test_no_graph_breaks_in_model():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(small(arch="mamba", bidirectional=True, pooling="attentive_stats"), N_MELS, N_CLASSES)
+    mel, lengths = torch.randn(2, 24, N_MELS), torch.tensor([24, 9])
+    explain = torch._dynamo.explain(model)(mel, lengths, torch.tensor([0, 1]))
+    assert explain.graph_break_count == 0, explain.break_reasons

@@ -1,0 +1,165 @@
+"""Benchmark the Mamba scans and models on this machine; prints ratios against baselines.
+
+    python tools/bench_model.py [--repeats 3] [--quick]
+
+1. one Mamba-1 layer fwd+bwd at T=1024, batch 8, d_model 128: chunked fast path (eager and
+   torch.compile) vs mambapy's parallel scan (pscan=True) and vs our sequential reference;
+2. linearity: fast path cost at T=4096 / T=1024 (ideal 4x);
+3. Mamba-2 layer (SSD chunked) at the same size, for information;
+4. whole classifiers at T=4096: Mamba-1 (bidirectional) vs Transformer baseline of similar size;
+5. torch.compile recompiles for a few different T with dynamic=None (default) vs dynamic=True.
+Times are medians of a few repeats after a warm-up; only the ratios are meant to be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spkr.models import ModelConfig, build_model  # noqa: E402
+from spkr.models.mamba import Mamba1, Mamba2  # noqa: E402
+
+
+def timeit(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def fwd_bwd(module, *inputs, **kwargs):
+    def run():
+        for p in module.parameters():
+            p.grad = None
+        out = module(*inputs, **kwargs)
+        out.float().sum().backward()
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="skip the sequential reference and compile")
+    args = ap.parse_args()
+    R = args.repeats
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {R} repeats\n")
+    b, T, dm = 8, 1024, 128
+
+    # -- 1. one layer at T=1024
+    ours = Mamba1(dm, d_state=16, backend="torch")
+    u = torch.randn(b, T, dm, requires_grad=True)
+    t_fast = timeit(fwd_bwd(ours, u), R)
+    rows = [("ours chunked (eager)", t_fast)]
+    try:
+        from mambapy.mamba import MambaBlock, MambaConfig
+
+        theirs = MambaBlock(MambaConfig(d_model=dm, n_layers=1, pscan=True))
+        theirs.load_state_dict(ours.state_dict())
+        t_mp = timeit(fwd_bwd(theirs, u), R)
+        rows.append(("mambapy pscan=True", t_mp))
+    except ImportError:
+        t_mp = None
+    t_ref = None
+    t_comp = None
+    if not args.quick:
+        t_ref = timeit(fwd_bwd(ours, u, scan="ref"), 1, warmup=0)
+        rows.append(("ours sequential reference (per-step state, 1 run)", t_ref))
+        if t_mp is not None:
+            seq = MambaBlock(MambaConfig(d_model=dm, n_layers=1, pscan=False))
+            t_mpseq = timeit(fwd_bwd(seq, u), 1, warmup=0)
+            rows.append(("mambapy pscan=False (mamba-minimal style loop, 1 run)", t_mpseq))
+        torch._dynamo.reset()
+        comp = torch.compile(ours)
+        t0 = time.perf_counter()
+        fwd_bwd(comp, u)()
+        t_compile = time.perf_counter() - t0
+        t_comp = timeit(fwd_bwd(comp, u), R)
+        rows.append((f"ours chunked (torch.compile; first call {t_compile:.0f}s)", t_comp))
+    m2 = Mamba2(dm, d_state=64, headdim=32, backend="torch")
+    t_m2 = timeit(fwd_bwd(m2, u), R)
+    rows.append(("ours Mamba-2 SSD chunked (eager)", t_m2))
+
+    print(f"[1] one layer fwd+bwd, T={T}, batch {b}, d_model {dm} (time relative to our eager fast path)")
+    for name, t in rows:
+        print(f"    {name:<55s} {t / t_fast:6.2f}x")
+    if t_mp:
+        print(f"    => speed-up vs mambapy pscan:        {t_mp / t_fast:6.2f}x   (target >= 2)")
+    if t_ref:
+        print(f"    => speed-up vs sequential reference: {t_ref / t_fast:6.2f}x   (target >= 20)")
+        if t_mp is not None:
+            print(f"    => speed-up vs mambapy sequential:   {t_mpseq / t_fast:6.2f}x")
+    if t_comp:
+        print(f"    => compiled vs eager fast path:      {t_fast / t_comp:6.2f}x")
+
+    # -- 2. linearity
+    u4 = torch.randn(b, 4 * T, dm, requires_grad=True)
+    t4 = timeit(fwd_bwd(ours, u4), R)
+    t1 = timeit(fwd_bwd(ours, u), R)
+    print(f"\n[2] cost(T=4096) / cost(T=1024), Mamba-1 fast path: {t4 / t1:.2f}x   (target <= 4.5)")
+    t4m2 = timeit(fwd_bwd(m2, u4), R)
+    t1m2 = timeit(fwd_bwd(m2, u), R)
+    print(f"    same for Mamba-2 SSD:                           {t4m2 / t1m2:.2f}x")
+    del u4
+
+    # -- 3. whole models at T=4096
+    bm, Tm, n_mels = 2, 4096, 80
+    common = dict(d_model=dm, n_layers=4, frontend_channels=[128], subsample=1, dropout=0.0, head="softmax")
+    models = {
+        "mamba (bidirectional)": ModelConfig(arch="mamba", bidirectional=True, backend="torch", **common),
+        "mamba2 (bidirectional)": ModelConfig(
+            arch="mamba2", bidirectional=True, d_state=64, headdim=32, backend="torch", **common
+        ),
+        "transformer": ModelConfig(arch="transformer", n_heads=4, ff_mult=4, **common),
+    }
+    mel = torch.randn(bm, Tm, n_mels)
+    lengths = torch.full((bm,), Tm)
+    times = {}
+    for name, cfg in models.items():
+        model = build_model(cfg, n_mels, 100)
+        n_params = sum(p.numel() for p in model.parameters())
+        times[name] = (timeit(fwd_bwd(model, mel, lengths), R), n_params)
+    base = times["transformer"][0]
+    print(
+        f"\n[3] whole classifier fwd+bwd, T={Tm}, batch {bm}, 4 layers, d_model {dm} (relative to transformer)"
+    )
+    for name, (t, n) in times.items():
+        print(f"    {name:<25s} {n / 1e6:5.2f}M params   time {t / base:5.2f}x")
+
+    # -- 4. recompiles
+    if not args.quick:
+        print(
+            "\n[4] torch.compile recompiles over T in [200, 256, 300, 384, 512] (tiny model, dynamo graphs)"
+        )
+        cfg = ModelConfig.from_toml(Path(__file__).resolve().parents[1] / "configs" / "tiny.toml")
+        model = build_model(cfg, n_mels, 10).eval()
+        for dyn in (None, True):
+            torch._dynamo.reset()
+            n_graphs = 0
+
+            def backend(gm, example_inputs):
+                nonlocal n_graphs
+                n_graphs += 1
+                return gm.forward
+
+            comp = torch.compile(model, backend=backend, dynamic=dyn)
+            with torch.no_grad():
+                for Tx in [200, 256, 300, 384, 512]:
+                    comp(torch.randn(2, Tx, n_mels), torch.tensor([Tx, Tx // 2]))
+            print(f"    dynamic={dyn!s:<5s}: {n_graphs} graph compiles for 5 distinct T")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,508 @@
+#!/usr/bin/env python3
+"""Synthesise spkr's bundled demo corpus: a small multi-speaker corpus in the LibriSpeech layout.
+
+    python tools/make_demo_corpus.py --out data/demo --speakers 16 --utts 28 --seed 0
+
+writes (replacing any previous ``<out>/LibriSpeech``)::
+
+    <out>/LibriSpeech/SPEAKERS.TXT
+    <out>/LibriSpeech/<subset>/<spk>/<chapter>/<spk>-<chapter>-<utt:04d>.flac   16 kHz mono 16-bit
+    <out>/LibriSpeech/<subset>/<spk>/<chapter>/<spk>-<chapter>.trans.txt
+
+Every speaker is one Debian text-to-speech voice (flite, festival/festvox, espeak-ng), most distinct
+voices first. Like LibriSpeech, most speakers are in ``train-clean-100`` and a few *other* speakers only
+in ``dev-clean`` / ``test-clean``. Sentences come from seeded templates. Each chapter is a "session"
+with its own microphone colouring; each utterance then gets its own speaking rate, small speed
+perturbation, optional reverb, noise at a random SNR, band-limiting/EQ and gain, so that speakers are
+not trivially separable by channel. Everything is deterministic given ``--seed``; per-utterance random
+streams are keyed by (seed, speaker, chapter, utterance) so the result does not depend on ``--jobs``.
+
+Needs: espeak-ng, flite, festival (text2wave) with the festvox voices, sox. Developer tool only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+SR = 16000
+MIN_DUR, MAX_DUR = 1.0, 4.0
+FESTIVAL_VOICE_DIR = Path("/usr/share/festival/voices")
+APT_HINT = (
+    "apt-get install -y --no-install-recommends espeak-ng flite sox libsox-fmt-base festival "
+    "festvox-kdlpc16k festvox-italp16k festvox-itapc16k festvox-suopuhe-lj festvox-suopuhe-mv "
+    "festvox-ca-ona-hts festvox-czech-dita festvox-czech-krb festvox-czech-machac festvox-czech-ph"
+)
+
+
+@dataclass(frozen=True)
+class Voice:
+    engine: str  # "flite" | "festival" | "espeak"
+    name: str  # flite voice, festival voice (voice_<name>), or espeak-ng voice spec
+    sex: str  # "M" | "F"
+    package: str  # Debian package providing it
+
+    @property
+    def label(self) -> str:
+        return f"{self.engine}-{self.name}"
+
+
+# Most distinct first: recordings of different people, then espeak-ng formant variants (one engine;
+# checked to differ in pitch/formants -- never use "en-gb+X", espeak-ng 1.51 ignores the variant there).
+VOICES: list[Voice] = [
+    Voice("flite", "kal16", "M", "flite"),
+    Voice("flite", "awb", "M", "flite"),
+    Voice("flite", "rms", "M", "flite"),
+    Voice("flite", "slt", "F", "flite"),
+    Voice("festival", "ked_diphone", "M", "festvox-kdlpc16k"),
+    Voice("festival", "upc_ca_ona_hts", "F", "festvox-ca-ona-hts"),
+    Voice("festival", "lp_diphone", "F", "festvox-italp16k"),
+    Voice("festival", "pc_diphone", "M", "festvox-itapc16k"),
+    Voice("festival", "suo_fi_lj_diphone", "F", "festvox-suopuhe-lj"),
+    Voice("festival", "hy_fi_mv_diphone", "M", "festvox-suopuhe-mv"),
+    Voice("festival", "czech_dita", "F", "festvox-czech-dita"),
+    Voice("festival", "czech_krb", "F", "festvox-czech-krb"),
+    Voice("festival", "czech_machac", "M", "festvox-czech-machac"),
+    Voice("festival", "czech_ph", "M", "festvox-czech-ph"),
+    Voice("espeak", "en+m3", "M", "espeak-ng"),
+    Voice("espeak", "en+f3", "F", "espeak-ng"),
+    Voice("espeak", "en+m1", "M", "espeak-ng"),
+    Voice("espeak", "en+f1", "F", "espeak-ng"),
+    Voice("espeak", "en+m7", "M", "espeak-ng"),
+    Voice("espeak", "en+f5", "F", "espeak-ng"),
+    Voice("espeak", "en+m4", "M", "espeak-ng"),
+    Voice("espeak", "en+f2", "F", "espeak-ng"),
+    Voice("espeak", "en-us+klatt3", "M", "espeak-ng"),
+    Voice("espeak", "en+m5", "M", "espeak-ng"),
+]
+
+# ---------------------------------------------------------------------------------------------------
+# Sentences: seeded templates over small word lists (plain ASCII letters only: the Czech/Finnish/Italian
+# festival front ends must not meet digits or punctuation they would spell out differently).
+
+NAMES = "anna peter maria john clara thomas helen robert alice david laura martin sarah george emma".split()
+ADJ = (
+    "old small bright quiet heavy green narrow warm empty golden broken distant gentle cold "
+    "yellow strange simple careful wooden silent busy clever tired happy"
+).split()
+NOUNS = (
+    "garden window river letter basket mountain kitchen teacher village doctor bridge candle "
+    "market engine forest wagon island picture station horse pocket ladder harbour mirror "
+    "blanket bottle hammer farmer castle chapel meadow sailor lantern orchard"
+).split()
+PLACES = "the station|the market|the harbour|the old mill|the village|the forest|the church|the school".split("|")
+VERBS_PAST = (
+    "carried found painted opened watched followed cleaned repaired borrowed noticed visited "
+    "dropped carried pushed lifted counted"
+).split()
+VERBS = "carry find paint open watch follow clean repair borrow visit lift count bring sell".split()
+TIMES = "in the morning|after dinner|last winter|every evening|on sunday|before the rain|at noon".split("|")
+ADV = "slowly quietly quickly carefully softly gladly suddenly".split()
+PREP = "near|behind|under|beside|across|inside".split("|")
+
+TEMPLATES = [
+    "{name} {vpast} the {adj} {noun}",
+    "the {adj} {noun} stood {prep} the {noun2}",
+    "{name} {vpast} a {noun} {time}",
+    "we will {verb} the {adj} {noun} {time}",
+    "did you see the {noun} {prep} {place}",
+    "{name} walked {adv} to {place} {time}",
+    "the {noun} was {adj} and the {noun2} was {adj2}",
+    "please {verb} the {noun} before {name} comes home",
+    "{name} and {name2} {vpast} the {noun} {prep} {place}",
+    "nobody knew why the {noun} was so {adj}",
+    "my {noun}",
+    "the {adj} {noun}",
+    "{name} smiled {adv}",
+    "a {adj} {noun} for {name}",
+    "{time} the {noun} looked {adj}",
+    "they {vpast} the {adj} {noun} and the {adj2} {noun2} {prep} {place}",
+    "she told {name} that the {noun} was {adj} {time}",
+    "where is the {adj} {noun}",
+    "{name} {vpast} it",
+    "not the {noun}",
+    "the {noun} {prep} {place}",
+    "{adv} {name} {vpast} the {noun}",
+    "is this your {noun}",
+    "{name} was {adj}",
+    "bring the {noun} {time}",
+    "the {noun} is {adj}",
+]
+
+
+def make_sentence(rng: np.random.Generator) -> str:
+    def pick(words: list[str]) -> str:
+        return words[int(rng.integers(len(words)))]
+
+    template = pick(TEMPLATES)
+    name = pick(NAMES)
+    noun = pick(NOUNS)
+    adj = pick(ADJ)
+    fields = {
+        "name": name,
+        "name2": pick([n for n in NAMES if n != name]),
+        "adj": adj,
+        "adj2": pick([a for a in ADJ if a != adj]),
+        "noun": noun,
+        "noun2": pick([n for n in NOUNS if n != noun]),
+        "place": pick(PLACES),
+        "vpast": pick(VERBS_PAST),
+        "verb": pick(VERBS),
+        "time": pick(TIMES),
+        "adv": pick(ADV),
+        "prep": pick(PREP),
+    }
+    return template.format(**fields)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Synthesis
+
+
+def check_tools(voices: list[Voice]) -> None:
+    """Raise SystemExit naming what is missing (binaries or festival voices)."""
+    need = {"sox"}
+    for v in voices:
+        need.add({"flite": "flite", "festival": "text2wave", "espeak": "espeak-ng"}[v.engine])
+    missing = sorted(b for b in need if shutil.which(b) is None)
+    problems = [f"program {b!r} not found on PATH" for b in missing]
+    if shutil.which("flite"):
+        listed = subprocess.run(["flite", "-lv"], capture_output=True, text=True).stdout.split()
+        for v in voices:
+            if v.engine == "flite" and v.name not in listed:
+                problems.append(f"flite voice {v.name!r} not available (flite -lv)")
+    for v in voices:
+        if v.engine == "festival" and not list(FESTIVAL_VOICE_DIR.glob(f"*/{v.name}")):
+            problems.append(f"festival voice {v.name!r} not found under {FESTIVAL_VOICE_DIR} ({v.package})")
+    if problems:
+        raise SystemExit(
+            "make_demo_corpus: missing speech synthesis tools:\n  - "
+            + "\n  - ".join(problems)
+            + f"\nOn Debian/Ubuntu install them with:\n  {APT_HINT}"
+        )
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr.strip()}")
+
+
+def synthesise(voice: Voice, text: str, stretch: float, workdir: Path, tag: str) -> np.ndarray:
+    """TTS ``text`` with ``voice`` at duration stretch ``stretch``; returns float64 mono at 16 kHz."""
+    raw = workdir / f"{tag}.raw.wav"
+    out = workdir / f"{tag}.wav"
+    if voice.engine == "flite":
+        _run(["flite", "-voice", voice.name, "--setf", f"duration_stretch={stretch:.3f}", "-t", text, "-o", str(raw)])
+    elif voice.engine == "festival":
+        txt = workdir / f"{tag}.txt"
+        txt.write_text(text + "\n")
+        ev = f"(begin (voice_{voice.name}) (Parameter.set 'Duration_Stretch {stretch:.3f}))"
+        _run(["text2wave", "-eval", ev, str(txt), "-o", str(raw)])
+    else:
+        wpm = int(round(165 / stretch))
+        _run(["espeak-ng", "-v", voice.name, "-s", str(wpm), "-w", str(raw), text])
+    # Resample to 16 kHz mono float with sox (high quality), independent of the engine's rate.
+    _run(["sox", str(raw), "-e", "floating-point", "-b", "32", str(out), "remix", "-", "rate", "-h", str(SR)])
+    x, sr = sf.read(out, dtype="float64")
+    assert sr == SR
+    for p in (raw, out, workdir / f"{tag}.txt"):
+        p.unlink(missing_ok=True)
+    return x
+
+
+def trim_silence(x: np.ndarray, top_db: float = 40.0, pad: float = 0.08, max_gap: float = 0.3) -> np.ndarray:
+    """Energy trim: drop leading/trailing silence (keep ``pad`` s) and shorten inner pauses to ``max_gap`` s."""
+    hop = int(0.01 * SR)
+    n = len(x) // hop
+    if n == 0:
+        return x
+    e = 10 * np.log10(np.mean(x[: n * hop].reshape(n, hop) ** 2, axis=1) + 1e-12)
+    active = e > e.max() - top_db
+    if not active.any():
+        return x
+    idx = np.flatnonzero(active)
+    p = int(pad / 0.01)
+    keep = np.zeros(n, dtype=bool)
+    keep[max(0, idx[0] - p) : min(n, idx[-1] + p + 1)] = True
+    # inner pauses longer than max_gap: keep only max_gap of them (half each side)
+    g = int(max_gap / 0.01)
+    run_start = None
+    for i in range(idx[0], idx[-1] + 1):
+        if not active[i] and run_start is None:
+            run_start = i
+        elif active[i] and run_start is not None:
+            if i - run_start > g:
+                keep[run_start + g // 2 : i - g // 2] = False
+            run_start = None
+    frames = np.repeat(keep, hop)
+    return x[: n * hop][frames]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Channel simulation (numpy, zero-phase FFT filters)
+
+
+def _response(freqs: np.ndarray, hp: float, lp: float, tilt_db_oct: float, peaks: list[tuple]) -> np.ndarray:
+    """Magnitude response: Butterworth-like high/low pass, spectral tilt around 1 kHz, Gaussian peaks."""
+    f = np.maximum(freqs, 1.0)
+    h = 1.0 / np.sqrt(1.0 + (hp / f) ** 4)  # 2nd order high-pass
+    h *= 1.0 / np.sqrt(1.0 + (f / lp) ** 8)  # 4th order low-pass
+    db = tilt_db_oct * np.log2(f / 1000.0)
+    for fc, gain_db, oct_bw in peaks:
+        db += gain_db * np.exp(-0.5 * (np.log2(f / fc) / oct_bw) ** 2)
+    return h * 10 ** (db / 20)
+
+
+def fft_filter(x: np.ndarray, h_of_f) -> np.ndarray:
+    n = 1 << int(np.ceil(np.log2(len(x) + 1)))
+    spec = np.fft.rfft(x, n)
+    spec *= h_of_f(np.fft.rfftfreq(n, 1 / SR))
+    return np.fft.irfft(spec, n)[: len(x)]
+
+
+def fft_convolve(x: np.ndarray, ir: np.ndarray) -> np.ndarray:
+    n = 1 << int(np.ceil(np.log2(len(x) + len(ir))))
+    return np.fft.irfft(np.fft.rfft(x, n) * np.fft.rfft(ir, n), n)[: len(x)]
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(x**2) + 1e-20))
+
+
+@dataclass(frozen=True)
+class Session:
+    """Chapter-level recording conditions (the "microphone and room" of one chapter)."""
+
+    hp: float
+    lp: float
+    tilt: float
+    peaks: tuple
+    speed: float
+    level_db: float
+
+
+def make_session(rng: np.random.Generator) -> Session:
+    peaks = tuple(
+        (float(rng.uniform(300, 5000)), float(rng.uniform(-8, 8)), float(rng.uniform(0.3, 1.0)))
+        for _ in range(int(rng.integers(1, 3)))
+    )
+    return Session(
+        hp=float(rng.uniform(60, 250)),
+        lp=float(rng.uniform(3400, 7200)),
+        tilt=float(rng.uniform(-3, 2)),
+        peaks=peaks,
+        speed=float(rng.uniform(0.97, 1.03)),
+        level_db=float(rng.uniform(-37, -29)),
+    )
+
+
+def apply_channel(x: np.ndarray, sess: Session, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """Per-utterance channel: speed perturbation, reverb, noise, EQ/band-limit, gain. Returns int16-ready."""
+    info: dict = {}
+    # speed (pitch + tempo) perturbation by linear-phase resampling around the session's speed
+    speed = sess.speed * float(rng.uniform(0.92, 1.08))
+    if abs(speed - 1.0) > 1e-3:
+        n_out = int(round(len(x) / speed))
+        # band-limit before (if speeding up) to avoid aliasing, then interpolate
+        if speed > 1.0:
+            x = fft_filter(x, lambda f: 1.0 / np.sqrt(1.0 + (f / (0.45 * SR / speed)) ** 16))
+        x = np.interp(np.arange(n_out) * speed, np.arange(len(x)), x)
+    info["speed"] = speed
+    # reverb: exponentially decaying noise IR with a direct path
+    if rng.random() < 0.6:
+        rt60 = float(rng.uniform(0.15, 0.6))
+        n_ir = int(rt60 * SR)
+        t = np.arange(n_ir) / SR
+        ir = rng.standard_normal(n_ir) * np.exp(-6.9 * t / rt60)
+        ir[: int(0.002 * SR)] = 0.0
+        wet = float(rng.uniform(0.2, 0.8))
+        ir *= wet / (np.linalg.norm(ir) + 1e-12)
+        ir[0] = 1.0
+        x = fft_convolve(x, ir)
+        info["rt60"] = rt60
+    # noise at a random SNR, coloured (pink-ish / brown-ish / white mixture), added before the mic filter
+    snr = float(rng.uniform(15, 35))
+    colour = float(rng.uniform(0.7, 2.0))  # spectral slope: 0 white, 1 pink, 2 brown
+    noise = fft_filter(rng.standard_normal(len(x)), lambda f: np.maximum(f, 20.0) ** (-colour / 2))
+    noise *= rms(x) / rms(noise) * 10 ** (-snr / 20)
+    x = x + noise
+    info["snr"] = snr
+    # microphone/EQ: session response plus a small per-utterance variation
+    hp = sess.hp * float(rng.uniform(0.7, 1.4))
+    lp = min(sess.lp * float(rng.uniform(0.85, 1.15)), 7800.0)
+    tilt = sess.tilt + float(rng.uniform(-3, 3))
+    peaks = list(sess.peaks) + [
+        (float(rng.uniform(200, 6000)), float(rng.uniform(-12, 12)), float(rng.uniform(0.2, 1.0)))
+        for _ in range(int(rng.integers(1, 5)))
+    ]
+    x = fft_filter(x, lambda f: _response(f, hp, lp, tilt, peaks))
+    # gain around the session level
+    level = sess.level_db + float(rng.uniform(-3, 3))
+    x = x * (10 ** (level / 20) / rms(x))
+    peak = np.max(np.abs(x))
+    if peak > 0.97:
+        x *= 0.97 / peak
+    info["level_db"] = level
+    return x, info
+
+
+# ---------------------------------------------------------------------------------------------------
+# Corpus plan
+
+
+@dataclass
+class Job:
+    speaker: int
+    voice: Voice
+    subset: str
+    chapter: int
+    utt: int
+    session: Session
+    key: str
+
+
+def plan(n_speakers: int, utts: int, seed: int, n_heldout: int) -> tuple[list[Job], dict]:
+    voices = VOICES[:n_speakers]
+    rng = np.random.default_rng([seed, 7])
+    # dev/test speakers: drawn among the recorded (non-espeak) voices when possible
+    order = [int(i) for i in rng.permutation(n_speakers)]
+    recorded = [i for i in order if voices[i].engine != "espeak"]
+    others = [i for i in order if voices[i].engine == "espeak"]
+    held = (recorded + others)[: 2 * n_heldout]
+    subset_of = {i: "train-clean-100" for i in range(n_speakers)}
+    for j, i in enumerate(held):
+        subset_of[i] = "dev-clean" if j < n_heldout else "test-clean"
+    chapters_used: set[int] = set()
+    jobs: list[Job] = []
+    speakers: dict = {}
+    for i, voice in enumerate(voices):
+        spk = 1001 + i
+        srng = np.random.default_rng([seed, spk])
+        n_ch = int(srng.integers(1, 3))
+        chapters = []
+        while len(chapters) < n_ch:
+            c = int(srng.integers(100, 10000))
+            if c not in chapters_used:
+                chapters_used.add(c)
+                chapters.append(c)
+        chapters.sort()
+        # split the speaker's utterances over its chapters
+        cut = int(round(utts * srng.uniform(0.35, 0.65))) if n_ch == 2 else utts
+        counts = [cut, utts - cut] if n_ch == 2 else [utts]
+        speakers[spk] = {"voice": voice, "subset": subset_of[i], "chapters": chapters}
+        for c, cnt in zip(chapters, counts):
+            sess = make_session(np.random.default_rng([seed, spk, c]))
+            for u in range(cnt):
+                key = f"{spk}-{c}-{u:04d}"
+                jobs.append(Job(spk, voice, subset_of[i], c, u, sess, key))
+    return jobs, speakers
+
+
+def render(job: Job, seed: int, workdir: Path) -> tuple[str, np.ndarray, str]:
+    rng = np.random.default_rng([seed, job.speaker, job.chapter, job.utt, 1])
+    last = None
+    for _attempt in range(12):
+        text = make_sentence(rng)
+        stretch = float(rng.uniform(0.8, 1.05))
+        x = synthesise(job.voice, text, stretch, workdir, job.key)
+        x = trim_silence(x)
+        dur = len(x) / SR / job.session.speed
+        last = (text, x)
+        if MIN_DUR + 0.05 <= dur <= MAX_DUR - 1.1:
+            break
+    text, x = last
+    crng = np.random.default_rng([seed, job.speaker, job.chapter, job.utt, 2])
+    y, _ = apply_channel(x, job.session, crng)
+    y = y[: int(MAX_DUR * SR)]
+    pcm = np.clip(np.round(y * 32767), -32768, 32767).astype(np.int16)
+    return job.key, pcm, text.upper()
+
+
+def write_speakers_txt(path: Path, speakers: dict, minutes: dict) -> None:
+    lines = [
+        "; spkr demo corpus: synthetic speakers in the LibriSpeech layout (see ../README.md)",
+        "; NAME is the TTS engine and voice the speaker was synthesised with",
+        ";ID  |SEX| SUBSET           |MINUTES| NAME",
+    ]
+    for spk, s in sorted(speakers.items()):
+        lines.append(f"{spk:<5}| {s['voice'].sex} | {s['subset']:<16} | {minutes[spk]:5.2f} | {s['voice'].label}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="data/demo", help="output root; writes <out>/LibriSpeech (default data/demo)")
+    ap.add_argument("--speakers", type=int, default=16, help=f"number of speakers, 4..{len(VOICES)} (default 16)")
+    ap.add_argument("--utts", type=int, default=24, help="utterances per speaker (default 24)")
+    ap.add_argument("--heldout", type=int, default=None, help="speakers in dev-clean and in test-clean each (default speakers//8)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel synthesis processes")
+    args = ap.parse_args(argv)
+    if not 4 <= args.speakers <= len(VOICES):
+        ap.error(f"--speakers must be in 4..{len(VOICES)}")
+    if args.utts < 2:
+        ap.error("--utts must be >= 2")
+    n_held = args.heldout if args.heldout is not None else max(1, args.speakers // 8)
+    if 2 * n_held >= args.speakers:
+        ap.error("--heldout too large: train-clean-100 would have no speakers")
+
+    check_tools(VOICES[: args.speakers])
+    jobs, speakers = plan(args.speakers, args.utts, args.seed, n_held)
+    out = Path(args.out)
+    final = out / "LibriSpeech"
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".LibriSpeech.", dir=out))
+    t0 = time.time()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+                results = list(pool.map(lambda j: render(j, args.seed, Path(tmp)), jobs))
+        transcripts: dict[tuple, list[str]] = {}
+        seconds: dict[int, float] = {}
+        for job, (key, pcm, text) in zip(jobs, results):
+            d = staging / job.subset / str(job.speaker) / str(job.chapter)
+            d.mkdir(parents=True, exist_ok=True)
+            sf.write(d / f"{key}.flac", pcm, SR, format="FLAC", subtype="PCM_16", compression_level=1.0)
+            transcripts.setdefault((job.subset, job.speaker, job.chapter), []).append(f"{key} {text}")
+            seconds[job.speaker] = seconds.get(job.speaker, 0.0) + len(pcm) / SR
+        for (subset, spk, ch), lines in transcripts.items():
+            (staging / subset / str(spk) / str(ch) / f"{spk}-{ch}.trans.txt").write_text("\n".join(lines) + "\n")
+        write_speakers_txt(staging / "SPEAKERS.TXT", speakers, {s: v / 60 for s, v in seconds.items()})
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+    size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
+    per_subset: dict[str, int] = {}
+    for s in speakers.values():
+        per_subset[s["subset"]] = per_subset.get(s["subset"], 0) + 1
+    total_s = sum(seconds.values())
+    durs = [len(r[1]) / SR for r in results]
+    print(f"wrote {final} in {time.time() - t0:.0f} s")
+    for subset in ("train-clean-100", "dev-clean", "test-clean"):
+        n_utt = sum(1 for j in jobs if j.subset == subset)
+        print(f"  {subset:<16} {per_subset.get(subset, 0):3d} speakers {n_utt:5d} utterances")
+    print(
+        f"  total: {len(speakers)} speakers, {len(jobs)} utterances, {total_s / 60:.2f} min "
+        f"(utterance {min(durs):.2f}-{max(durs):.2f} s, mean {np.mean(durs):.2f} s), {size / 1e6:.2f} MB"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
