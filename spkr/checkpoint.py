@@ -85,7 +85,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "global" in ln.lower()]
+        first = lines[0] if lines else type(e).__name__
         raise CheckpointError(
             f"{path}: refusing to load: not a plain-weights checkpoint (weights_only load failed: {first})"
         ) from None

@@ -49,7 +49,11 @@ def make_shards(
     for split, cnts in splits.items():
         infos = []
         for si, c in enumerate(cnts):
-            fr = frames[si] if frames is not None and split == "train" else sample_frames(rng, c, mean_frames, sigma)
+            fr = (
+                frames[si]
+                if frames is not None and split == "train"
+                else sample_frames(rng, c, mean_frames, sigma)
+            )
             samples = []
             for i in range(c):
                 label = int(rng.integers(n_classes))
@@ -76,8 +80,14 @@ def make_shards(
         "class_weights": [1.0] * n_classes,
         "class_weight_scheme": "inverse_frequency_mean1",
         "splits": summary,
-        "stats": {"split": "train", "mean": mean.tolist(), "std": std.tolist(), "min": -9.0, "max": 9.0,
-                  "num_frames": nfr},
+        "stats": {
+            "split": "train",
+            "mean": mean.tolist(),
+            "std": std.tolist(),
+            "min": -9.0,
+            "max": 9.0,
+            "num_frames": nfr,
+        },
         "skipped": [],
     }
     tmp = out / ".manifest.tmp"

@@ -24,7 +24,14 @@ def all_rank_batches(counts, frames, world, **kw):
 def check_train(counts, frames, world, workers, B, bw=None, seed=0, epoch=0):
     N = int(np.sum(counts))
     plans, batches = all_rank_batches(
-        counts, frames, world, num_workers=workers, batch_size=B, train=True, seed=seed, epoch=epoch,
+        counts,
+        frames,
+        world,
+        num_workers=workers,
+        batch_size=B,
+        train=True,
+        seed=seed,
+        epoch=epoch,
         bucket_window=bw,
     )
     nb = {len(b) for b in batches}
@@ -178,7 +185,9 @@ def test_scale_simulation(world, workers):
     seen = np.zeros(N, dtype=np.int8)
     nbs = set()
     t0 = time.perf_counter()
-    p0 = EpochPlan(counts, frames, world_size=world, rank=world // 2, num_workers=workers, batch_size=B, epoch=3)
+    p0 = EpochPlan(
+        counts, frames, world_size=world, rank=world // 2, num_workers=workers, batch_size=B, epoch=3
+    )
     [p0.worker(w) for w in range(workers)]
     one_rank = time.perf_counter() - t0
     for r in range(world):
@@ -194,4 +203,6 @@ def test_scale_simulation(world, workers):
     assert len(nbs) == 1
     assert seen.max() == 1  # no duplicate
     assert N - int(seen.sum()) == N % world < world
-    print(f"\nscale: N={N} world={world} workers={workers}: one rank's plan (all workers) {one_rank * 1e3:.2f} ms")
+    print(
+        f"\nscale: N={N} world={world} workers={workers}: one rank's plan (all workers) {one_rank * 1e3:.2f} ms"
+    )

@@ -60,18 +60,20 @@ def test_transient_errors_are_retried_from_offset(shards, monkeypatch):
     m = Manifest.load(str(shards))
     info = m.split("train").shards[0]
     ref = ShardReader(str(shards), n_mels=N_MELS).read_shard(info)
-    real = reader_mod._LocalSource.read_at
+    real = reader_mod._LocalSource.read_into
     calls = {"n": 0}
 
-    def flaky(self, pos, n):
+    def flaky(self, pos, mv):
         calls["n"] += 1
         if calls["n"] in (2, 3):
             raise ConnectionResetError("connection reset by peer")
         if calls["n"] == 5:
-            return real(self, pos, n)[: n // 2]  # short read before the known end: transient
-        return real(self, pos, n)
+            return 0  # no data before the known end: transient
+        if calls["n"] == 6:
+            return real(self, pos, mv[: len(mv) // 2])  # partial: continue from the offset reached
+        return real(self, pos, mv)
 
-    monkeypatch.setattr(reader_mod._LocalSource, "read_at", flaky)
+    monkeypatch.setattr(reader_mod._LocalSource, "read_into", flaky)
     sleeps = []
     rd = ShardReader(str(shards), n_mels=N_MELS, chunk_size=4096, sleep=sleeps.append)
     got = rd.read_shard(info)
@@ -85,10 +87,10 @@ def test_retries_are_bounded(shards, monkeypatch):
     m = Manifest.load(str(shards))
     info = m.split("train").shards[0]
 
-    def broken(self, pos, n):
+    def broken(self, pos, mv):
         raise TimeoutError("read timed out")
 
-    monkeypatch.setattr(reader_mod._LocalSource, "read_at", broken)
+    monkeypatch.setattr(reader_mod._LocalSource, "read_into", broken)
     rd = ShardReader(str(shards), n_mels=N_MELS, retries=3, sleep=lambda s: None)
     with pytest.raises(ShardError, match=r"train/shard-000000.tar at byte \d+: read failed after 3 retries"):
         rd.read_shard(info)

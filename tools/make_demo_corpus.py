@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Synthesise spkr's bundled demo corpus: a small multi-speaker corpus in the LibriSpeech layout.
 
-    python tools/make_demo_corpus.py --out data/demo --speakers 16 --utts 28 --seed 0
+    python tools/make_demo_corpus.py --out data/demo --speakers 16 --utts 24 --seed 0
 
 writes (replacing any previous ``<out>/LibriSpeech``)::
 
@@ -37,7 +37,10 @@ import numpy as np
 import soundfile as sf
 
 SR = 16000
-MIN_DUR, MAX_DUR = 1.0, 4.0
+MAX_DUR = 4.0  # hard cap (seconds) on an utterance
+# sentences are re-drawn until the trimmed speech lasts this long (before speed perturbation); short
+# utterances keep the committed corpus under ~10 MB (FLAC of noisy speech costs ~15 kB/s)
+ACCEPT_DUR = (1.05, 2.6)
 FESTIVAL_VOICE_DIR = Path("/usr/share/festival/voices")
 APT_HINT = (
     "apt-get install -y --no-install-recommends espeak-ng flite sox libsox-fmt-base festival "
@@ -101,7 +104,9 @@ NOUNS = (
     "market engine forest wagon island picture station horse pocket ladder harbour mirror "
     "blanket bottle hammer farmer castle chapel meadow sailor lantern orchard"
 ).split()
-PLACES = "the station|the market|the harbour|the old mill|the village|the forest|the church|the school".split("|")
+PLACES = "the station|the market|the harbour|the old mill|the village|the forest|the church|the school".split(
+    "|"
+)
 VERBS_PAST = (
     "carried found painted opened watched followed cleaned repaired borrowed noticed visited "
     "dropped carried pushed lifted counted"
@@ -204,7 +209,19 @@ def synthesise(voice: Voice, text: str, stretch: float, workdir: Path, tag: str)
     raw = workdir / f"{tag}.raw.wav"
     out = workdir / f"{tag}.wav"
     if voice.engine == "flite":
-        _run(["flite", "-voice", voice.name, "--setf", f"duration_stretch={stretch:.3f}", "-t", text, "-o", str(raw)])
+        _run(
+            [
+                "flite",
+                "-voice",
+                voice.name,
+                "--setf",
+                f"duration_stretch={stretch:.3f}",
+                "-t",
+                text,
+                "-o",
+                str(raw),
+            ]
+        )
     elif voice.engine == "festival":
         txt = workdir / f"{tag}.txt"
         txt.write_text(text + "\n")
@@ -420,7 +437,7 @@ def render(job: Job, seed: int, workdir: Path) -> tuple[str, np.ndarray, str]:
         x = trim_silence(x)
         dur = len(x) / SR / job.session.speed
         last = (text, x)
-        if MIN_DUR + 0.05 <= dur <= MAX_DUR - 1.1:
+        if ACCEPT_DUR[0] <= dur <= ACCEPT_DUR[1]:
             break
     text, x = last
     crng = np.random.default_rng([seed, job.speaker, job.chapter, job.utt, 2])
@@ -437,16 +454,27 @@ def write_speakers_txt(path: Path, speakers: dict, minutes: dict) -> None:
         ";ID  |SEX| SUBSET           |MINUTES| NAME",
     ]
     for spk, s in sorted(speakers.items()):
-        lines.append(f"{spk:<5}| {s['voice'].sex} | {s['subset']:<16} | {minutes[spk]:5.2f} | {s['voice'].label}")
+        lines.append(
+            f"{spk:<5}| {s['voice'].sex} | {s['subset']:<16} | {minutes[spk]:5.2f} | {s['voice'].label}"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="data/demo", help="output root; writes <out>/LibriSpeech (default data/demo)")
-    ap.add_argument("--speakers", type=int, default=16, help=f"number of speakers, 4..{len(VOICES)} (default 16)")
+    ap.add_argument(
+        "--out", default="data/demo", help="output root; writes <out>/LibriSpeech (default data/demo)"
+    )
+    ap.add_argument(
+        "--speakers", type=int, default=16, help=f"number of speakers, 4..{len(VOICES)} (default 16)"
+    )
     ap.add_argument("--utts", type=int, default=24, help="utterances per speaker (default 24)")
-    ap.add_argument("--heldout", type=int, default=None, help="speakers in dev-clean and in test-clean each (default speakers//8)")
+    ap.add_argument(
+        "--heldout",
+        type=int,
+        default=None,
+        help="speakers in dev-clean and in test-clean each (default speakers//8)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel synthesis processes")
     args = ap.parse_args(argv)
@@ -478,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
             transcripts.setdefault((job.subset, job.speaker, job.chapter), []).append(f"{key} {text}")
             seconds[job.speaker] = seconds.get(job.speaker, 0.0) + len(pcm) / SR
         for (subset, spk, ch), lines in transcripts.items():
-            (staging / subset / str(spk) / str(ch) / f"{spk}-{ch}.trans.txt").write_text("\n".join(lines) + "\n")
+            (staging / subset / str(spk) / str(ch) / f"{spk}-{ch}.trans.txt").write_text(
+                "\n".join(lines) + "\n"
+            )
         write_speakers_txt(staging / "SPEAKERS.TXT", speakers, {s: v / 60 for s, v in seconds.items()})
         if final.exists():
             shutil.rmtree(final)

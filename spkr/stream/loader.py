@@ -77,6 +77,8 @@ class ShardDataset(IterableDataset):
         self.mean = None if mean is None else np.asarray(mean, np.float32)
         self.inv_std = None if std is None else (1.0 / np.maximum(np.asarray(std, np.float32), 1e-5))
         self.reader_kwargs = reader_kwargs
+        self._mean_t = None if mean is None else torch.from_numpy(self.mean)
+        self._inv_std_t = None if std is None else torch.from_numpy(self.inv_std.astype(np.float32))
         self.counts = [s.num_samples for s in shards]
         self.frames = [s.frames for s in shards]
         self.epoch = 0
@@ -120,33 +122,41 @@ class ShardDataset(IterableDataset):
                 a, b = int(plan.cum[s_pos]), int(plan.cum[s_pos + 1])
                 if b > a and wp.start <= a and b <= wp.stop:
                     inside.add(int(plan.order[s_pos]))
+        # batch index (within this worker) of every position of the worker's range
+        owner = np.empty(wp.stop - wp.start, dtype=np.int64)
+        t = 0
+        for window in wp.windows:
+            for b in window.batches:
+                owner[b - wp.start] = t
+                t += 1
         t = 0
         n_retries, n_skipped = 0, 0
+        records: dict[int, object] = {}
         try:
             for window in wp.windows:
                 nwb = len(window.batches)
-                if t + nwb <= skip:  # fully consumed window: not read at all
-                    t += nwb
-                    continue
-                todo = [(t + i, b) for i, b in enumerate(window.batches) if t + i >= skip]
-                need = np.sort(np.concatenate([b for _, b in todo]))
-                records = {}
-                shard_idx, sample_idx = plan.locate(need)
-                for s, a, b, p0 in _runs(shard_idx, sample_idx, need):
-                    shard = self.shards[s]
-                    if verify and s in inside and shard.name not in reader._verified:
-                        try:
-                            reader.verify_shard(shard)
-                        except ShardError as e:
-                            if reader.on_error != "skip":
-                                raise
-                            for i in range(a, b):
-                                reader._skip(shard, i, e)
-                            continue
-                    for rec in reader.iter_range(shard, a, b):
-                        records[p0 + rec.index - a] = rec
-                for tt, b in todo:
-                    batch = self.collate([records.get(int(p)) for p in b], v + tt * W, plan.epoch)
+                span = np.arange(window.start, window.stop, dtype=np.int64)
+                need = span[owner[span - wp.start] >= skip]  # consumed batches' samples: not read
+                if len(need):
+                    shard_idx, sample_idx = plan.locate(need)
+                    for s, a, b, p0 in _runs(shard_idx, sample_idx, need):
+                        shard = self.shards[s]
+                        if verify and s in inside and shard.name not in reader._verified:
+                            try:
+                                reader.verify_shard(shard)
+                            except ShardError as e:
+                                if reader.on_error != "skip":
+                                    raise
+                                for i in range(a, b):
+                                    reader._skip(shard, i, e)
+                                continue
+                        for rec in reader.iter_range(shard, a, b):
+                            records[p0 + rec.index - a] = rec
+                for i, b in enumerate(window.batches):
+                    tt = t + i
+                    if tt < skip:
+                        continue
+                    batch = self.collate([records.pop(int(p), None) for p in b], v + tt * W, plan.epoch)
                     batch["_stats"] = {
                         "retries": reader.stats.retries - n_retries,
                         "skipped": reader.stats.skipped[n_skipped:],
@@ -154,7 +164,6 @@ class ShardDataset(IterableDataset):
                     }
                     n_retries, n_skipped = reader.stats.retries, len(reader.stats.skipped)
                     yield batch
-                del records
                 t += nwb
         finally:
             reader.close()
@@ -172,15 +181,18 @@ class ShardDataset(IterableDataset):
                     feats[i] = f[s : s + c]
         lengths = np.array([f.shape[0] for f in feats], dtype=np.int64)
         T = int(lengths.max()) if len(lengths) else 0
-        mel = np.zeros((len(feats), T, self.n_mels), dtype=np.float32)
+        mel = torch.empty((len(feats), T, self.n_mels), dtype=torch.float32)
+        if get_worker_info() is not None:  # build the batch in shared memory: no copy on transfer
+            mel.share_memory_()
         for i, f in enumerate(feats):
+            mel[i, f.shape[0] :] = 0
             row = mel[i, : f.shape[0]]
-            row[...] = f
+            src = torch.from_numpy(f) if f.flags.writeable else torch.from_numpy(f.copy())
+            row.copy_(src)  # float16 -> float32, vectorised
             if self.mean is not None:
-                row -= self.mean
-                row *= self.inv_std
+                row.sub_(self._mean_t).mul_(self._inv_std_t)
         return {
-            "mel": torch.from_numpy(mel),
+            "mel": mel,
             "lengths": torch.from_numpy(lengths),
             "labels": torch.tensor([r.label for r in recs], dtype=torch.int64),
             "keys": [r.key for r in recs],

@@ -17,15 +17,16 @@ Training (``train=True``)
       ``ceil((nb - w) / W)`` batches (the partial batch belongs to the worker owning batch
       ``nb - 1``). DataLoader's round-robin over workers then yields the rank's batches in the fixed
       order ``j = 0, 1, ..., nb - 1``, batch ``j`` coming from worker ``j % W``.
-    * A worker groups its range into bucketing windows of ``bucket_window`` consecutive samples (a
-      multiple of the batch size); a window is shuffled (seeded), stably sorted by frame count, cut
-      into batches, and the window's batch order is shuffled. Padding stays small and a worker only
-      ever reads a contiguous byte range of each shard.
+    * A worker buckets by length with a pool of ``bucket_window`` samples (a multiple of the batch
+      size; default 16 x batch): it reads its range sequentially, and whenever the pool is full
+      it emits the ``batch_size`` pool samples of most similar length; the last pool is sorted, cut,
+      and its batches shuffled (see :meth:`EpochPlan.worker`). Padding stays small (~4 % on
+      LibriSpeech-like lengths), memory is bounded by the pool, and a worker only ever reads a
+      contiguous byte range of each shard.
 
 Evaluation (``train=False``)
     No shuffle and no drop: rank ``r`` gets ``[r*N//world, (r+1)*N//world)`` (sizes differ by at most
-    one), every sample exactly once. Windows are sorted by length (stable, not shuffled) and batches
-    keep window order. Batch counts can then differ by one between ranks: evaluation does not
+    one), every sample exactly once. The same (deterministic) length bucketing, without shuffling. Batch counts can then differ by one between ranks: evaluation does not
     synchronise per batch, results are gathered at the end.
 
 Resume: ``batches_before(v, k)`` tells logical worker ``v`` how many of its batches are among the
@@ -53,7 +54,8 @@ def default_bucket_window(batch_size: int) -> int:
 
 @dataclass(frozen=True)
 class Window:
-    """A bucketing window: stream range [start, stop) and its batches (stream positions)."""
+    """A read step: read stream range [start, stop), then yield ``batches`` (stream positions; they
+    only use samples read so far)."""
 
     start: int
     stop: int
@@ -68,6 +70,146 @@ class WorkerPlan:
     first_batch: int  # rank-level index of this worker's first batch (== worker)
     num_batches: int
     windows: list[Window]
+
+    def batches(self) -> list[np.ndarray]:
+        return [b for w in self.windows for b in w.batches]
+
+    def batch_ids(self, num_workers: int) -> list[int]:
+        return [self.worker + t * num_workers for t in range(self.num_batches)]
+
+
+@functools.lru_cache(maxsize=64)
+def _shard_order(seed: int, epoch: int, num_shards: int, train: bool) -> np.ndarray:
+    if not train:
+        return np.arange(num_shards)
+    rng = np.random.default_rng([_TAG_SHARDS, seed & 0xFFFFFFFF, epoch])
+    return rng.permutation(num_shards)
+
+
+class EpochPlan:
+    """The plan of one rank for one epoch. Cheap to construct; worker plans are built on demand.
+
+    ``counts[s]`` is shard ``s``'s sample count (manifest order) and ``frames[s]`` its per-sample
+    frame counts (any sequence; only the rank's shards are ever touched).
+    """
+
+    def __init__(
+        self,
+        counts: Sequence[int],
+        frames: Sequence[Sequence[int]],
+        *,
+        seed: int = 0,
+        epoch: int = 0,
+        world_size: int = 1,
+        rank: int = 0,
+        num_workers: int = 0,
+        batch_size: int = 32,
+        train: bool = True,
+        bucket_window: int | None = None,
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if num_workers < 0:
+            raise ValueError("num_workers must be >= 0")
+        self.counts = np.asarray(counts, dtype=np.int64)
+        if len(frames) != len(self.counts):
+            raise ValueError(f"{len(frames)} frame lists for {len(self.counts)} shards")
+        self.frames = frames
+        self.seed, self.epoch, self.train = int(seed), int(epoch), bool(train)
+        self.world_size, self.rank = int(world_size), int(rank)
+        self.num_workers = max(1, int(num_workers))  # 0 workers = one logical worker in-process
+        self.batch_size = int(batch_size)
+        bw = default_bucket_window(batch_size) if bucket_window is None else int(bucket_window)
+        self.bucket_window = max(self.batch_size, bw // self.batch_size * self.batch_size)
+
+        self.order = _shard_order(self.seed, self.epoch, len(self.counts), self.train)
+        self.cum = np.concatenate([[0], np.cumsum(self.counts[self.order])])  # stream start of each shard
+        self.total = int(self.cum[-1])
+        if train:
+            n = self.total // self.world_size
+            self.dropped = self.total - n * self.world_size
+            self.start, self.stop = rank * n, (rank + 1) * n
+        else:
+            self.dropped = 0
+            self.start = rank * self.total // self.world_size
+            self.stop = (rank + 1) * self.total // self.world_size
+        self.num_samples = self.stop - self.start
+        self.num_batches = math.ceil(self.num_samples / self.batch_size)
+
+        # Worker ranges: worker w owns ceil((nb - w) / W) batches; the partial batch (if any) goes
+        # with batch nb - 1, i.e. to worker (nb - 1) % W.
+        W, B, nb = self.num_workers, self.batch_size, self.num_batches
+        nbat = np.array([max(0, (nb - w + W - 1) // W) for w in range(W)], dtype=np.int64)
+        sizes = nbat * B
+        if nb:
+            sizes[(nb - 1) % W] -= nb * B - self.num_samples
+        self.worker_batches = nbat
+        self.worker_starts = self.start + np.concatenate([[0], np.cumsum(sizes)])
+
+    # ------------------------------------------------------------------ lookups
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stream positions -> (shard index in manifest order, sample index within the shard)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        k = np.searchsorted(self.cum, positions, side="right") - 1
+        return self.order[k], positions - self.cum[k]
+
+    def frames_at(self, positions: np.ndarray) -> np.ndarray:
+        shards, idx = self.locate(positions)
+        out = np.empty(len(shards), dtype=np.int64)
+        for s in np.unique(shards):
+            sel = shards == s
+            out[sel] = np.asarray(self.frames[int(s)], dtype=np.int64)[idx[sel]]
+        return out
+
+    @staticmethod
+    def batches_before(worker: int, k: int, num_workers: int) -> int:
+        """How many of logical worker ``worker``'s batches are among the rank's first ``k``."""
+        return max(0, (k - worker + num_workers - 1) // num_workers)
+
+    # ------------------------------------------------------------------ worker plans
+    def worker(self, w: int) -> WorkerPlan:
+        """Logical worker ``w``'s batches, grouped as read steps (see :class:`Window`).
+
+        Bucketing pool: the worker streams its range ``B`` samples at a time into a pool of at most
+        ``bucket_window`` samples; whenever the pool is full it emits the ``B`` pool samples of most
+        similar length (the sorted run of ``B`` with the smallest relative span). At the end the pool
+        is sorted and cut (train: in shuffled batch order). Only frame counts from the manifest are
+        used, so this is part of the pure plan; memory stays bounded by the pool, and for the same
+        memory it pads ~3x less than sort-and-cut windows (4 % vs 13 % on LibriSpeech-like lengths
+        at 16 x batch)."""
+        if not 0 <= w < self.num_workers:
+            raise ValueError(f"worker {w} outside {self.num_workers} workers")
+        start, stop = int(self.worker_starts[w]), int(self.worker_starts[w + 1])
+        lengths = self.frames_at(np.arange(start, stop)) if stop > start else np.zeros(0, np.int64)
+        B, M = self.batch_size, self.bucket_window
+        windows: list[Window] = []
+        keys = np.zeros(0, np.int64)  # pool lengths, sorted
+        pos = np.zeros(0, np.int64)  # pool stream positions, same order
+        read_from = start
+        for s in range(start, stop, B):
+            e = min(stop, s + B)
+            new_len = lengths[s - start : e - start]
+            at = np.searchsorted(keys, new_len, side="right")
+            order = np.argsort(at, kind="stable")
+            keys = np.insert(keys, at[order], new_len[order])
+            pos = np.insert(pos, at[order], np.arange(s, e, dtype=np.int64)[order])
+            if len(keys) >= M:
+                hi = keys[B - 1 :]
+                i = int(np.argmin((hi - keys[: len(keys) - B + 1]) / np.maximum(hi, 1)))
+                windows.append(Window(read_from, e, [pos[i : i + B].copy()]))
+                keys, pos = np.delete(keys, slice(i, i + B)), np.delete(pos, slice(i, i + B))
+                read_from = e
+        tail = [pos[i : i + B] for i in range(0, len(pos), B)]
+        if self.train and len(tail) > 1:
+            rng = np.random.default_rng([_TAG_WINDOW, self.seed & 0xFFFFFFFF, self.epoch, start])
+            tail = [tail[i] for i in rng.permutation(len(tail))]
+        if tail:
+            windows.append(Window(read_from, stop, tail))
+        plan = WorkerPlan(w, start, stop, w, int(self.worker_batches[w]), windows)
+        assert sum(len(win.batches) for win in windows) == plan.num_batches
+        return plan
 
     def batches(self) -> list[np.ndarray]:
         return [b for w in self.windows for b in w.batches]

@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import threading
 import time
@@ -49,7 +50,9 @@ class ShardError(RuntimeError):
 
     def __init__(self, shard: str, message: str, member: str | None = None, offset: int | None = None):
         self.shard, self.member, self.offset, self.reason = shard, member, offset, message
-        where = shard + (f" [{member}]" if member else "") + (f" at byte {offset}" if offset is not None else "")
+        where = (
+            shard + (f" [{member}]" if member else "") + (f" at byte {offset}" if offset is not None else "")
+        )
         super().__init__(f"{where}: {message}")
 
 
@@ -82,11 +85,7 @@ def check_member_name(name: str, shard: str, offset: int | None = None) -> tuple
     key, ext = split_member(name)
     if "/" in name or ext not in MEMBER_EXTS:
         low = ext.lower().rsplit(".", 1)[-1]
-        why = (
-            "pickle-based formats are never deserialised"
-            if low in PICKLE_EXTS
-            else "unknown member type"
-        )
+        why = "pickle-based formats are never deserialised" if low in PICKLE_EXTS else "unknown member type"
         raise ShardError(
             shard,
             f"refusing member '{name}' ({why}; spkr decodes only .cls, .json and .mel.npy)",
@@ -96,9 +95,36 @@ def check_member_name(name: str, shard: str, offset: int | None = None) -> tuple
     return key, ext
 
 
+_NPY_FAST = re.compile(
+    rb"\{'descr': '([<>|=]?[fe]\d)', 'fortran_order': (False|True), 'shape': \((\d+), (\d+)\), \} *\n"
+)
+_DTYPES: dict[bytes, np.dtype] = {}
+
+
+def _npy_header(mv: memoryview):
+    """(shape, fortran, dtype, data offset): np.save's header via a regex, else numpy's safe parser."""
+    if len(mv) >= 10 and bytes(mv[:8]) == b"\x93NUMPY\x01\x00":
+        hlen = int.from_bytes(mv[8:10], "little")
+        m = _NPY_FAST.fullmatch(bytes(mv[10 : 10 + hlen]))
+        if m:
+            dt = _DTYPES.get(m.group(1))
+            if dt is None:
+                dt = _DTYPES.setdefault(m.group(1), np.dtype(m.group(1).decode()))
+            return (int(m.group(3)), int(m.group(4))), m.group(2) == b"True", dt, 10 + hlen
+    return None
+
+
 def decode_npy(payload, *, shard: str = "?", member: str = "?", n_mels: int | None = None) -> np.ndarray:
     """A ``.npy`` payload -> array view, without ever unpickling (object dtypes are refused)."""
     mv = memoryview(payload)
+    fast = _npy_header(mv)
+    if fast is not None:
+        shape, fortran, dtype, off = fast
+        if n_mels is None or shape[1] == n_mels:
+            count = shape[0] * shape[1]
+            if len(mv) - off == count * dtype.itemsize:
+                arr = np.frombuffer(mv, dtype=dtype, count=count, offset=off)
+                return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
     try:
         if bytes(mv[:6]) != b"\x93NUMPY" or len(mv) < 10:
             raise ValueError("no .npy magic")
@@ -157,6 +183,9 @@ class _LocalSource:
     def read_at(self, pos: int, n: int) -> bytes:
         return os.pread(self.fd, n, pos)
 
+    def read_into(self, pos: int, mv: memoryview) -> int:
+        return os.preadv(self.fd, [mv], pos)
+
     def close(self):
         if self.fd is not None:
             os.close(self.fd)
@@ -175,6 +204,11 @@ class _FsspecSource:
             return b""
         return self.fs.cat_file(self.path, start=pos, end=min(self.size, pos + n))
 
+    def read_into(self, pos: int, mv: memoryview) -> int:
+        data = self.read_at(pos, len(mv))
+        mv[: len(data)] = data
+        return len(data)
+
     def close(self):
         pass
 
@@ -189,6 +223,10 @@ class _FileSource:
     def read_at(self, pos: int, n: int) -> bytes:
         self.f.seek(pos)
         return self.f.read(n)
+
+    def read_into(self, pos: int, mv: memoryview) -> int:
+        self.f.seek(pos)
+        return self.f.readinto(mv)
 
     def close(self):
         self.f.close()
@@ -209,43 +247,40 @@ class _Stream:
         self.pool = reader._pool if readahead else None
         self.pending = None
 
-    def _next_chunk(self) -> bytes:
-        n = min(self.reader.chunk_size, self.end - self.fetch_pos)
-        if n <= 0:
-            return b""
-        pos = self.fetch_pos
-        self.fetch_pos += n
+    def _fill(self, mv: memoryview) -> int:
+        """Fill ``mv`` with the bytes from ``fetch_pos`` on (fewer only at the end of the file)."""
+        pos, done = self.fetch_pos, 0
         if self.pending is not None:
             fut, fpos = self.pending
             self.pending = None
-            data = fut.result() if fpos == pos else self.reader._fetch(self.shard, pos, n)
-        else:
-            data = self.reader._fetch(self.shard, pos, n)
-        if len(data) < n:  # the file ends early: truncated (size already checked for transients)
-            self.fetch_pos = pos + len(data)
-        elif self.pool is not None and self.fetch_pos < self.end:
+            if fpos == pos:
+                data = fut.result()
+                done = min(len(data), len(mv))
+                mv[:done] = data[:done]
+                if done < len(data):  # more than needed (cannot happen: chunks are sized to need)
+                    done = len(mv)
+        if done < len(mv):
+            done += self.reader._fetch_into(self.shard, pos + done, mv[done:])
+        self.fetch_pos = pos + done
+        if self.pool is not None and done == len(mv) and self.fetch_pos < self.end:
             nxt = min(self.reader.chunk_size, self.end - self.fetch_pos)
             self.pending = (self.pool.submit(self.reader._fetch, self.shard, self.fetch_pos, nxt), self.fetch_pos)
-        return data
+        return done
 
     def take(self, n: int) -> memoryview:
-        """The next n bytes (fewer only at the end of the data)."""
+        """The next n bytes (fewer only at the end of the data), as a view of a writable buffer."""
         off = self.pos - self.buf_pos
         if off + n <= len(self.buf):
             self.pos += n
             return self.buf[off : off + n]
-        parts = [bytes(self.buf[off:])]
-        have = len(parts[0])
-        while have < n:
-            chunk = self._next_chunk()
-            if not chunk:
-                break
-            parts.append(chunk)
-            have += len(chunk)
-        joined = b"".join(parts) if len(parts) > 1 else parts[0]
+        tail = self.buf[off:]
+        want = max(0, min(max(n - len(tail), self.reader.chunk_size), self.end - self.fetch_pos))
+        new = bytearray(len(tail) + want)
+        new[: len(tail)] = tail
+        got = len(tail) + (self._fill(memoryview(new)[len(tail) :]) if want else 0)
         self.buf_pos = self.pos
-        self.buf = memoryview(joined)
-        got = min(n, len(joined))
+        self.buf = memoryview(new)[:got]
+        got = min(n, got)
         self.pos += got
         return self.buf[:got]
 
@@ -388,6 +423,36 @@ class ShardReader:
             shard.name, f"read failed after {self.retries} retries: {type(last).__name__}: {last}", offset=pos
         )
 
+    def _fetch_into(self, shard: ShardInfo, pos: int, mv: memoryview) -> int:
+        """Fill ``mv`` with the shard's bytes from ``pos`` (fewer only at the end of the file); a
+        transient failure is retried from the byte offset reached."""
+        done = attempt = 0
+        while done < len(mv):
+            try:
+                src = self._source(shard)
+                got = src.read_into(pos + done, mv[done:])
+                if not got:
+                    if pos + done >= src.size:
+                        break  # end of file (a truncated shard is reported by the parser)
+                    raise ConnectionError(f"no data at offset {pos + done} of {src.size}")
+                done += got
+                self.stats.bytes += got
+            except _TRANSIENT_EXCLUDE:
+                raise
+            except Exception as e:  # dropped connection, timeout, server error: reopen and resume
+                with self._lock:
+                    self._close_open()
+                if attempt >= self.retries:
+                    raise ShardError(
+                        shard.name,
+                        f"read failed after {self.retries} retries: {type(e).__name__}: {e}",
+                        offset=pos + done,
+                    ) from e
+                self.stats.retries += 1
+                self.sleep(min(self.backoff * 2**attempt, 10.0))
+                attempt += 1
+        return done
+
     # ---------------------------------------------------------------- verification
     def verify_shard(self, shard: ShardInfo) -> None:
         """Hash the whole shard and compare with the manifest's sha256 (once per reader)."""
@@ -460,27 +525,23 @@ class ShardReader:
                 raise ShardError(shard.name, "truncated tar: file ends inside a header", expected, hpos)
             if bytes(hdr) == bytes(BLOCK):
                 raise ShardError(shard.name, "unexpected end of archive", expected, hpos)
-            try:
-                info = tarfile.TarInfo.frombuf(bytes(hdr), "utf-8", "surrogateescape")
-            except tarfile.HeaderError as e:
-                raise ShardError(shard.name, f"bad tar header: {e}", expected, hpos) from None
-            name = info.name
-            if not info.isreg():
+            name, size, typeflag = _parse_header(hdr, shard.name, expected, hpos)
+            if typeflag not in (b"0", b"\0"):
                 raise ShardError(
-                    shard.name, f"refusing member '{name}' of tar type {info.type!r} (regular files only)",
-                    name, hpos,
+                    shard.name,
+                    f"refusing member '{name}' of tar type {typeflag!r} (regular files only)",
+                    name,
+                    hpos,
                 )
             mkey, mext = check_member_name(name, shard.name, hpos)
             if mkey != key or mext != ext:
                 raise ShardError(
                     shard.name, f"found member '{name}' where the manifest expects '{expected}'", name, hpos
                 )
-            payload = stream.take(info.size)
-            if len(payload) < info.size:
-                raise ShardError(
-                    shard.name, f"truncated tar: member needs {info.size} bytes, file ends", name, hpos
-                )
-            pad = -info.size % BLOCK
+            payload = stream.take(size)
+            if len(payload) < size:
+                raise ShardError(shard.name, f"truncated tar: member needs {size} bytes, file ends", name, hpos)
+            pad = -size % BLOCK
             if pad and len(stream.take(pad)) < pad:
                 raise ShardError(shard.name, "truncated tar: file ends inside padding", name, hpos)
             values[ext] = decode_member(ext, payload, shard=shard.name, member=name, n_mels=self.n_mels)
@@ -494,6 +555,25 @@ class ShardReader:
                 shard.name, f"{feats.shape[0]} frames but manifest says {shard.frames[i]}", f"{key}.mel.npy"
             )
         return Record(i, key, values["cls"], values["json"], feats)
+
+
+def _parse_header(hdr: memoryview, shard: str, expected: str, hpos: int) -> tuple[str, int, bytes]:
+    """(name, size, typeflag) of a ustar/v7 header block, checksum verified."""
+    raw = bytes(hdr)
+    try:
+        chk = int(raw[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        chk = -1
+    if chk != sum(raw) - sum(raw[148:156]) + 8 * 32:
+        raise ShardError(shard, "bad tar header (checksum mismatch)", expected, hpos)
+    if raw[124] & 0x80:
+        size = tarfile.nti(raw[124:136])
+    else:
+        size = int(raw[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    name = raw[0:100].split(b"\0", 1)[0]
+    if raw[257:262] == b"ustar" and raw[345] != 0:
+        name = raw[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode("utf-8", "surrogateescape"), size, raw[156:157]
 
 
 # --------------------------------------------------------------------------- webdataset

@@ -1,0 +1,641 @@
+"""Train a speaker classifier from log-mel shards — one file, nanoGPT style.
+
+    python -m spkr.train --shards shards/demo --config configs/tiny.toml --out runs/demo
+    torchrun --nproc_per_node 2 -m spkr.train --shards shards/demo --config configs/tiny.toml --out runs/demo
+    torchrun --nnodes 2 --nproc_per_node 8 ... -m spkr.train --shards s3://bucket/train.960 ...
+
+DDP is on when torchrun's environment is present (RANK/WORLD_SIZE/LOCAL_RANK): nccl on GPUs, gloo on
+CPU. Settings come from the config file's ``[train]`` table (:class:`TrainConfig`), then from the
+command line (one flag per field, ``--batch-size 64``, ``--no-compile``, ``--dtype fp32`` ...).
+
+Loop: AdamW, linear warmup + cosine decay per optimizer step, gradient accumulation (DDP ``no_sync``
+on the non-final micro-steps), class-weighted cross-entropy (the manifest's class weights), gradient
+clipping, autocast (bf16 on CPU and on GPUs that have it, else fp16 + GradScaler), torch.compile.
+Every epoch: ``valid`` loss/accuracy (each sample exactly once over the ranks, sums all-reduced once),
+``<out>/ckpt-epochNNN.pt`` and ``<out>/last.pt``; every ``--ckpt-every`` steps ``<out>/last.pt``. At the
+end: ``test`` loss/accuracy and verification EER/minDCF. Metrics: ``<out>/metrics.jsonl`` (rank 0).
+
+Resume: ``--resume``, or automatically when torchrun restarts the job (TORCHELASTIC_RESTART_COUNT > 0)
+or ``<out>/last.pt`` exists (``--fresh`` ignores it): model, optimizer, schedule, scaler, RNG and every
+rank's loader position are restored, so training continues mid-epoch with exactly the samples not yet
+consumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from spkr import storage
+from spkr.checkpoint import FORMAT, VERSION, CheckpointError, rng_state, save_atomic, set_rng_state, to_plain
+from spkr.checkpoint import load as load_checkpoint
+from spkr.config import ConfigError, from_dict, load_toml, to_dict
+from spkr.evaluate import autocast_ctx, run_split, summarise, verification
+from spkr.manifest import ManifestError
+
+
+@dataclass
+class TrainConfig:
+    """The ``[train]`` table of a config file; every field is also a command-line flag."""
+
+    epochs: int = 10
+    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
+    batch_size: int = 32  # per rank and micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    eval_batch_size: int = 64
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    label_smoothing: float = 0.0
+    class_weighted: bool = True  # cross-entropy weighted by the manifest's class weights
+    crop_frames: int = 300  # random training crops of this many frames (0 = whole utterances)
+    num_workers: int = 2  # DataLoader workers per rank
+    seed: int = 0
+    dtype: str = "auto"  # "auto" | "bf16" | "fp16" | "fp32" (autocast dtype; auto = bf16 if supported)
+    compile: bool = True  # torch.compile the training model
+    ckpt_every: int = 0  # also write last.pt every N optimizer steps (0 = only at epoch ends)
+    log_every: int = 10  # steps between metrics lines
+    eval_every: int = 1  # validate every N epochs (and after the last)
+    verify_pairs: int = 200_000  # trial pairs for the final EER/minDCF (0 = all pairs)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "crop_frames", "num_workers", "ckpt_every", "verify_pairs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("need lr > 0 and 0 <= min_lr_ratio <= 1")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr before optimizer step ``step`` (0-based): linear warmup to 1 over
+    ``warmup_steps`` steps ((step+1)/warmup), then cosine from 1 down to ``min_ratio`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+class TrainError(RuntimeError):
+    """A problem the user can fix (bad input, incompatible checkpoint); printed without a traceback."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m spkr.train",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--shards", required=True, help="shards directory or URL (s3://bucket/prefix)")
+    p.add_argument("--config", default=None, help="TOML config with [model] and [train] tables")
+    p.add_argument("--out", default=None, help="run directory (checkpoints, metrics.jsonl)")
+    p.add_argument("--resume", action="store_true", help="resume from <out>/last.pt (error if absent)")
+    p.add_argument("--fresh", action="store_true", help="start over even if <out>/last.pt exists")
+    p.add_argument("--storage-options", default=None, help="JSON fsspec options (else $SPKR_STORAGE_OPTIONS)")
+    p.add_argument("--profile", action="store_true", help="write a torch.profiler Chrome trace of a few steps, exit")
+    p.add_argument("--data-only", action="store_true", help="only run the data pipeline (spkr.stream.data_only)")
+    p.add_argument("--log-keys", default=None, help="with --data-only: write the keys each rank reads here")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no rich progress bar")
+    g = p.add_argument_group("[train] overrides (default: the config file, else the value shown)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == "dtype":
+            g.add_argument(flag, dest=f.name, choices=("auto", "bf16", "fp16", "fp32"), default=None)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            g.add_argument(flag, dest=f.name, type=typ, default=None, help=f"(default {f.default})")
+    args = p.parse_args(argv)
+    if args.out is None and not args.data_only:
+        p.error("--out is required")
+    return args
+
+
+def load_configs(args):
+    """(ModelConfig, TrainConfig) from --config and the command-line overrides."""
+    from spkr.models.config import ModelConfig
+
+    data = load_toml(args.config) if args.config else {}
+    unknown = sorted(set(data) - {"model", "train"})
+    if unknown:
+        raise ConfigError(f"{args.config}: unknown table(s) {unknown} (known: ['model', 'train'])")
+    model_cfg = from_dict(ModelConfig, data.get("model"), f"{args.config} [model]")
+    train_dict = dict(data.get("train") or {})
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name)
+        if v is not None:
+            train_dict[f.name] = v
+    train_cfg = from_dict(TrainConfig, train_dict, f"{args.config or 'command line'} [train]")
+    return model_cfg, train_cfg
+
+
+# --------------------------------------------------------------------------- distributed helpers
+
+
+def setup_distributed(device_arg: str | None):
+    ddp = int(os.environ.get("RANK", -1)) != -1 and int(os.environ.get("WORLD_SIZE", 1)) >= 1 and "MASTER_ADDR" in os.environ
+    use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
+    if ddp:
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        if use_cuda:
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        else:
+            device = torch.device("cpu")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    else:
+        rank, world, local = 0, 1, 0
+        device = torch.device("cuda" if use_cuda else "cpu")
+    return ddp, rank, world, local, device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def all_reduce_sums(values: list[float], device, ddp: bool) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if ddp:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def gather(obj, ddp: bool, world: int):
+    if not ddp:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class Logger:
+    """metrics.jsonl + console lines (rank 0 only)."""
+
+    def __init__(self, out: Path | None, enabled: bool, progress: bool):
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl" if out else None
+        self.progress = None
+        self.task = None
+        if enabled:
+            from rich.console import Console
+
+            self.console = Console(stderr=True, highlight=False)
+            if progress and self.console.is_terminal:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+                self.progress = Progress(
+                    TextColumn("[bold]epoch {task.fields[epoch]}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("{task.fields[stats]}"),
+                    TimeRemainingColumn(),
+                    console=self.console,
+                    transient=False,
+                )
+                self.progress.start()
+
+    def log(self, msg: str) -> None:
+        if self.enabled:
+            self.console.print(f"[train] {msg}", markup=False, soft_wrap=True)
+
+    def metrics(self, row: dict) -> None:
+        if self.enabled and self.path:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def start_epoch(self, epoch: int, total: int, done: int) -> None:
+        if self.progress is not None:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task("train", total=total, completed=done, epoch=epoch, stats="")
+
+    def advance(self, n: int, stats: str | None = None) -> None:
+        if self.progress is not None and self.task is not None:
+            kw = {"stats": stats} if stats is not None else {}
+            self.progress.update(self.task, advance=n, **kw)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+# --------------------------------------------------------------------------- training
+
+
+def make_loader(args, cfg: TrainConfig, split: str, train: bool, rank: int, world: int, opts: dict):
+    from spkr.stream.loader import SpeakerLoader
+
+    return SpeakerLoader(
+        args.shards,
+        split,
+        cfg.batch_size if train else cfg.eval_batch_size,
+        train=train,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world,
+        num_workers=cfg.num_workers,
+        crop_frames=(cfg.crop_frames or None) if train else None,
+        normalize=True,
+        storage_options=opts,
+    )
+
+
+def check_shards(shards: str, opts: dict) -> None:
+    """Clear errors for a missing/empty shards directory before anything else reads it."""
+    if storage.is_url(shards):
+        return
+    p = Path(shards)
+    if not p.exists():
+        raise TrainError(f"{shards}: shards directory not found (make it with python -m spkr.tools.shard)")
+    if not p.is_dir():
+        raise TrainError(f"{shards}: not a directory")
+    if not any(p.iterdir()):
+        raise TrainError(f"{shards}: shards directory is empty (make it with python -m spkr.tools.shard)")
+
+
+def evaluate_distributed(raw_model, loader, device, amp_dtype, ddp: bool, embeddings: bool = False, world: int = 1):
+    """Each rank evaluates its own samples with the unwrapped model; sums are all-reduced once."""
+    sums = run_split(raw_model, loader, device, amp_dtype, embeddings=embeddings)
+    loss_sum, correct, count = all_reduce_sums([sums["loss_sum"], sums["correct"], sums["count"]], device, ddp)
+    res = summarise({"loss_sum": loss_sum, "correct": correct, "count": count})
+    if embeddings:
+        parts = gather((sums["emb"], sums["labels"]), ddp, world)
+        embs = [e for e, _ in parts if len(e)]
+        labs = [lab for _, lab in parts if len(lab)]
+        res["emb"] = np.concatenate(embs) if embs else np.zeros((0, 0), np.float32)
+        res["labels"] = np.concatenate(labs) if labs else np.zeros(0, np.int64)
+    return res
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.data_only:
+        from spkr.stream.data_only import main as data_only_main
+
+        try:
+            _, cfg = load_configs(args)
+        except ConfigError as e:
+            raise SystemExit(f"[train] error: {e}") from None
+        d_argv = ["--shards", args.shards, "--batch-size", str(cfg.batch_size), "--epochs", str(cfg.epochs)]
+        d_argv += ["--workers", str(cfg.num_workers), "--seed", str(cfg.seed)]
+        if cfg.crop_frames:
+            d_argv += ["--crop-frames", str(cfg.crop_frames)]
+        if args.log_keys:
+            d_argv += ["--log-keys", args.log_keys]
+        if cfg.max_steps:
+            d_argv += ["--max-steps", str(cfg.max_steps)]
+        return data_only_main(d_argv) or 0
+    try:
+        return train(args)
+    except (TrainError, ConfigError, ManifestError, CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"[train] error: {e}") from None
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def train(args) -> int:
+    t_start = time.time()
+    model_cfg, cfg = load_configs(args)
+    opts = storage.storage_options_from_env(json.loads(args.storage_options) if args.storage_options else None)
+    check_shards(args.shards, opts)
+    out = Path(args.out)
+
+    # ------------------------------------------------------------ resume decision (before DDP init)
+    last = out / "last.pt"
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if args.resume and not last.exists():
+        raise TrainError(f"--resume: no checkpoint at {last}")
+    resume = not args.fresh and (args.resume or restart > 0 or last.exists())
+    if restart > 0 and not last.exists():
+        resume = False  # restarted before the first checkpoint: start over
+
+    ddp, rank, world, local_rank, device = setup_distributed(args.device)
+    master = rank == 0
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+    amp_dtype = resolve_dtype(cfg.dtype, device)
+    use_scaler = amp_dtype == torch.float16
+    logger = Logger(out, master, progress=not args.no_progress)
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed((cfg.seed + rank) % 2**32)
+
+    # ------------------------------------------------------------ data
+    train_loader = make_loader(args, cfg, "train", True, rank, world, opts)
+    manifest = train_loader.manifest
+    valid_loader = make_loader(args, cfg, "valid", False, rank, world, opts)
+    test_loader = make_loader(args, cfg, "test", False, rank, world, opts)
+    labels = manifest.labels
+    n_mels = manifest.feature_config.n_mels
+    train_loader.set_epoch(0)
+    micro_per_epoch = len(train_loader)
+    if micro_per_epoch == 0:
+        raise TrainError(f"{args.shards}: no training batches for rank {rank} (world size {world})")
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    # ------------------------------------------------------------ model, optimizer, schedule
+    from spkr.models import build_model
+
+    raw_model = build_model(model_cfg, n_mels, len(labels)).to(device)
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    decay = [p for n, p in raw_model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in raw_model.named_parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    class_weights = torch.tensor(manifest.class_weights, dtype=torch.float32, device=device)
+
+    step, epoch, batches_done, finished = 0, 0, 0, False
+    loader_state = None
+    if resume:
+        ckpt = load_checkpoint(last, map_location=device)
+        try:
+            manifest.check_compatible(ckpt["feature_config"], ckpt["labels"])
+        except ManifestError as e:
+            raise TrainError(f"cannot resume from {last}: {e}") from None
+        if ckpt["model_config"] != to_dict(model_cfg):
+            diff = sorted(k for k in ckpt["model_config"] if ckpt["model_config"][k] != to_dict(model_cfg).get(k))
+            raise TrainError(f"cannot resume from {last}: the [model] config differs from the checkpoint's in {diff}")
+        if ckpt["world_size"] != world and ckpt["batches_done"] > 0:
+            raise TrainError(
+                f"cannot resume {last} mid-epoch with world size {world}: it was written by {ckpt['world_size']} ranks"
+            )
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if use_scaler and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step, epoch, batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
+        finished = bool(ckpt.get("finished"))
+        if ckpt["world_size"] == world and rank < len(ckpt["rng"]):
+            set_rng_state(ckpt["rng"][rank])
+        if batches_done > 0:
+            loader_state = ckpt["loader"][rank]
+        logger.log(
+            f"resumed from {last} (restart {restart}): epoch {epoch}, step {step}, "
+            f"{batches_done}/{micro_per_epoch} batches of the epoch done"
+        )
+        del ckpt
+
+    model = raw_model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    dropped = train_loader.dropped
+    logger.log(
+        f"world size {world} ({'DDP ' + dist.get_backend() if ddp else 'single process'}), device {device}, "
+        f"backend {raw_model.backend_name()}, compile {'on' if cfg.compile else 'off'}, "
+        f"dtype {str(amp_dtype).replace('torch.', '')}{' + GradScaler' if use_scaler else ''}, "
+        f"{n_params / 1e6:.2f}M params, {len(labels)} classes"
+    )
+    logger.log(
+        f"train: {manifest.split('train').num_samples} samples, {dropped} dropped per epoch for equal rank shares, "
+        f"{micro_per_epoch} batches/rank/epoch of {cfg.batch_size} x {cfg.grad_accum} accum, "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps"
+    )
+    if master:
+        logger.metrics(
+            {
+                "kind": "config",
+                "time": time.time(),
+                "world_size": world,
+                "backend": raw_model.backend_name(),
+                "compile": cfg.compile,
+                "dtype": str(amp_dtype).replace("torch.", ""),
+                "dropped": dropped,
+                "params": n_params,
+                "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps,
+                "resumed_step": step if resume else None,
+                "train": to_dict(cfg),
+                "model": to_dict(model_cfg),
+            }
+        )
+
+    def checkpoint(paths: list[Path], done: int, ep: int, fin: bool = False) -> None:
+        loader_states = gather(to_plain(train_loader.state_dict()) if done else None, ddp, world)
+        rngs = gather(rng_state(), ddp, world)
+        if not master:
+            return
+        obj = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": to_plain(scheduler.state_dict()),
+            "scaler": scaler.state_dict() if use_scaler else None,
+            "rng": rngs,
+            "loader": loader_states,
+            "step": step,
+            "epoch": ep,
+            "batches_done": done,
+            "finished": fin,
+            "world_size": world,
+            "labels": labels,
+            "class_weights": manifest.class_weights,
+            "feature_config": manifest.feature_config.to_dict(),
+            "feature_fingerprint": manifest.feature_config.fingerprint(),
+            "stats": to_plain(manifest.stats),
+            "model_config": to_dict(model_cfg),
+            "train_config": to_dict(cfg),
+            "shards": str(args.shards),
+            "backend": raw_model.backend_name(),
+            "torch_version": str(torch.__version__),
+        }
+        save_atomic(obj, *paths)
+
+    # ------------------------------------------------------------ profiler
+    prof = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        trace = out / f"trace-rank{rank}.json"
+        prof = profile(
+            activities=acts,
+            schedule=schedule(wait=1, warmup=2, active=3, repeat=1),
+            on_trace_ready=lambda p: p.export_chrome_trace(str(trace)),
+            record_shapes=True,
+        )
+        prof.start()
+        profile_steps = 6
+
+    # ------------------------------------------------------------ loop
+    model.train()
+    stop = finished or step >= total_steps
+    while not stop and epoch < cfg.epochs:
+        train_loader.set_epoch(epoch)
+        if loader_state is not None:
+            train_loader.load_state_dict(loader_state)
+            loader_state = None
+        micro = batches_done
+        logger.start_epoch(epoch, micro_per_epoch, micro)
+        it = iter(train_loader)
+        win = {"t": time.perf_counter(), "wait": 0.0, "steps": 0, "samples": 0, "loss": 0.0, "correct": 0, "n": 0}
+        while micro < micro_per_epoch:
+            group_start = micro - (micro % cfg.grad_accum)
+            group_size = min(cfg.grad_accum, micro_per_epoch - group_start)
+            for _ in range(micro - group_start, group_size):
+                t0 = time.perf_counter()
+                batch = next(it)
+                win["wait"] += time.perf_counter() - t0
+                mel = batch["mel"].to(device, non_blocking=True)
+                lengths = batch["lengths"].to(device, non_blocking=True)
+                y = batch["labels"].to(device, non_blocking=True)
+                last_micro = micro - group_start == group_size - 1
+                sync = contextlib.nullcontext() if (not ddp or last_micro) else model.no_sync()
+                with sync:
+                    with autocast_ctx(device, amp_dtype):
+                        logits = model(mel, lengths, y)
+                    loss = F.cross_entropy(
+                        logits.float(),
+                        y,
+                        weight=class_weights if cfg.class_weighted else None,
+                        label_smoothing=cfg.label_smoothing,
+                    )
+                    scaler.scale(loss / group_size).backward()
+                micro += 1
+                win["loss"] += float(loss.detach()) * y.numel()
+                win["correct"] += int((logits.detach().argmax(-1) == y).sum())
+                win["n"] += y.numel()
+                win["samples"] += y.numel() * world
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            win["steps"] += 1
+            if prof is not None:
+                prof.step()
+                if step >= profile_steps:
+                    prof.stop()
+                    logger.log(f"profiler trace written: {trace}")
+                    return 0
+            logger.advance(group_size)
+
+            if step % cfg.log_every == 0 or micro == micro_per_epoch:
+                dt = time.perf_counter() - win["t"]
+                row = {
+                    "kind": "train",
+                    "time": time.time(),
+                    "epoch": epoch,
+                    "step": step,
+                    "loss": win["loss"] / max(win["n"], 1),
+                    "acc": win["correct"] / max(win["n"], 1),
+                    "lr": scheduler.get_last_lr()[0],
+                    "steps_per_s": win["steps"] / dt,
+                    "samples_per_s": win["samples"] / dt,
+                    "data_wait": win["wait"] / dt,
+                }
+                logger.metrics(row)
+                stats = (
+                    f"loss {row['loss']:.3f} acc {100 * row['acc']:.1f}% lr {row['lr']:.2e} "
+                    f"{row['steps_per_s']:.2f} steps/s {row['samples_per_s']:.0f} samples/s "
+                    f"data-wait {100 * row['data_wait']:.0f}%"
+                )
+                if logger.progress is not None:
+                    logger.advance(0, stats)
+                else:
+                    logger.log(f"epoch {epoch} step {step}/{total_steps} {stats}")
+                win = {"t": time.perf_counter(), "wait": 0.0, "steps": 0, "samples": 0, "loss": 0.0, "correct": 0, "n": 0}
+
+            if step >= total_steps:
+                stop = True
+                break
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and micro < micro_per_epoch:
+                checkpoint([last], micro, epoch)
+        end_of_epoch = micro >= micro_per_epoch
+        del it
+        # ---------------------------------------------------- end of epoch (or of training)
+        next_epoch, next_done = (epoch + 1, 0) if end_of_epoch else (epoch, micro)
+        if (epoch + 1) % cfg.eval_every == 0 or stop or next_epoch >= cfg.epochs:
+            valid_loader.set_epoch(epoch)
+            res = evaluate_distributed(raw_model, valid_loader, device, amp_dtype, ddp)
+            logger.metrics({"kind": "valid", "time": time.time(), "epoch": epoch, "step": step, **res})
+            logger.log(f"epoch {epoch} valid: loss {res['loss']:.4f} acc {100 * res['acc']:.2f}% ({res['n']} samples)")
+        stop = stop or next_epoch >= cfg.epochs
+        paths = [last]
+        if end_of_epoch:
+            paths.insert(0, out / f"ckpt-epoch{epoch:03d}.pt")
+        checkpoint(paths, next_done, next_epoch, fin=stop)
+        if master:
+            logger.log(f"checkpoint {', '.join(str(p) for p in paths)}")
+        epoch, batches_done = next_epoch, next_done
+
+    # ------------------------------------------------------------ final test + verification
+    test_loader.set_epoch(0)
+    res = evaluate_distributed(raw_model, test_loader, device, amp_dtype, ddp, embeddings=True, world=world)
+    emb, labs = res.pop("emb"), res.pop("labels")
+    row = {"kind": "test", "time": time.time(), "epoch": epoch, "step": step, **res}
+    if master:
+        try:
+            row["verification"] = verification(emb, labs, cfg.verify_pairs, cfg.seed)
+        except ValueError as e:
+            row["verification"] = {"error": str(e)}
+        logger.metrics(row)
+        (out / "test.json").write_text(json.dumps(row, indent=1) + "\n")
+        v = row["verification"]
+        ver = f"  EER {100 * v['eer']:.2f}%  minDCF(0.01) {v['min_dcf']:.4f}" if "eer" in v else f" ({v['error']})"
+        logger.log(f"test: loss {res['loss']:.4f} acc {100 * res['acc']:.2f}% ({res['n']} samples){ver}")
+        logger.log(f"done in {time.time() - t_start:.1f} s; checkpoint {last}")
+    logger.close()
+    if ddp:
+        dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

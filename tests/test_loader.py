@@ -1,0 +1,218 @@
+"""SpeakerLoader: batches, normalisation, bucketing, crops, exact resume, ranks, skip mode, no audio."""
+
+from __future__ import annotations
+
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from spkr.manifest import Manifest
+from spkr.stream import SpeakerLoader
+from spkr.stream.reader import ShardReader
+
+from .shardkit import all_keys, make_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("loader") / "shards", [7, 11, 13, 5, 17], seed=1)
+
+
+def raw_feats(shards):
+    m = Manifest.load(str(shards))
+    rd = ShardReader(str(shards))
+    return {r.key: r for s in m.split("train").shards for r in rd.read_shard(s)}
+
+
+def epoch_batches(loader, epoch=0):
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+def test_batches_shapes_padding_normalisation(shards):
+    raw = raw_feats(shards)
+    stats = Manifest.load(str(shards)).stats
+    mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+    loader = SpeakerLoader(str(shards), "train", 4, train=True, rank=0, world_size=1)
+    assert loader.manifest.split("train").num_samples == 53
+    batches = epoch_batches(loader)
+    assert len(batches) == len(loader) == 14 and loader.dropped == 0
+    for b in batches:
+        B = len(b["keys"])
+        assert b["mel"].dtype == torch.float32 and b["lengths"].dtype == torch.int64
+        assert b["labels"].dtype == torch.int64 and b["mel"].shape[0] == B == len(b["lengths"])
+        assert b["mel"].shape[1] == int(b["lengths"].max()) and b["mel"].shape[2] == 80
+        for i, key in enumerate(b["keys"]):
+            L = int(b["lengths"][i])
+            r = raw[key]
+            assert L == r.feats.shape[0] and int(b["labels"][i]) == r.label
+            expect = (r.feats.astype(np.float32) - mean) / std
+            np.testing.assert_allclose(b["mel"][i, :L].numpy(), expect, rtol=1e-5, atol=1e-4)
+            assert not b["mel"][i, L:].any()  # zero padding
+    allmel = torch.cat([b["mel"][i, : b["lengths"][i]] for b in batches for i in range(len(b["keys"]))])
+    assert abs(float(allmel.mean())) < 0.05 and abs(float(allmel.std()) - 1) < 0.05
+    # normalize=False gives the stored values
+    b0 = next(iter(SpeakerLoader(str(shards), "train", 4, normalize=False, rank=0, world_size=1)))
+    r = raw[b0["keys"][0]]
+    np.testing.assert_array_equal(b0["mel"][0, : r.feats.shape[0]].numpy(), r.feats.astype(np.float32))
+
+
+def padding_fraction(batches):
+    real = sum(int(b["lengths"].sum()) for b in batches)
+    total = sum(b["mel"].shape[0] * b["mel"].shape[1] for b in batches)
+    return 1 - real / total
+
+
+def test_bucketing_reduces_padding(tmp_path):
+    d = make_shards(tmp_path / "s", [60, 61, 67], mean_frames=80, sigma=0.6, n_mels=8, seed=2)
+    random_b = epoch_batches(SpeakerLoader(str(d), "train", 8, bucket_window=8, rank=0, world_size=1))
+    bucket_b = epoch_batches(SpeakerLoader(str(d), "train", 8, bucket_window=128, rank=0, world_size=1))
+    pr, pb = padding_fraction(random_b), padding_fraction(bucket_b)
+    assert pb < 0.4 * pr and pb < 0.15, (pb, pr)
+    assert sorted(k for b in bucket_b for k in b["keys"]) == sorted(all_keys(d))
+
+
+def test_crops(shards):
+    raw = raw_feats(shards)
+    mk = lambda: SpeakerLoader(str(shards), "train", 4, crop_frames=30, normalize=False, rank=0, world_size=1)  # noqa: E731
+    a, b = epoch_batches(mk()), epoch_batches(mk())
+    starts = {}
+    for x, y in zip(a, b):
+        assert x["keys"] == y["keys"] and torch.equal(x["mel"], y["mel"])  # seeded: reproducible
+        for i, key in enumerate(x["keys"]):
+            full = raw[key].feats.astype(np.float32)
+            L = int(x["lengths"][i])
+            assert L == min(30, full.shape[0])
+            crop = x["mel"][i, :L].numpy()
+            # the crop is a contiguous window of the utterance
+            hits = [s for s in range(full.shape[0] - L + 1) if np.array_equal(full[s : s + L], crop)]
+            assert hits
+            starts[key] = hits[0]
+    assert len(set(starts.values())) > 3  # random positions
+    c = epoch_batches(mk(), epoch=1)
+    assert sorted(k for x in c for k in x["keys"]) == sorted(starts)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume(shards, workers):
+    kw = dict(train=True, seed=7, rank=1, world_size=2, num_workers=workers, crop_frames=25, bucket_window=8)
+    full = SpeakerLoader(str(shards), "train", 3, **kw)
+    ref = epoch_batches(full, epoch=1)
+    nb = len(ref)
+    assert nb == len(full) == 9
+    for k in (1, 4, 5, nb - 1):
+        first = SpeakerLoader(str(shards), "train", 3, **kw)
+        first.set_epoch(1)
+        it = iter(first)
+        got = [next(it) for _ in range(k)]
+        state = first.state_dict()
+        del it
+        assert state["epoch"] == 1 and state["batches"] == k
+        assert [g["keys"] for g in got] == [r["keys"] for r in ref[:k]]
+        fresh = SpeakerLoader(str(shards), "train", 3, **kw)
+        fresh.load_state_dict(state)
+        fresh.set_epoch(1)  # the trainer's usual call keeps the resume point of that epoch
+        rest = list(fresh)
+        assert [r["keys"] for r in rest] == [r["keys"] for r in ref[k:]], k
+        for x, y in zip(rest, ref[k:]):
+            assert torch.equal(x["mel"], y["mel"]) and torch.equal(x["lengths"], y["lengths"])
+        assert fresh.state_dict()["batches"] == nb
+        # the next epoch then starts from the beginning
+        fresh.set_epoch(2)
+        assert len(list(fresh)) == nb
+
+
+def test_resume_skips_by_plan_not_by_reading(shards, monkeypatch):
+    """Consumed windows are not read: resuming at the last batch reads only that batch's samples."""
+    kw = dict(train=True, seed=3, rank=0, world_size=1, num_workers=0, bucket_window=4)
+    ref = epoch_batches(SpeakerLoader(str(shards), "train", 4, **kw))
+    opened = []
+    real = ShardReader.iter_range
+
+    def spy(self, shard, a=0, b=None):
+        opened.append((shard.name, a, b))
+        return real(self, shard, a, b)
+
+    monkeypatch.setattr(ShardReader, "iter_range", spy)
+    fresh = SpeakerLoader(str(shards), "train", 4, **kw)
+    fresh.load_state_dict({**fresh.state_dict(), "batches": len(ref) - 1})
+    rest = list(fresh)
+    assert [r["keys"] for r in rest] == [ref[-1]["keys"]]
+    assert sum(b - a for _, a, b in opened) == len(ref[-1]["keys"])
+
+
+def test_resume_across_layouts(shards):
+    a = SpeakerLoader(str(shards), "train", 4, rank=0, world_size=2, num_workers=0)
+    it = iter(a)
+    next(it)
+    mid = a.state_dict()
+    for kw in (dict(world_size=3), dict(num_workers=2), dict(batch_size=5)):
+        args = {"rank": 0, "world_size": 2, "num_workers": 0, "batch_size": 4, **kw}
+        b = SpeakerLoader(str(shards), "train", args.pop("batch_size"), **args)
+        with pytest.raises(ValueError, match="cannot resume mid-epoch"):
+            b.load_state_dict(mid)
+        # an epoch-boundary state loads under any layout
+        b.load_state_dict({**mid, "batches": 0})
+        assert len(list(b)) == len(b)
+        b.load_state_dict({**mid, "batches": mid["num_batches"]})
+        assert list(b) == []
+    with pytest.raises(ValueError, match="seed"):
+        SpeakerLoader(str(shards), "train", 4, seed=1, rank=0, world_size=2).load_state_dict(mid)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_exactly_once_in_process(shards, workers):
+    keys = all_keys(shards)
+    for world in (1, 3, 4):
+        for train in (True, False):
+            seen, counts = [], set()
+            for r in range(world):
+                ld = SpeakerLoader(
+                    str(shards), "train", 4, train=train, rank=r, world_size=world, num_workers=workers
+                )
+                ld.set_epoch(1)
+                bs = list(ld)
+                assert len(bs) == len(ld)
+                counts.add(len(bs))
+                seen += [k for b in bs for k in b["keys"]]
+            assert len(seen) == len(set(seen))
+            if train:
+                assert len(counts) == 1 and len(keys) - len(seen) == len(keys) % world
+            else:
+                assert sorted(seen) == sorted(keys) and max(counts) - min(counts) <= 1
+
+
+def test_skip_mode_counts_and_keeps_batch_count(tmp_path):
+    d = make_shards(tmp_path / "s", [6, 7], seed=4)
+    m = Manifest.load(str(d))
+    info = m.split("train").shards[1]
+    path = d / info.name
+    with tarfile.open(path) as tf:
+        data_off = tf.getmember(f"{info.keys[3]}.mel.npy").offset_data
+    blob = bytearray(path.read_bytes())
+    blob[data_off] = ord("X")  # break the npy magic, same size
+    path.write_bytes(bytes(blob))
+    with pytest.raises(Exception, match=rf"{info.name} \[{info.keys[3]}.mel.npy\].*bad .npy header"):
+        list(SpeakerLoader(str(d), "train", 4, rank=0, world_size=1))
+    for workers in (0, 2):
+        ld = SpeakerLoader(str(d), "train", 4, rank=0, world_size=1, num_workers=workers, on_error="skip")
+        bs = list(ld)
+        assert len(bs) == len(ld) == 4
+        got = [k for b in bs for k in b["keys"]]
+        assert sorted(got) == sorted(set(all_keys(d)) - {info.keys[3]})
+        assert [s["key"] for s in ld.skipped] == [info.keys[3]]
+
+
+def test_never_opens_audio(shards, monkeypatch):
+    import soundfile
+
+    def boom(*a, **k):
+        raise AssertionError("raw audio opened")
+
+    for name in ("read", "SoundFile", "info", "blocks"):
+        monkeypatch.setattr(soundfile, name, boom)
+    for workers in (0, 2):
+        ld = SpeakerLoader(str(shards), "train", 8, rank=0, world_size=1, num_workers=workers)
+        assert sum(len(b["keys"]) for b in ld) == 53

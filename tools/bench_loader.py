@@ -1,0 +1,296 @@
+"""Benchmark spkr's shard loader against the limits and the usual alternatives, on synthetic data.
+
+    python tools/bench_loader.py [--samples 1200] [--batch-size 32] [--workers 2] [--dir DIR]
+
+Writes LibriSpeech-like features (log-normal lengths, mean ~1230 frames, 80 mels, float16) three
+ways into a temp dir, then measures samples/s and MB/s per worker (one process, page cache warm) for:
+
+  * raw read       the shard bytes read sequentially (I/O limit)
+  * lean parse     tar headers walked + npy arrays viewed, nothing else (parse limit)
+  * spkr           SpeakerLoader: plan, checked parse, bucketing, normalise, pad, collate
+  * wds .pth       webdataset's usual pipeline: WebDataset(urls).decode().to_tuple() + batching,
+                   samples stored as torch.save'd tensors (``.pth``)
+  * per-file .pt   the original scripts: one file per utterance, torch.load(weights_only=True)
+
+plus the multi-worker spkr rate, padding with bucketing vs random batching (plan only, 28k
+LibriSpeech-like lengths) and the loader's RSS when the shard count grows 10x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spkr.stream import SpeakerLoader  # noqa: E402
+from spkr.stream.plan import EpochPlan  # noqa: E402
+
+N_MELS = 80
+
+
+def lengths(rng, n, mean=1230.0, sigma=0.45):
+    return np.maximum(100, rng.lognormal(np.log(mean) - sigma**2 / 2, sigma, n)).astype(np.int64)
+
+
+def write_all(root: Path, n: int, per_shard: int, seed: int = 0):
+    """spkr shards (+ manifest), .pth webdataset shards and per-utterance .pt files of the same data."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from shardkit import make_shards
+
+    counts = [per_shard] * (n // per_shard) + ([n % per_shard] if n % per_shard else [])
+    rng = np.random.default_rng(seed)
+    fr = lengths(rng, n)
+    frames, i = [], 0
+    for c in counts:
+        frames.append(fr[i : i + c].tolist())
+        i += c
+    spkr_dir = make_shards(root / "spkr", counts, frames=frames, n_classes=50, seed=seed)
+    from spkr.manifest import Manifest
+    from spkr.stream.reader import ShardReader
+
+    m = Manifest.load(str(spkr_dir))
+    rd = ShardReader(str(spkr_dir))
+    (root / "pth").mkdir()
+    (root / "files").mkdir()
+    urls = []
+    for si, info in enumerate(m.split("train").shards):
+        url = root / "pth" / f"shard-{si:06d}.tar"
+        urls.append(str(url))
+        with tarfile.open(url, "w") as tf:
+            for r in rd.read_shard(info):
+                t = torch.from_numpy(np.array(r.feats))
+                buf = io.BytesIO()
+                torch.save(t, buf)
+                for ext, payload in (("pth", buf.getvalue()), ("cls", str(r.label).encode())):
+                    ti = tarfile.TarInfo(f"{r.key}.{ext}")
+                    ti.size = len(payload)
+                    tf.addfile(ti, io.BytesIO(payload))
+                torch.save({"mel": t, "label": r.label}, root / "files" / f"{r.key}.pt")
+    return spkr_dir, m, urls
+
+
+def pad_collate(feats, labels, mean, inv_std):
+    lens = torch.tensor([f.shape[0] for f in feats])
+    mel = torch.zeros(len(feats), int(lens.max()), N_MELS)
+    for i, f in enumerate(feats):
+        mel[i, : f.shape[0]] = (f.float() - mean) * inv_std
+    return mel, lens, torch.tensor(labels)
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    n, nbytes = fn()
+    dt = time.perf_counter() - t0
+    return {"samples_s": n / dt, "MB_s": nbytes / dt / 1e6, "seconds": dt}
+
+
+def bench_raw(spkr_dir, m):
+    def run():
+        total = 0
+        for s in m.split("train").shards:
+            with open(spkr_dir / s.name, "rb", buffering=0) as f:
+                while b := f.read(4 << 20):
+                    total += len(b)
+        return m.split("train").num_samples, total
+
+    return run
+
+
+def bench_lean(spkr_dir, m):
+    def run():
+        n = total = 0
+        for s in m.split("train").shards:
+            blob = (spkr_dir / s.name).read_bytes()
+            total += len(blob)
+            pos = 0
+            while pos + 512 <= len(blob) and blob[pos] != 0:
+                size = int(blob[pos + 124 : pos + 136].rstrip(b"\0 ") or b"0", 8)
+                name = blob[pos : pos + 100].rstrip(b"\0")
+                data = pos + 512
+                if name.endswith(b".npy"):
+                    hlen = int.from_bytes(blob[data + 8 : data + 10], "little")
+                    hdr = blob[data + 10 : data + 10 + hlen].decode("latin1")
+                    rows = int(hdr.split("'shape': (")[1].split(",")[0])
+                    np.frombuffer(blob, np.float16, rows * N_MELS, data + 10 + hlen)
+                    n += 1
+                pos = data + (size + 511) // 512 * 512
+        return n, total
+
+    return run
+
+
+def bench_spkr(spkr_dir, m, batch, workers, **kw):
+    def run():
+        ld = SpeakerLoader(str(spkr_dir), "train", batch, rank=0, world_size=1, num_workers=workers, **kw)
+        n = sum(len(b["keys"]) for b in ld)
+        return n, sum(s.bytes for s in m.split("train").shards)
+
+    return run
+
+
+def bench_wds(urls, m, batch):
+    import webdataset as wds
+
+    mean = torch.tensor(m.stats["mean"])
+    inv = 1 / torch.tensor(m.stats["std"]).clamp_min(1e-5)
+
+    def run():
+        ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode().to_tuple("pth", "cls")
+        n, buf = 0, []
+        for x, y in ds:
+            buf.append((x, y))
+            if len(buf) == batch:
+                pad_collate([a for a, _ in buf], [b for _, b in buf], mean, inv)
+                n += len(buf)
+                buf = []
+        if buf:
+            pad_collate([a for a, _ in buf], [b for _, b in buf], mean, inv)
+            n += len(buf)
+        return n, sum(os.path.getsize(u) for u in urls)
+
+    return run
+
+
+def bench_files(root, m, batch):
+    files = sorted((root / "files").glob("*.pt"))
+    mean = torch.tensor(m.stats["mean"])
+    inv = 1 / torch.tensor(m.stats["std"]).clamp_min(1e-5)
+
+    def run():
+        order = np.random.default_rng(0).permutation(len(files))
+        n = 0
+        for k in range(0, len(order), batch):
+            items = [torch.load(files[i], weights_only=True) for i in order[k : k + batch]]
+            pad_collate([d["mel"] for d in items], [d["label"] for d in items], mean, inv)
+            n += len(items)
+        return n, sum(f.stat().st_size for f in files)
+
+    return run
+
+
+def padding(batch):
+    rng = np.random.default_rng(1)
+    counts = [100] * 281  # 28k LibriSpeech-like lengths
+    frames = [lengths(rng, c) for c in counts]
+    out = {}
+    for name, bw in (("random", batch), ("bucketed", None)):
+        p = EpochPlan(counts, frames, batch_size=batch, num_workers=2, bucket_window=bw)
+        real = tot = 0
+        for b in p.batches():
+            f = p.frames_at(b)
+            real += f.sum()
+            tot += f.max() * len(f)
+        out[name] = 1 - real / tot
+    return out
+
+
+def rss_run(spkr_dir, batch):
+    import psutil
+
+    proc = psutil.Process()
+    peak = [proc.memory_info().rss]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.005)
+
+    base = proc.memory_info().rss
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    ld = SpeakerLoader(str(spkr_dir), "train", batch, rank=0, world_size=1, num_workers=0)
+    for _ in ld:
+        pass
+    stop.set()
+    t.join()
+    return (peak[0] - base) / 1e6
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--samples", type=int, default=1200)
+    ap.add_argument("--per-shard", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--dir", default=None, help="work dir (default: a temp dir, removed)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    root = Path(args.dir or tempfile.mkdtemp(prefix="spkr-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        spkr_dir, m, urls = write_all(root, args.samples, args.per_shard)
+        nbytes = sum(s.bytes for s in m.split("train").shards)
+        print(
+            f"data: {args.samples} samples, {len(urls)} shards, {nbytes / 1e6:.0f} MB, mean "
+            f"{np.mean(m.split('train').frames_array()):.0f} frames x {N_MELS} mels float16 "
+            f"(written in {time.perf_counter() - t0:.0f}s)"
+        )
+        B = args.batch_size
+        rows = {}
+        for name, fn in (
+            ("raw read (limit)", bench_raw(spkr_dir, m)),
+            ("lean tar parse (limit)", bench_lean(spkr_dir, m)),
+            ("spkr SpeakerLoader", bench_spkr(spkr_dir, m, B, 0)),
+            ("wds .pth .decode()", bench_wds(urls, m, B)),
+            ("per-file torch.load", bench_files(root, m, B)),
+        ):
+            fn()  # warm (page cache, imports)
+            rows[name] = min((timed(fn) for _ in range(2)), key=lambda r: r["seconds"])
+        print(f"\nper worker (1 process), batch {B}:")
+        print(f"  {'method':<26}{'samples/s':>12}{'MB/s':>10}")
+        for name, r in rows.items():
+            print(f"  {name:<26}{r['samples_s']:>12.0f}{r['MB_s']:>10.0f}")
+        multi = timed(bench_spkr(spkr_dir, m, B, args.workers))
+        print(
+            f"  spkr, {args.workers} DataLoader workers: {multi['samples_s']:.0f} samples/s total "
+            f"({multi['samples_s'] / args.workers:.0f} per worker, incl. worker start-up), "
+            f"{multi['MB_s']:.0f} MB/s"
+        )
+        spkr = rows["spkr SpeakerLoader"]["samples_s"]
+        r_wds = spkr / rows["wds .pth .decode()"]["samples_s"]
+        r_lean = spkr / rows["lean tar parse (limit)"]["samples_s"]
+        r_files = spkr / rows["per-file torch.load"]["samples_s"]
+        print("\nratios:")
+        print(f"  spkr / wds .pth pipeline     = {r_wds:.1f}x   (target >= 3x)  {'OK' if r_wds >= 3 else 'MISS'}")
+        print(f"  spkr / lean tar-parse limit  = {r_lean:.0%}   (target >= 50%) {'OK' if r_lean >= 0.5 else 'MISS'}")
+        print(f"  spkr / per-file torch.load   = {r_files:.1f}x")
+        pad = padding(B)
+        print(
+            f"\npadding (28.1k LibriSpeech-like lengths, batch {B}): random batching {pad['random']:.1%}, "
+            f"bucketed (window {16 * B}) {pad['bucketed']:.1%}   (target <= 5%) "
+            f"{'OK' if pad['bucketed'] <= 0.05 else 'MISS'}"
+        )
+        # RSS: 10x more shards (and samples) must not grow the loader's memory
+        from shardkit import make_shards
+
+        small = make_shards(root / "rss10", [40] * 10, mean_frames=300, n_classes=50, seed=2)
+        big = make_shards(root / "rss100", [40] * 100, mean_frames=300, n_classes=50, seed=2)
+        r10, r100 = rss_run(small, B), rss_run(big, B)
+        print(
+            f"\nloader RSS growth during an epoch: 10 shards {r10:.0f} MB, 100 shards {r100:.0f} MB "
+            f"(x{r100 / max(r10, 1e-9):.2f}; flat = bounded by one bucketing window)"
+        )
+        print(json.dumps({"rows": rows, "padding": pad, "rss_mb": [r10, r100]}, default=float)[:0], end="")
+    finally:
+        if not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
