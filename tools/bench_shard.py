@@ -86,7 +86,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--source", default=os.path.join(os.path.dirname(__file__), "..", "data", "demo"))
     p.add_argument("--subsets", default="train.100")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "torchaudio"))
     p.add_argument("--concat", type=float, default=12.0, help="join utterances to this many seconds (0: off)")
     args = p.parse_args()
