@@ -151,7 +151,8 @@ class ShardDataset(IterableDataset):
                                     reader._skip(shard, i, e)
                                 continue
                         for rec in reader.iter_range(shard, a, b):
-                            records[p0 + rec.index - a] = rec
+                            # own copy: a view would pin its whole read chunk while in the pool
+                            records[p0 + rec.index - a] = rec._replace(feats=rec.feats.copy())
                 for i, b in enumerate(window.batches):
                     tt = t + i
                     if tt < skip:

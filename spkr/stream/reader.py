@@ -264,7 +264,10 @@ class _Stream:
         self.fetch_pos = pos + done
         if self.pool is not None and done == len(mv) and self.fetch_pos < self.end:
             nxt = min(self.reader.chunk_size, self.end - self.fetch_pos)
-            self.pending = (self.pool.submit(self.reader._fetch, self.shard, self.fetch_pos, nxt), self.fetch_pos)
+            self.pending = (
+                self.pool.submit(self.reader._fetch, self.shard, self.fetch_pos, nxt),
+                self.fetch_pos,
+            )
         return done
 
     def take(self, n: int) -> memoryview:
@@ -540,7 +543,9 @@ class ShardReader:
                 )
             payload = stream.take(size)
             if len(payload) < size:
-                raise ShardError(shard.name, f"truncated tar: member needs {size} bytes, file ends", name, hpos)
+                raise ShardError(
+                    shard.name, f"truncated tar: member needs {size} bytes, file ends", name, hpos
+                )
             pad = -size % BLOCK
             if pad and len(stream.take(pad)) < pad:
                 raise ShardError(shard.name, "truncated tar: file ends inside padding", name, hpos)
