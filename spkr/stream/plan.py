@@ -20,7 +20,7 @@ Training (``train=True``)
     * A worker buckets by length with a pool of ``bucket_window`` samples (a multiple of the batch
       size; default 16 x batch): it reads its range sequentially, and whenever the pool is full
       it emits the ``batch_size`` pool samples of most similar length; the last pool is sorted, cut,
-      and its batches shuffled (see :meth:`EpochPlan.worker`). Padding stays small (~4 % on
+      and its batches shuffled (see :meth:`EpochPlan.worker`). Padding stays small (~4-6 % on
       LibriSpeech-like lengths), memory is bounded by the pool, and a worker only ever reads a
       contiguous byte range of each shard.
 
@@ -177,7 +177,7 @@ class EpochPlan:
         similar length (the sorted run of ``B`` with the smallest relative span). At the end the pool
         is sorted and cut (train: in shuffled batch order). Only frame counts from the manifest are
         used, so this is part of the pure plan; memory stays bounded by the pool, and for the same
-        memory it pads ~3x less than sort-and-cut windows (4 % vs 13 % on LibriSpeech-like lengths
+        memory it pads ~2-3x less than sort-and-cut windows (4-6 % vs 13 % on LibriSpeech-like lengths
         at 16 x batch)."""
         if not 0 <= w < self.num_workers:
             raise ValueError(f"worker {w} outside {self.num_workers} workers")
