@@ -425,7 +425,7 @@ def train(args) -> int:
 
     model = raw_model
     if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, dynamic=True)  # crops and eval vary T: one graph, no recompiles
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 

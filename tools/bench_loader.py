@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spkr.stream import SpeakerLoader  # noqa: E402
-from spkr.stream.plan import EpochPlan  # noqa: E402
+from spkr.stream.plan import EpochPlan, default_bucket_window  # noqa: E402
 
 N_MELS = 80
 
@@ -244,6 +244,9 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--dir", default=None, help="work dir (default: a temp dir, removed)")
+    # One thread, as in a DataLoader worker: every method's per-row copies run alike (with 2 OpenMP
+    # threads such small copies are ~25x slower on this machine, which would distort the comparison).
+    torch.set_num_threads(1)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     root = Path(args.dir or tempfile.mkdtemp(prefix="spkr-bench-"))
@@ -296,7 +299,7 @@ def main(argv=None):
         pad = padding(B)
         print(
             f"\npadding (28.1k LibriSpeech-like lengths, batch {B}): random batching {pad['random']:.1%}, "
-            f"bucketed (window {16 * B}) {pad['bucketed']:.1%}   (target <= 5%) "
+            f"bucketed (window {default_bucket_window(B)}) {pad['bucketed']:.1%}   (target <= 5%) "
             f"{'OK' if pad['bucketed'] <= 0.05 else 'MISS'}"
         )
         # RSS: 10x more shards (and samples) must not grow the loader's memory
