@@ -38,7 +38,7 @@ def _error_rates(scores, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     fp = np.cumsum(~t)
     last = np.r_[s[1:] != s[:-1], True]  # keep the last index of each run of equal scores
     tp, fp, thr = tp[last], fp[last], s[last]
-    fnr = np.r_[1.0, 1.0 - tp / n_tar]
+    fnr = np.r_[1.0, (n_tar - tp) / n_tar]
     fpr = np.r_[0.0, fp / n_non]
     return fnr, fpr, np.r_[np.inf, thr]
 
@@ -47,15 +47,17 @@ def compute_eer(scores, targets) -> tuple[float, float]:
     """Equal error rate (linear interpolation where miss and false-alarm rates cross) and its threshold."""
     fnr, fpr, thr = _error_rates(scores, targets)
     d = fnr - fpr  # decreasing from 1 to -1
-    k = int(np.argmax(d <= 0))
-    if d[k] == 0 or k == 0:
+    k = int(np.argmax(d <= 1e-12))
+    if abs(d[k]) <= 1e-12 or k == 0:
         return float(fnr[k]), float(thr[k])
     a = d[k - 1] / (d[k - 1] - d[k])
     eer = fnr[k - 1] + a * (fnr[k] - fnr[k - 1])
     return float(eer), float(thr[k])
 
 
-def compute_min_dcf(scores, targets, p_target: float = 0.01, c_miss: float = 1.0, c_fa: float = 1.0) -> tuple[float, float]:
+def compute_min_dcf(
+    scores, targets, p_target: float = 0.01, c_miss: float = 1.0, c_fa: float = 1.0
+) -> tuple[float, float]:
     """Normalised minimum detection cost min_t (c_miss p fnr + c_fa (1-p) fpr) / min(c_miss p, c_fa (1-p))
     and its threshold."""
     fnr, fpr, thr = _error_rates(scores, targets)
@@ -116,7 +118,9 @@ def cosine_scores(emb: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return np.einsum("nd,nd->n", e[i], e[j])
 
 
-def verification(emb: np.ndarray, labels, max_pairs: int = 200_000, seed: int = 0, p_target: float = 0.01) -> dict:
+def verification(
+    emb: np.ndarray, labels, max_pairs: int = 200_000, seed: int = 0, p_target: float = 0.01
+) -> dict:
     """EER / minDCF of cosine scoring over trial pairs of these embeddings."""
     i, j, tar = make_trials(labels, max_pairs, seed)
     scores = cosine_scores(emb, i, j)
@@ -259,7 +263,9 @@ def main(argv=None) -> int:
         shards = args.shards or ckpt.get("shards")
         if not shards:
             raise ValueError("no --shards given and the checkpoint does not name its shards")
-        opts = storage.storage_options_from_env(json.loads(args.storage_options) if args.storage_options else None)
+        opts = storage.storage_options_from_env(
+            json.loads(args.storage_options) if args.storage_options else None
+        )
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
         res = evaluate_checkpoint(
             ckpt,
@@ -280,7 +286,9 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{args.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
-    line = f"[evaluate] {args.split}: loss {res['loss']:.4f}  acc {100 * res['acc']:.2f}% ({res['n']} samples)"
+    line = (
+        f"[evaluate] {args.split}: loss {res['loss']:.4f}  acc {100 * res['acc']:.2f}% ({res['n']} samples)"
+    )
     if "verification" in res:
         v = res["verification"]
         line += f"  EER {100 * v['eer']:.2f}%  minDCF(0.01) {v['min_dcf']:.4f} ({v['trials']} trials)"

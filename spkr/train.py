@@ -117,8 +117,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="resume from <out>/last.pt (error if absent)")
     p.add_argument("--fresh", action="store_true", help="start over even if <out>/last.pt exists")
     p.add_argument("--storage-options", default=None, help="JSON fsspec options (else $SPKR_STORAGE_OPTIONS)")
-    p.add_argument("--profile", action="store_true", help="write a torch.profiler Chrome trace of a few steps, exit")
-    p.add_argument("--data-only", action="store_true", help="only run the data pipeline (spkr.stream.data_only)")
+    p.add_argument(
+        "--profile", action="store_true", help="write a torch.profiler Chrome trace of a few steps, exit"
+    )
+    p.add_argument(
+        "--data-only", action="store_true", help="only run the data pipeline (spkr.stream.data_only)"
+    )
     p.add_argument("--log-keys", default=None, help="with --data-only: write the keys each rank reads here")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no rich progress bar")
@@ -160,10 +164,18 @@ def load_configs(args):
 
 
 def setup_distributed(device_arg: str | None):
-    ddp = int(os.environ.get("RANK", -1)) != -1 and int(os.environ.get("WORLD_SIZE", 1)) >= 1 and "MASTER_ADDR" in os.environ
+    ddp = (
+        int(os.environ.get("RANK", -1)) != -1
+        and int(os.environ.get("WORLD_SIZE", 1)) >= 1
+        and "MASTER_ADDR" in os.environ
+    )
     use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
     if ddp:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        rank, world, local = (
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", 0)),
+        )
         if use_cuda:
             torch.cuda.set_device(local)
             device = torch.device("cuda", local)
@@ -215,7 +227,13 @@ class Logger:
 
             self.console = Console(stderr=True, highlight=False)
             if progress and self.console.is_terminal:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeRemainingColumn,
+                )
 
                 self.progress = Progress(
                     TextColumn("[bold]epoch {task.fields[epoch]}"),
@@ -287,10 +305,14 @@ def check_shards(shards: str, opts: dict) -> None:
         raise TrainError(f"{shards}: shards directory is empty (make it with python -m spkr.tools.shard)")
 
 
-def evaluate_distributed(raw_model, loader, device, amp_dtype, ddp: bool, embeddings: bool = False, world: int = 1):
+def evaluate_distributed(
+    raw_model, loader, device, amp_dtype, ddp: bool, embeddings: bool = False, world: int = 1
+):
     """Each rank evaluates its own samples with the unwrapped model; sums are all-reduced once."""
     sums = run_split(raw_model, loader, device, amp_dtype, embeddings=embeddings)
-    loss_sum, correct, count = all_reduce_sums([sums["loss_sum"], sums["correct"], sums["count"]], device, ddp)
+    loss_sum, correct, count = all_reduce_sums(
+        [sums["loss_sum"], sums["correct"], sums["count"]], device, ddp
+    )
     res = summarise({"loss_sum": loss_sum, "correct": correct, "count": count})
     if embeddings:
         parts = gather((sums["emb"], sums["labels"]), ddp, world)
@@ -333,7 +355,9 @@ def main(argv=None) -> int:
 def train(args) -> int:
     t_start = time.time()
     model_cfg, cfg = load_configs(args)
-    opts = storage.storage_options_from_env(json.loads(args.storage_options) if args.storage_options else None)
+    opts = storage.storage_options_from_env(
+        json.loads(args.storage_options) if args.storage_options else None
+    )
     check_shards(args.shards, opts)
     out = Path(args.out)
 
@@ -400,8 +424,12 @@ def train(args) -> int:
         except ManifestError as e:
             raise TrainError(f"cannot resume from {last}: {e}") from None
         if ckpt["model_config"] != to_dict(model_cfg):
-            diff = sorted(k for k in ckpt["model_config"] if ckpt["model_config"][k] != to_dict(model_cfg).get(k))
-            raise TrainError(f"cannot resume from {last}: the [model] config differs from the checkpoint's in {diff}")
+            diff = sorted(
+                k for k in ckpt["model_config"] if ckpt["model_config"][k] != to_dict(model_cfg).get(k)
+            )
+            raise TrainError(
+                f"cannot resume from {last}: the [model] config differs from the checkpoint's in {diff}"
+            )
         if ckpt["world_size"] != world and ckpt["batches_done"] > 0:
             raise TrainError(
                 f"cannot resume {last} mid-epoch with world size {world}: it was written by {ckpt['world_size']} ranks"
@@ -516,12 +544,23 @@ def train(args) -> int:
     while not stop and epoch < cfg.epochs:
         train_loader.set_epoch(epoch)
         if loader_state is not None:
-            train_loader.load_state_dict(loader_state)
+            try:
+                train_loader.load_state_dict(loader_state)
+            except ValueError as e:
+                raise TrainError(f"cannot resume from {last}: {e}") from None
             loader_state = None
         micro = batches_done
         logger.start_epoch(epoch, micro_per_epoch, micro)
         it = iter(train_loader)
-        win = {"t": time.perf_counter(), "wait": 0.0, "steps": 0, "samples": 0, "loss": 0.0, "correct": 0, "n": 0}
+        win = {
+            "t": time.perf_counter(),
+            "wait": 0.0,
+            "steps": 0,
+            "samples": 0,
+            "loss": 0.0,
+            "correct": 0,
+            "n": 0,
+        }
         while micro < micro_per_epoch:
             group_start = micro - (micro % cfg.grad_accum)
             group_size = min(cfg.grad_accum, micro_per_epoch - group_start)
@@ -590,7 +629,15 @@ def train(args) -> int:
                     logger.advance(0, stats)
                 else:
                     logger.log(f"epoch {epoch} step {step}/{total_steps} {stats}")
-                win = {"t": time.perf_counter(), "wait": 0.0, "steps": 0, "samples": 0, "loss": 0.0, "correct": 0, "n": 0}
+                win = {
+                    "t": time.perf_counter(),
+                    "wait": 0.0,
+                    "steps": 0,
+                    "samples": 0,
+                    "loss": 0.0,
+                    "correct": 0,
+                    "n": 0,
+                }
 
             if step >= total_steps:
                 stop = True
@@ -605,7 +652,9 @@ def train(args) -> int:
             valid_loader.set_epoch(epoch)
             res = evaluate_distributed(raw_model, valid_loader, device, amp_dtype, ddp)
             logger.metrics({"kind": "valid", "time": time.time(), "epoch": epoch, "step": step, **res})
-            logger.log(f"epoch {epoch} valid: loss {res['loss']:.4f} acc {100 * res['acc']:.2f}% ({res['n']} samples)")
+            logger.log(
+                f"epoch {epoch} valid: loss {res['loss']:.4f} acc {100 * res['acc']:.2f}% ({res['n']} samples)"
+            )
         stop = stop or next_epoch >= cfg.epochs
         paths = [last]
         if end_of_epoch:
@@ -628,7 +677,11 @@ def train(args) -> int:
         logger.metrics(row)
         (out / "test.json").write_text(json.dumps(row, indent=1) + "\n")
         v = row["verification"]
-        ver = f"  EER {100 * v['eer']:.2f}%  minDCF(0.01) {v['min_dcf']:.4f}" if "eer" in v else f" ({v['error']})"
+        ver = (
+            f"  EER {100 * v['eer']:.2f}%  minDCF(0.01) {v['min_dcf']:.4f}"
+            if "eer" in v
+            else f" ({v['error']})"
+        )
         logger.log(f"test: loss {res['loss']:.4f} acc {100 * res['acc']:.2f}% ({res['n']} samples){ver}")
         logger.log(f"done in {time.time() - t_start:.1f} s; checkpoint {last}")
     logger.close()

@@ -91,7 +91,9 @@ def main(argv=None) -> int:
         ckpts = epoch_checkpoints(run)
         if not ckpts:
             raise ValueError(f"{run}: no per-epoch checkpoints (ckpt-epochNNN.pt)")
-        opts = storage.storage_options_from_env(json.loads(args.storage_options) if args.storage_options else None)
+        opts = storage.storage_options_from_env(
+            json.loads(args.storage_options) if args.storage_options else None
+        )
         first = load_ckpt(ckpts[0][1])
         shards = args.shards or first.get("shards")
         if not shards:
@@ -110,7 +112,9 @@ def main(argv=None) -> int:
             line = []
             for split, loader in loaders.items():
                 res = summarise(run_split(model, loader, torch.device("cpu")))
-                losses["splits"][split].append({"epoch": epoch, "step": ckpt.get("step"), "checkpoint": path.name, **res})
+                losses["splits"][split].append(
+                    {"epoch": epoch, "step": ckpt.get("step"), "checkpoint": path.name, **res}
+                )
                 line.append(f"{split} loss {res['loss']:.4f} acc {100 * res['acc']:.2f}%")
             print(f"[chart_losses] epoch {epoch}: " + "  ".join(line))
     except (CheckpointError, ManifestError, ValueError, FileNotFoundError) as e:
@@ -118,7 +122,9 @@ def main(argv=None) -> int:
         return 2
     metrics = read_metrics(run)
     losses["train"] = [
-        {k: r.get(k) for k in ("epoch", "step", "loss", "acc", "lr")} for r in metrics if r.get("kind") == "train"
+        {k: r.get(k) for k in ("epoch", "step", "loss", "acc", "lr")}
+        for r in metrics
+        if r.get("kind") == "train"
     ]
     (run / "losses.json").write_text(json.dumps(losses, indent=1) + "\n")
     chart(losses, metrics, run / "losses.png")

@@ -1,0 +1,94 @@
+"""EER / minDCF on hand-computable score sets, trial pairs, and chart_losses over a real run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spkr.evaluate import compute_eer, compute_min_dcf, cosine_scores, make_trials, verification
+
+
+def test_eer_and_min_dcf_hand_computed():
+    # accept iff score >= t.  t=0.8: miss 1/3, fa 0;  t=0.5: miss 1/3, fa 1/3  -> EER 1/3
+    scores = [0.9, 0.8, 0.3, 0.5, 0.2, 0.1]
+    tar = [1, 1, 1, 0, 0, 0]
+    eer, thr = compute_eer(scores, tar)
+    assert eer == pytest.approx(1 / 3) and thr == pytest.approx(0.5)
+    # minDCF(p=0.01) = min_t (0.01 miss + 0.99 fa) / 0.01 = min_t (miss + 99 fa) = 1/3 at t = 0.8
+    dcf, dthr = compute_min_dcf(scores, tar, p_target=0.01)
+    assert dcf == pytest.approx(1 / 3) and dthr == pytest.approx(0.8)
+    # p_target 0.5: (0.5 miss + 0.5 fa) / 0.5 = miss + fa, best 1/3 (t = 0.8 or 0.3)
+    assert compute_min_dcf(scores, tar, p_target=0.5)[0] == pytest.approx(1 / 3)
+
+
+def test_eer_interpolates_across_ties():
+    # tie at 1.0 between a target and a non-target: the ROC goes diagonally from (fa 0, miss 1/2)
+    # to (fa 1/2, miss 0); the rates cross half way: EER 1/4
+    assert compute_eer([2.0, 1.0, 1.0, 0.0], [1, 1, 0, 0])[0] == pytest.approx(0.25)
+    assert compute_eer([3.0, 2.0, 1.0], [1, 0, 1])[0] == pytest.approx(0.5)
+
+
+def test_extremes():
+    assert compute_eer([0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0])[0] == 0.0
+    assert compute_min_dcf([0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0])[0] == 0.0
+    assert compute_eer([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0])[0] == 1.0
+    assert compute_min_dcf([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0])[0] == pytest.approx(1.0)  # reject all
+    with pytest.raises(ValueError, match="non-target"):
+        compute_eer([0.1, 0.2], [1, 1])
+
+
+def test_eer_matches_brute_force_on_random_scores():
+    rng = np.random.default_rng(0)
+    tar = rng.normal(1.0, 1.0, 400)
+    non = rng.normal(-1.0, 1.0, 600)
+    s = np.r_[tar, non]
+    y = np.r_[np.ones(400), np.zeros(600)]
+    eer, _ = compute_eer(s, y)
+    grid = np.sort(s)
+    fnr = np.array([(tar < t).mean() for t in grid])
+    fpr = np.array([(non >= t).mean() for t in grid])
+    k = np.argmin(np.abs(fnr - fpr))
+    assert abs(eer - (fnr[k] + fpr[k]) / 2) < 0.01
+    assert abs(eer - 0.1587) < 0.03  # Phi(-1) for unit-variance Gaussians 2 apart
+
+
+def test_trials_all_pairs_and_sampled():
+    i, j, t = make_trials([0, 0, 1, 1, 2, 2])
+    assert len(i) == 15 and t.sum() == 3 and np.all(i < j)
+    labels = np.repeat(np.arange(10), 10)
+    i, j, t = make_trials(labels, max_pairs=200, seed=1)
+    assert len(i) == 200 and t.sum() == 100 and np.all(i < j)
+    assert len(set(zip(i.tolist(), j.tolist()))) == 200
+    assert np.array_equal(t, labels[i] == labels[j])
+    i2, j2, _ = make_trials(labels, max_pairs=200, seed=1)
+    assert np.array_equal(i, i2) and np.array_equal(j, j2)
+
+
+def test_cosine_verification_on_clustered_embeddings():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(5, 16))
+    labels = np.repeat(np.arange(5), 8)
+    emb = centers[labels] + 0.05 * rng.normal(size=(40, 16))
+    assert cosine_scores(emb, np.array([0]), np.array([0]))[0] == pytest.approx(1.0)
+    v = verification(emb, labels, max_pairs=0)
+    assert v["eer"] == 0.0 and v["min_dcf"] == 0.0 and v["trials"] == 40 * 39 // 2
+
+
+@pytest.mark.slow
+def test_chart_losses_over_a_real_run(tmp_path_factory):
+    from spkr.tools.chart_losses import main
+    from tests.test_train_e2e import killed_run
+
+    info = killed_run(tmp_path_factory.getbasetemp())
+    run = Path(info["run"])
+    assert main(["--run", str(run), "--splits", "valid"]) == 0
+    losses = json.loads((run / "losses.json").read_text())
+    rows = losses["splits"]["valid"]
+    assert [r["epoch"] for r in rows] == sorted(r["epoch"] for r in rows) and len(rows) >= 2
+    assert all(0 <= r["acc"] <= 1 and r["loss"] > 0 for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert losses["train"] and (run / "losses.png").stat().st_size > 1000
+    assert main(["--run", str(tmp_path_factory.mktemp("empty"))]) == 2

@@ -1,0 +1,237 @@
+"""spkr.train units: the schedule, config loading, checkpoints (weights_only, tampering refused),
+bad-input errors, resume checks against other shards."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spkr import checkpoint as ck
+from spkr.config import ConfigError
+from spkr.train import TrainConfig, load_configs, lr_factor, main, parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def test_lr_schedule_warmup_then_cosine():
+    total, warm, floor = 110, 10, 0.1
+    f = [lr_factor(s, total, warm, floor) for s in range(total + 5)]
+    assert f[0] == pytest.approx(0.1) and f[4] == pytest.approx(0.5) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0)  # cosine starts at the peak
+    assert f[60] == pytest.approx(floor + (1 - floor) * 0.5)  # half way: cos(pi/2) = 0
+    assert f[110] == pytest.approx(floor) and f[114] == pytest.approx(floor)  # clamped at the floor
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # monotone decay
+    assert lr_factor(0, 50, 0, 0.0) == pytest.approx(1.0)
+    assert lr_factor(25, 50, 0, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
+
+
+def test_lr_schedule_drives_adamw_through_lambdalr():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=2.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 20, 4, 0.0))
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0])
+
+
+# --------------------------------------------------------------------------- config
+
+
+def write_cfg(tmp_path, train: str, model: str = "") -> Path:
+    text = (REPO / "configs" / "tiny.toml").read_text()
+    head = text.split("[train]")[0]
+    p = tmp_path / "cfg.toml"
+    p.write_text(head + model + "\n[train]\n" + train)
+    return p
+
+
+def test_config_file_and_cli_overrides(tmp_path):
+    cfg = write_cfg(tmp_path, "epochs = 3\nlr = 0.01\ncompile = false\n")
+    args = parse_args(["--shards", "x", "--out", "y", "--config", str(cfg), "--lr", "0.5", "--compile"])
+    _, t = load_configs(args)
+    assert (t.epochs, t.lr, t.compile) == (3, 0.5, True)
+    args = parse_args(
+        ["--shards", "x", "--out", "y", "--config", str(cfg), "--dtype", "fp32", "--no-compile"]
+    )
+    _, t = load_configs(args)
+    assert (t.dtype, t.compile) == ("fp32", False)
+
+
+def test_unknown_train_key_is_a_config_error(tmp_path):
+    cfg = write_cfg(tmp_path, "epochs = 3\nlearning_rate = 0.01\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_configs(parse_args(["--shards", "x", "--out", "y", "--config", str(cfg)]))
+    with pytest.raises(SystemExit, match="unknown key.*learning_rate"):
+        main(["--shards", str(tmp_path), "--out", str(tmp_path / "run"), "--config", str(cfg)])
+
+
+def test_bad_values_are_config_errors(tmp_path):
+    from spkr.config import from_dict
+
+    with pytest.raises(ConfigError, match="dtype"):
+        from_dict(TrainConfig, {"dtype": "int8"}, "t")
+    with pytest.raises(ConfigError, match="batch_size"):
+        from_dict(TrainConfig, {"batch_size": 0}, "t")
+    with pytest.raises(ConfigError, match="epochs"):
+        from_dict(TrainConfig, {"epochs": "ten"}, "t")
+
+
+def test_repo_configs_train_tables_load():
+    for path in sorted((REPO / "configs").glob("*.toml")):
+        load_configs(parse_args(["--shards", "x", "--out", "y", "--config", str(path)]))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_and_empty_shards_dir(tmp_path):
+    cfg = str(REPO / "configs" / "tiny.toml")
+    with pytest.raises(SystemExit, match="not found"):
+        main(["--shards", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), "--config", cfg])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="empty"):
+        main(["--shards", str(tmp_path / "empty"), "--out", str(tmp_path / "run"), "--config", cfg])
+    (tmp_path / "nomanifest" / "train").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="manifest"):
+        main(["--shards", str(tmp_path / "nomanifest"), "--out", str(tmp_path / "run"), "--config", cfg])
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        main(["--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "run"), "--resume"])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_roundtrip_weights_only(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    torch.manual_seed(5)
+    np.random.seed(6)
+    random.seed(7)
+    state = ck.rng_state()
+    expect = (torch.rand(3), np.random.rand(3), random.random())
+    obj = {
+        "format": ck.FORMAT,
+        "version": ck.VERSION,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "rng": [state],
+        "loader": [ck.to_plain({"epoch": np.int64(2), "batches": 3, "arr": np.arange(3)})],
+        "labels": ["19", "26"],
+        "feature_config": {"n_mels": 80},
+        "step": 7,
+    }
+    path = tmp_path / "ckpt.pt"
+    ck.save_atomic(obj, path, tmp_path / "copy.pt")
+    assert not list(tmp_path.glob(".*tmp"))  # no temp files left
+    back = ck.load(path)
+    torch.load(tmp_path / "copy.pt", weights_only=True)
+    assert torch.equal(back["model"]["weight"], model.state_dict()["weight"])
+    assert back["optimizer"]["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+    assert back["loader"][0] == {"epoch": 2, "batches": 3, "arr": [0, 1, 2]}
+    torch.rand(5), np.random.rand(5), random.random()  # move every generator on
+    ck.set_rng_state(back["rng"][0])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expect[0]) and np.array_equal(got[1], expect[1]) and got[2] == expect[2]
+
+
+class _Evil:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_tampered_checkpoint_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": ck.FORMAT, "version": ck.VERSION, "model": {}, "x": _Evil(str(marker))}, path)
+    assert not marker.exists()
+    with pytest.raises(ck.CheckpointError, match="refusing to load"):
+        ck.load(path)
+    assert not marker.exists()
+    # the CLIs refuse it too, cleanly
+    from spkr.evaluate import main as eval_main
+    from spkr.predict import main as predict_main
+
+    assert eval_main(["--checkpoint", str(path), "--shards", str(tmp_path)]) == 2
+    assert predict_main(["x.flac", "--checkpoint", str(path)]) == 2
+    assert not marker.exists()
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a zip file at all")
+    with pytest.raises(ck.CheckpointError, match="cannot read|refusing"):
+        ck.load(tmp_path / "junk.pt")
+    torch.save({"something": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ck.CheckpointError, match="not an spkr checkpoint"):
+        ck.load(tmp_path / "other.pt")
+    with pytest.raises(ck.CheckpointError, match="not found"):
+        ck.load(tmp_path / "missing.pt")
+
+
+# --------------------------------------------------------------------------- resume checks (reuse the e2e run)
+
+
+def _altered_shards(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    edit(m)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_labels_or_features(tmp_path, tmp_path_factory):
+    from tests.test_train_e2e import demo_shards, killed_run
+
+    base = tmp_path_factory.getbasetemp()
+    info = killed_run(base)
+    shards = demo_shards(base)
+    cfg = str(REPO / "configs" / "tiny.toml")
+
+    def swap_labels(m):
+        m["labels"][0], m["labels"][1] = m["labels"][1], m["labels"][0]
+
+    def other_features(m):
+        m["feature_config"]["f_max"] = 7000.0
+
+    for name, edit, pattern in [
+        ("labels", swap_labels, "label map"),
+        ("feats", other_features, "feature config"),
+    ]:
+        alt = _altered_shards(shards, tmp_path / name, edit)
+        run = tmp_path / f"run-{name}"
+        run.mkdir()
+        shutil.copy(Path(info["run"]) / "last.pt", run / "last.pt")
+        with pytest.raises(SystemExit, match=pattern):
+            main(["--shards", str(alt), "--out", str(run), "--config", cfg, "--resume", "--no-compile"])
+        # evaluate names the mismatch too
+        from spkr.evaluate import main as eval_main
+
+        assert (
+            eval_main(
+                ["--checkpoint", str(run / "last.pt"), "--shards", str(alt), "--out", str(run / "e.json")]
+            )
+            == 2
+        )
