@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # spkr end-to-end demo on CPU: shard the bundled demo corpus, train the tiny Mamba on 2 ranks
 # (torchrun, gloo), evaluate (accuracy, EER, minDCF), chart the dataset and the losses.
-#   scripts/demo.sh            (env: SHARDS=shards/demo RUN=runs/demo NPROC=2)
+#   scripts/demo.sh            (env: SHARDS=shards/demo RUN=runs/demo CONFIG=configs/tiny.toml NPROC=2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARDS=${SHARDS:-shards/demo}
 RUN=${RUN:-runs/demo}
+CONFIG=${CONFIG:-configs/tiny.toml}
 NPROC=${NPROC:-2}
 export OMP_NUM_THREADS=1 # one intra-op thread per rank: 2 ranks on 2 cores
 start=$(date +%s)
@@ -13,9 +14,9 @@ start=$(date +%s)
 echo "== 1/5 shard the bundled corpus -> $SHARDS"
 python -m spkr.tools.shard --source data/demo --subsets train.100 --out "$SHARDS" --workers 2
 
-echo "== 2/5 train ($NPROC ranks, configs/tiny.toml) -> $RUN"
+echo "== 2/5 train ($NPROC ranks, $CONFIG) -> $RUN"
 torchrun --standalone --nproc_per_node "$NPROC" -m spkr.train \
-    --config configs/tiny.toml --shards "$SHARDS" --out "$RUN" --fresh
+    --config "$CONFIG" --shards "$SHARDS" --out "$RUN" --fresh
 
 echo "== 3/5 evaluate the test split (accuracy, EER, minDCF)"
 python -m spkr.evaluate --checkpoint "$RUN/last.pt" --shards "$SHARDS" --split test --out "$RUN/eval-test.json"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -66,6 +67,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     class_weighted: bool = True  # cross-entropy weighted by the manifest's class weights
     crop_frames: int = 300  # random training crops of this many frames (0 = whole utterances)
+    freq_masks: int = 0  # SpecAugment: this many frequency masks per training utterance ...
+    freq_mask_width: int = 8  # ... each up to this many mel bins wide
+    time_masks: int = 0  # SpecAugment: this many time masks per training utterance ...
+    time_mask_width: int = 20  # ... each up to this many frames long
     num_workers: int = 2  # DataLoader workers per rank
     seed: int = 0
     dtype: str = "auto"  # "auto" | "bf16" | "fp16" | "fp32" (autocast dtype; auto = bf16 if supported)
@@ -81,11 +86,35 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "crop_frames", "num_workers", "ckpt_every", "verify_pairs"):
+        for name in (
+            "max_steps", "warmup_steps", "crop_frames", "num_workers", "ckpt_every", "verify_pairs",
+            "freq_masks", "freq_mask_width", "time_masks", "time_mask_width",
+        ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("need lr > 0 and 0 <= min_lr_ratio <= 1")
+
+
+def spec_augment(mel: torch.Tensor, lengths: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """SpecAugment masking (zero = the normalised mean) of a (B, T, F) batch, within each utterance's
+    length; widths uniform in [0, width]. Uses the global torch RNG (saved in checkpoints)."""
+    if not cfg.freq_masks and not cfg.time_masks:
+        return mel
+    B, T, n_freq = mel.shape
+    keep = torch.ones(B, T, n_freq, dtype=torch.bool)
+    f_idx = torch.arange(n_freq)[None, :]
+    t_idx = torch.arange(T)[None, :]
+    for _ in range(cfg.freq_masks):
+        w = torch.randint(0, cfg.freq_mask_width + 1, (B, 1))
+        f0 = (torch.rand(B, 1) * (n_freq - w + 1)).long()
+        keep &= ~((f_idx >= f0) & (f_idx < f0 + w))[:, None, :]
+    lens = lengths.cpu()[:, None]
+    for _ in range(cfg.time_masks):
+        w = torch.minimum(torch.randint(0, cfg.time_mask_width + 1, (B, 1)), lens // 5)
+        t0 = (torch.rand(B, 1) * (lens - w + 1).clamp(min=1)).long()
+        keep &= ~((t_idx >= t0) & (t_idx < t0 + w))[:, :, None]
+    return mel * keep.to(mel.device, mel.dtype)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -181,7 +210,24 @@ def setup_distributed(device_arg: str | None):
             device = torch.device("cuda", local)
         else:
             device = torch.device("cpu")
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        backend = "nccl" if use_cuda else "gloo"
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restart > 0:
+            # After a torchrun restart the agent's store still holds the previous attempt's gloo
+            # addresses under the same keys (connectFullMesh then dials dead workers): use a
+            # fresh key prefix per attempt.
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                world,
+                is_master=not agent_store and rank == 0,
+                timeout=datetime.timedelta(minutes=10),
+            )
+            store = dist.PrefixStore(f"spkr/attempt{restart}", store)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend=backend)
     else:
         rank, world, local = 0, 1, 0
         device = torch.device("cuda" if use_cuda else "cpu")
@@ -372,8 +418,7 @@ def train(args) -> int:
 
     ddp, rank, world, local_rank, device = setup_distributed(args.device)
     master = rank == 0
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     amp_dtype = resolve_dtype(cfg.dtype, device)
     use_scaler = amp_dtype == torch.float16
     logger = Logger(out, master, progress=not args.no_progress)
@@ -571,6 +616,7 @@ def train(args) -> int:
                 mel = batch["mel"].to(device, non_blocking=True)
                 lengths = batch["lengths"].to(device, non_blocking=True)
                 y = batch["labels"].to(device, non_blocking=True)
+                mel = spec_augment(mel, lengths, cfg)
                 last_micro = micro - group_start == group_size - 1
                 sync = contextlib.nullcontext() if (not ddp or last_micro) else model.no_sync()
                 with sync:

@@ -15,7 +15,7 @@ import torch
 
 from spkr import checkpoint as ck
 from spkr.config import ConfigError
-from spkr.train import TrainConfig, load_configs, lr_factor, main, parse_args
+from spkr.train import TrainConfig, load_configs, lr_factor, main, parse_args, spec_augment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,6 +45,23 @@ def test_lr_schedule_drives_adamw_through_lambdalr():
         opt.step()
         sched.step()
     assert lrs[:5] == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0])
+
+
+def test_spec_augment_masks_within_lengths_only():
+    mel = torch.ones(4, 60, 80)
+    lengths = torch.tensor([60, 40, 20, 5])
+    assert spec_augment(mel, lengths, TrainConfig()) is mel  # off by default
+    torch.manual_seed(0)
+    cfg = TrainConfig(freq_masks=2, freq_mask_width=10, time_masks=2, time_mask_width=20)
+    out = spec_augment(mel, lengths, cfg)
+    assert out.shape == mel.shape and set(out.unique().tolist()) <= {0.0, 1.0}
+    masked = out == 0
+    # a frequency mask spans whole rows of bins; at most 2 x 10 bins are masked in every frame
+    full_bins = masked.all(dim=1).sum(dim=1)
+    assert (full_bins <= 20).all()
+    # time masks never exceed a fifth of the utterance each and never touch padding positions' meaning
+    full_frames = masked.all(dim=2).sum(dim=1)
+    assert (full_frames <= 2 * (lengths // 5) + (60 - lengths)).all()
 
 
 # --------------------------------------------------------------------------- config

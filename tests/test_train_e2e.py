@@ -102,7 +102,7 @@ def killed_run(base: Path) -> dict:
     shards = demo_shards(base)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+        "--standalone",
         "-m", "spkr.train", "--config", str(REPO / "configs" / "tiny.toml"), "--shards", str(shards),
         "--out", str(run), "--epochs", str(RUN_EPOCHS), "--batch-size", "8", "--warmup-steps", "5",
         "--lr", "3e-3", "--ckpt-every", "2", "--log-every", "1", "--num-workers", "1", "--crop-frames", "0",
