@@ -329,7 +329,7 @@ def apply_channel(x: np.ndarray, sess: Session, rng: np.random.Generator) -> tup
     """Per-utterance channel: speed perturbation, reverb, noise, EQ/band-limit, gain. Returns int16-ready."""
     info: dict = {}
     # speed (pitch + tempo) perturbation by linear-phase resampling around the session's speed
-    speed = sess.speed * float(rng.uniform(0.92, 1.08))
+    speed = sess.speed * float(rng.uniform(0.97, 1.03))
     if abs(speed - 1.0) > 1e-3:
         n_out = int(round(len(x) / speed))
         # band-limit before (if speeding up) to avoid aliasing, then interpolate
