@@ -239,18 +239,19 @@ def test_shard_to_s3_on_a_loopback_server(tiny_corpus, tmp_path, monkeypatch):
         for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
             monkeypatch.setenv(k, v)
         endpoint = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="spkr")
+        bucket = f"spkr-shards-{port}"  # moto's state is per process: keep clear of other tests' buckets
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
         opts = json.dumps(
             {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
         )
         monkeypatch.setenv("SPKR_STORAGE_OPTIONS", opts)
-        assert run_shard(tiny_corpus, "s3://spkr/demo") == 0
-        remote = Manifest.load("s3://spkr/demo")
+        assert run_shard(tiny_corpus, f"s3://{bucket}/demo") == 0
+        remote = Manifest.load(f"s3://{bucket}/demo")
         local = tmp_path / "local"
         assert run_shard(tiny_corpus, local) == 0
         a, b = dict(remote.data), manifest_without_time(local)
         a.pop("created")
         assert a == b  # same shards, byte for byte (sha256 in the entries)
-        assert run_shard(tiny_corpus, "s3://spkr/demo") == 0  # re-run: everything already complete
+        assert run_shard(tiny_corpus, f"s3://{bucket}/demo") == 0  # re-run: everything already complete
     finally:
         server.stop()

@@ -196,15 +196,16 @@ def test_train_streams_from_loopback_s3(session_base, tmp_path):
             "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
         }
         fs = s3fs.S3FileSystem(**opts)
-        fs.mkdir("spkr-test")
-        fs.put(str(shards) + "/", "spkr-test/demo/", recursive=True)
+        bucket = f"spkr-train-{port}"  # moto's state is per process: other tests' buckets are visible
+        fs.mkdir(bucket)
+        fs.put(str(shards) + "/", f"{bucket}/demo/", recursive=True)
         run = tmp_path / "s3run"
         env = _env(SPKR_STORAGE_OPTIONS=json.dumps(opts), AWS_EC2_METADATA_DISABLED="true")
         for k in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
             env.pop(k, None)
         r = subprocess.run(
             [sys.executable, "-m", "spkr.train", "--config", str(REPO / "configs" / "tiny.toml"),
-             "--shards", "s3://spkr-test/demo", "--out", str(run), "--epochs", "1", "--max-steps", "4",
+             "--shards", f"s3://{bucket}/demo", "--out", str(run), "--epochs", "1", "--max-steps", "4",
              "--batch-size", "8", "--no-compile", "--num-workers", "1", "--no-progress", "--log-every", "1"],
             env=env, capture_output=True, text=True, cwd=REPO, timeout=300,
         )  # fmt: skip

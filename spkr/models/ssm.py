@@ -6,8 +6,8 @@ Each scan has two implementations that compute the same function:
   (mamba-minimal style). Slow; used by tests and the benchmark only.
 * a **chunked fast path** (``selective_scan_chunked``, ``ssd_chunked``): no Python loop over time steps.
   The sequence is cut into chunks of ``L`` frames; inside a chunk everything is a parallel tensor
-  expression, across chunks a short recurrence over ``c = T / L`` chunk states (a work-efficient
-  odd-even / Blelloch scan, ``_linear_scan``: O(c) work, log2(c) levels, so the cost is linear in T).
+  expression, across chunks a short recurrence over ``c = T / L`` chunk states (done as a log-depth
+  Hillis-Steele scan for Mamba-1 and as a small ``c x c`` segment-sum matrix for Mamba-2).
 
 Both fast paths upcast to float32 inside (autocast is disabled in the scan) and return float32; callers
 under bf16 autocast get the cast back by the next autocast-aware op.
@@ -94,33 +94,19 @@ def selective_scan_ref(
     return y
 
 
-def _linear_scan(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Inclusive scan H_k = g_k * H_{k-1} + u_k along dim 1 (H_{-1} = 0); work-efficient, O(c) work.
+def _linear_scan_hs(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inclusive scan H_k = g_k * H_{k-1} + u_k along dim 1 (H_{-1} = 0), Hillis-Steele, log2(c) steps.
 
-    Odd-even reduction (the up-sweep/down-sweep of a Blelloch scan): pair (2j, 2j+1) is one step with
-    decay g_{2j+1} g_{2j} and input g_{2j+1} u_{2j} + u_{2j+1}; the c/2 pair-end states (= H at odd k)
-    come from the same scan on half the length, then H_{2j} = g_{2j} H_{2j-1} + u_{2j}. The levels
-    halve: about 2c multiply-adds and log2(c) levels in all (a Hillis-Steele scan does c log2(c)).
-
-    g: broadcastable to u, values in [0, 1] (only products of decays and sums: stable);  u: (b, c, ...).
-    ``out`` (optional, u's shape, may be a strided view) receives H. Returns H: (b, c, ...).
+    g, u: (b, c, ...) with g in [0, 1]. Stable: only products of decays and sums. Returns (b, c, ...).
     """
     c = u.shape[1]
-    if out is None:
-        out = torch.empty_like(u)
-    if c <= 1:
-        return out.copy_(u)
-    m = c // 2
-    ge, go = g[:, 0 : 2 * m : 2], g[:, 1 : 2 * m : 2]
-    ue, uo = u[:, 0 : 2 * m : 2], u[:, 1 : 2 * m : 2]
-    Ho = out[:, 1 : 2 * m : 2]  # H at odd k = pair-end states, filled by the half-length scan
-    _linear_scan(go * ge if m > 1 else go, torch.addcmul(uo, go, ue), out=Ho)
-    out[:, 0] = u[:, 0]
-    if m > 1:
-        out[:, 2 : 2 * m : 2].copy_(ue[:, 1:]).addcmul_(ge[:, 1:], Ho[:, :-1])
-    if c % 2:
-        torch.addcmul(u[:, -1], g[:, -1], out[:, -2], out=out[:, -1])
-    return out
+    k = 1
+    while k < c:
+        u = torch.cat([u[:, :k], u[:, k:] + g[:, k:] * u[:, :-k]], dim=1)
+        if 2 * k < c:  # the decays are not needed after the last step
+            g = torch.cat([g[:, :k], g[:, k:] * g[:, :-k]], dim=1)
+        k *= 2
+    return u
 
 
 def _scan_block(dt: torch.Tensor, A: torch.Tensor, p: torch.Tensor, q: torch.Tensor, L: int) -> torch.Tensor:
@@ -142,10 +128,9 @@ def _scan_block(dt: torch.Tensor, A: torch.Tensor, p: torch.Tensor, q: torch.Ten
     E_out = S.exp_()  # exp(S_t - S_r)
     w.mul_(p.view(b, c, L, k, 1) * q.view(b, c, L, 1, n)).cumsum_(dim=2)  # cs
     h_end = E_out[:, :, -1] * w[:, :, -1]  # (b, c, k, n) chunk-end state from the chunk's own inputs
-    if c > 1:  # true states at the ends of chunks 0..c-2 = starts of chunks 1..c-1 (chunk 0 starts at 0)
-        h_start = _linear_scan(G[:, :-1], h_end[:, :-1])
-        w[:, 1:].add_(torch.exp(S_r[:, 1:]) * h_start.unsqueeze(2))
-    w.mul_(E_out)
+    H = _linear_scan_hs(G, h_end)  # true chunk-end states
+    h_start = torch.cat([torch.zeros_like(H[:, :1]), H[:, :-1]], dim=1)
+    w.add_(torch.exp(S_r) * h_start.unsqueeze(2)).mul_(E_out)
     return w.view(b, l, k, n)
 
 
@@ -346,7 +331,7 @@ def ssd_chunked(
     Same arguments and result as :func:`ssd_ref`. Four steps (as in the Mamba-2 paper):
     1. intra-chunk outputs: masked (L x L) decay matrix exp(segsum) times (C B^T) times dt*x;
     2. each chunk's final state from its own inputs;
-    3. inter-chunk recurrence over the c chunk states (work-efficient scan, linear in c);
+    3. inter-chunk recurrence over the c chunk states (log-depth Hillis-Steele scan, linear in c);
     4. contribution of each chunk's starting state to its outputs.
     """
     L = int(chunk_size)
@@ -376,9 +361,9 @@ def ssd_chunked(
         decay_states = torch.exp(a_cum[..., -1:] - a_cum)  # (b, h, c, L): decay from s to chunk end
         states = torch.einsum("bcsn,bhcs,bcshp->bchpn", Bp, decay_states, xdt)  # (b, c, h, p, n)
 
-        # 3. inter-chunk recurrence (work-efficient scan over the c chunk states; linear in c)
+        # 3. inter-chunk recurrence (log-depth scan over the c chunk states; linear in c)
         chunk_decay = torch.exp(a_cum[..., -1]).permute(0, 2, 1)[..., None, None]  # (b, c, h, 1, 1)
-        states = _linear_scan(chunk_decay, states)  # (b, c, h, p, n) state at each chunk end
+        states = _linear_scan_hs(chunk_decay, states)  # (b, c, h, p, n) state at each chunk end
         states = torch.cat([torch.zeros_like(states[:, :1]), states[:, :-1]], dim=1)  # state at chunk starts
 
         # 4. state -> output inside each chunk
