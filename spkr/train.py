@@ -127,6 +127,19 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def new_log_window() -> dict:
+    """Running sums between two metrics lines (time, data wait, steps, samples, loss, correct)."""
+    return {
+        "t": time.perf_counter(),
+        "wait": 0.0,
+        "steps": 0,
+        "samples": 0,
+        "loss": 0.0,
+        "correct": 0,
+        "n": 0,
+    }
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -597,15 +610,7 @@ def train(args) -> int:
         micro = batches_done
         logger.start_epoch(epoch, micro_per_epoch, micro)
         it = iter(train_loader)
-        win = {
-            "t": time.perf_counter(),
-            "wait": 0.0,
-            "steps": 0,
-            "samples": 0,
-            "loss": 0.0,
-            "correct": 0,
-            "n": 0,
-        }
+        win = new_log_window()
         while micro < micro_per_epoch:
             group_start = micro - (micro % cfg.grad_accum)
             group_size = min(cfg.grad_accum, micro_per_epoch - group_start)
@@ -675,15 +680,7 @@ def train(args) -> int:
                     logger.advance(0, stats)
                 else:
                     logger.log(f"epoch {epoch} step {step}/{total_steps} {stats}")
-                win = {
-                    "t": time.perf_counter(),
-                    "wait": 0.0,
-                    "steps": 0,
-                    "samples": 0,
-                    "loss": 0.0,
-                    "correct": 0,
-                    "n": 0,
-                }
+                win = new_log_window()
 
             if step >= total_steps:
                 stop = True
