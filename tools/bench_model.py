@@ -52,7 +52,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="skip the sequential reference and compile")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: per core)")
     args = ap.parse_args()
+    # One thread by default: on this 2-core machine OpenMP-split small ops are many times slower, which
+    # distorts ratios between implementations with different op sizes.
+    torch.set_num_threads(args.threads)
     R = args.repeats
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {R} repeats\n")
