@@ -50,7 +50,8 @@ def test_small_chunks_and_verify(shards):
     m = Manifest.load(str(shards))
     info = m.split("train").shards[2]
     ref = ShardReader(str(shards), n_mels=N_MELS).read_shard(info)
-    rd = ShardReader(str(shards), n_mels=N_MELS, chunk_size=700, verify=True, readahead=True)
+    # buffered chunked reads with read-ahead (the remote path) == mmap views (the local default)
+    rd = ShardReader(str(shards), n_mels=N_MELS, chunk_size=700, verify=True, readahead=True, use_mmap=False)
     got = rd.read_shard(info)
     assert [r.key for r in got] == [r.key for r in ref]
     assert all(np.array_equal(a.feats, b.feats) for a, b in zip(got, ref))
@@ -75,7 +76,8 @@ def test_transient_errors_are_retried_from_offset(shards, monkeypatch):
 
     monkeypatch.setattr(reader_mod._LocalSource, "read_into", flaky)
     sleeps = []
-    rd = ShardReader(str(shards), n_mels=N_MELS, chunk_size=4096, sleep=sleeps.append)
+    # the buffered path (what remote shards use), with the local source standing in for a flaky remote
+    rd = ShardReader(str(shards), n_mels=N_MELS, chunk_size=4096, sleep=sleeps.append, use_mmap=False)
     got = rd.read_shard(info)
     assert [r.key for r in got] == info.keys
     assert all(np.array_equal(a.feats, b.feats) for a, b in zip(got, ref))
@@ -91,7 +93,7 @@ def test_retries_are_bounded(shards, monkeypatch):
         raise TimeoutError("read timed out")
 
     monkeypatch.setattr(reader_mod._LocalSource, "read_into", broken)
-    rd = ShardReader(str(shards), n_mels=N_MELS, retries=3, sleep=lambda s: None)
+    rd = ShardReader(str(shards), n_mels=N_MELS, retries=3, sleep=lambda s: None, use_mmap=False)
     with pytest.raises(ShardError, match=r"train/shard-000000.tar at byte \d+: read failed after 3 retries"):
         rd.read_shard(info)
     assert rd.stats.retries == 3

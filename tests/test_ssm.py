@@ -48,19 +48,18 @@ def test_mamba1_chunked_matches_reference(l, chunk):
         _close(a, b, atol=1e-3 * max(1.0, b.abs().max().item()), rtol=1e-4, what=f"grad {name}")
 
 
-def test_mamba1_chunked_many_blocks_and_batch():
-    # long enough for several (batch item, channel group) blocks in the custom op
-    args = _mamba1_inputs(3, 200, 40, 4, dt_shift=-2.0)
+@pytest.mark.parametrize("segment", [16, 24, 256])
+def test_mamba1_chunked_many_blocks_and_batch(monkeypatch, segment):
+    # several (batch item, channel group, time segment) blocks in the custom op: the state (and, in the
+    # backward pass, the adjoint) carried across segments; 24 -> 3 chunks of 8 per segment, last one short
+    args = _mamba1_inputs(3, 203, 40, 4, dt_shift=-2.0)
     y_ref, g_ref = _grads(ssm.selective_scan_ref, args)
-    old = ssm._blocks.__defaults__
-    ssm._blocks.__defaults__ = (200 * 4 * 7,)  # force channel groups of 7 (uneven split of 40)
-    try:
-        y, g = _grads(ssm.selective_scan_chunked, args)
-    finally:
-        ssm._blocks.__defaults__ = old
+    monkeypatch.setattr(ssm, "SEGMENT", segment)
+    monkeypatch.setattr(ssm, "BLOCK_ELEMENTS", min(segment, 203) * 4 * 7)  # channel groups of 7 (of 40)
+    y, g = _grads(ssm.selective_scan_chunked, args)
     _close(y, y_ref, what="y")
-    for a, b in zip(g, g_ref):
-        _close(a, b, atol=1e-3 * max(1.0, b.abs().max().item()), rtol=1e-4)
+    for name, a, b in zip("x dt A B C D".split(), g, g_ref):
+        _close(a, b, atol=1e-3 * max(1.0, b.abs().max().item()), rtol=1e-4, what=f"grad {name}")
 
 
 def test_mamba1_extreme_decay_stays_finite():

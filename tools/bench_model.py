@@ -19,9 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spkr import runtime  # noqa: E402
+
+runtime.configure()  # before torch loads: PyTorch reads its allocator setting once (see spkr/runtime.py)
+
+import torch  # noqa: E402
 
 from spkr.models import ModelConfig, build_model  # noqa: E402
 from spkr.models.mamba import Mamba1, Mamba2  # noqa: E402

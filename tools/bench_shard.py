@@ -24,10 +24,14 @@ import sys
 import tempfile
 import time
 
-import soundfile as sf
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from spkr import runtime  # noqa: E402
+
+runtime.configure()  # before torch loads: PyTorch reads its allocator setting once (see spkr/runtime.py)
+
+import soundfile as sf  # noqa: E402
+import torch  # noqa: E402
 
 from spkr.corpus.labels import build_splits  # noqa: E402
 from spkr.corpus.librispeech import iter_openslr, training_combination  # noqa: E402

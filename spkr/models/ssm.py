@@ -109,11 +109,19 @@ def _linear_scan_hs(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return u
 
 
-def _scan_block(dt: torch.Tensor, A: torch.Tensor, p: torch.Tensor, q: torch.Tensor, L: int) -> torch.Tensor:
+def _scan_block(
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    L: int,
+    h0: torch.Tensor | None = None,
+) -> torch.Tensor:
     """States of h_t = exp(clamp(dt_t*A)) * h_{t-1} + p_t q_t^T for one block (no autograd, in place).
 
-    dt, p: (b, l, k) with l a multiple of L;  A: (k, n);  q: (b, l, n).  Returns h: (b, l, k, n) float32.
-    Peak memory: three (b, l, k, n) tensors.
+    dt, p: (b, l, k) with l a multiple of L;  A: (k, n);  q: (b, l, n);  h0: (b, k, n) state before the
+    block's first frame (None: zero).  Returns h: (b, l, k, n) float32. Peak memory: three (b, l, k, n)
+    tensors.
     """
     b, l, k = dt.shape
     n = A.shape[1]
@@ -128,20 +136,35 @@ def _scan_block(dt: torch.Tensor, A: torch.Tensor, p: torch.Tensor, q: torch.Ten
     E_out = S.exp_()  # exp(S_t - S_r)
     w.mul_(p.view(b, c, L, k, 1) * q.view(b, c, L, 1, n)).cumsum_(dim=2)  # cs
     h_end = E_out[:, :, -1] * w[:, :, -1]  # (b, c, k, n) chunk-end state from the chunk's own inputs
+    if h0 is not None:
+        h_end[:, 0] += G[:, 0] * h0
     H = _linear_scan_hs(G, h_end)  # true chunk-end states
-    h_start = torch.cat([torch.zeros_like(H[:, :1]), H[:, :-1]], dim=1)
+    first = torch.zeros_like(H[:, :1]) if h0 is None else h0.unsqueeze(1)
+    h_start = torch.cat([first, H[:, :-1]], dim=1)
     w.add_(torch.exp(S_r) * h_start.unsqueeze(2)).mul_(E_out)
     return w.view(b, l, k, n)
 
 
-def _blocks(b: int, l: int, d: int, n: int, target: int = 1 << 20):
-    """(batch index, channel slice) blocks whose (l, k, n) state tensor has about ``target`` elements
-    (4 MB: several fit in L3; larger blocks page-fault on every fresh allocation, smaller ones pay
-    Python overhead)."""
-    k = max(1, min(d, target // max(1, l * n)))
+# Work is done in blocks of (one batch item, a channel group, a time segment of SEGMENT frames), the
+# state carried from segment to segment: every block's (segment, k, n) state tensor has the same size
+# (about BLOCK_ELEMENTS floats, 4 MB: several fit in L3), so the cost is linear in T and no fresh
+# allocation is large enough to page-fault on every call.
+SEGMENT = 256
+BLOCK_ELEMENTS = 1 << 20
+
+
+def _groups(b: int, d: int, n: int, seg: int):
+    """(batch index, channel slice) pairs; a channel group's (seg, k, n) state has ~BLOCK_ELEMENTS."""
+    k = max(1, min(d, BLOCK_ELEMENTS // max(1, seg * n)))
     for i in range(b):
         for j in range(0, d, k):
             yield slice(i, i + 1), slice(j, min(d, j + k))
+
+
+def _segments(l: int, L: int) -> list[slice]:
+    """Time slices of SEGMENT frames (rounded to whole chunks of L) covering [0, l); l is a multiple of L."""
+    seg = max(L, SEGMENT // L * L)
+    return [slice(t, min(l, t + seg)) for t in range(0, l, seg)]
 
 
 def _ssm1_fwd(x, dt, A, B, C, chunk_size: int) -> torch.Tensor:
@@ -149,10 +172,14 @@ def _ssm1_fwd(x, dt, A, B, C, chunk_size: int) -> torch.Tensor:
     b, l, d = x.shape
     n = A.shape[1]
     y = x.new_empty(b, l, d)
-    for bi, ds in _blocks(b, l, d, n):
-        dtb = dt[bi, :, ds]
-        h = _scan_block(dtb, A[ds], dtb * x[bi, :, ds], B[bi], chunk_size)  # (1, l, k, n)
-        y[bi, :, ds] = torch.matmul(h, C[bi].unsqueeze(-1)).squeeze(-1)
+    segs = _segments(l, chunk_size)
+    for bi, ds in _groups(b, d, n, segs[0].stop):
+        h0 = None
+        for ts in segs:
+            dtb = dt[bi, ts, ds]
+            h = _scan_block(dtb, A[ds], dtb * x[bi, ts, ds], B[bi, ts], chunk_size, h0)  # (1, seg, k, n)
+            y[bi, ts, ds] = torch.matmul(h, C[bi, ts].unsqueeze(-1)).squeeze(-1)
+            h0 = h[:, -1].clone()
     return y
 
 
@@ -162,9 +189,12 @@ def _ssm1_bwd(gy, x, dt, A, B, C, chunk_size: int):
     With g_t = exp(dt_t A), u_t = dt_t x_t B_t and the adjoint lam_t = gy_t C_t + g_{t+1} lam_{t+1}
     (a reverse scan with the same decays, shifted by one frame):
         dL/du_t = lam_t,   dL/d(dt_t A) = lam_t * g_t h_{t-1} = lam_t * (h_t - u_t),   dL/dC_t = sum_d gy_t h_t.
+    Per (batch item, channel group): a forward pass keeps only the states at segment starts, then the
+    segments are visited last to first, recomputing h and carrying lam backwards.
     """
     b, l, d = x.shape
     n = A.shape[1]
+    L = chunk_size
     gx = torch.empty_like(x)
     gdt = torch.empty_like(dt)
     gA = torch.zeros_like(A)
@@ -174,18 +204,29 @@ def _ssm1_bwd(gy, x, dt, A, B, C, chunk_size: int):
     dt_rev = torch.cat([torch.zeros_like(dt[:, :1]), dt.flip(1)[:, :-1]], dim=1)
     gy_rev = gy.flip(1)
     C_rev = C.flip(1)
-    for bi, ds in _blocks(b, l, d, n):
-        dtb, xb, gyb, Ab = dt[bi, :, ds], x[bi, :, ds], gy[bi, :, ds], A[ds]
-        dxb = dtb * xb
-        h = _scan_block(dtb, Ab, dxb, B[bi], chunk_size)  # (1, l, k, n)
-        gC[bi] += torch.matmul(gyb.unsqueeze(-2), h).squeeze(-2)  # (1, l, n)
-        lam = _scan_block(dt_rev[bi, :, ds], Ab, gy_rev[bi, :, ds], C_rev[bi], chunk_size).flip(1)
-        gp = torch.matmul(lam, B[bi].unsqueeze(-1)).squeeze(-1)  # dL/d(dt*x): (1, l, k)
-        gB[bi] += torch.matmul(dxb.unsqueeze(-2), lam).squeeze(-2)  # (1, l, n)
-        h.sub_(dxb.unsqueeze(-1) * B[bi].unsqueeze(-2)).mul_(lam)  # ga = lam * (h - u)
-        gdt[bi, :, ds] = gp * xb + (h * Ab).sum(-1)
-        gx[bi, :, ds] = gp * dtb
-        gA[ds] += torch.einsum("blkn,blk->kn", h, dtb)
+    segs = _segments(l, L)
+    for bi, ds in _groups(b, d, n, segs[0].stop):
+        Ab = A[ds]
+        starts = [None]
+        for ts in segs[:-1]:
+            dtb = dt[bi, ts, ds]
+            starts.append(_scan_block(dtb, Ab, dtb * x[bi, ts, ds], B[bi, ts], L, starts[-1])[:, -1].clone())
+        lam0 = None
+        for ts, h0 in zip(reversed(segs), reversed(starts)):
+            rs = slice(l - ts.stop, l - ts.start)  # the same frames in reversed time
+            dtb, xb, gyb, Bb = dt[bi, ts, ds], x[bi, ts, ds], gy[bi, ts, ds], B[bi, ts]
+            dxb = dtb * xb
+            h = _scan_block(dtb, Ab, dxb, Bb, L, h0)  # (1, seg, k, n)
+            gC[bi, ts] += torch.matmul(gyb.unsqueeze(-2), h).squeeze(-2)  # (1, seg, n)
+            lam_rev = _scan_block(dt_rev[bi, rs, ds], Ab, gy_rev[bi, rs, ds], C_rev[bi, rs], L, lam0)
+            lam0 = lam_rev[:, -1].clone()  # lam at the segment's first frame: carried to the previous one
+            lam = lam_rev.flip(1)
+            gp = torch.matmul(lam, Bb.unsqueeze(-1)).squeeze(-1)  # dL/d(dt*x): (1, seg, k)
+            gB[bi, ts] += torch.matmul(dxb.unsqueeze(-2), lam).squeeze(-2)  # (1, seg, n)
+            h.sub_(dxb.unsqueeze(-1) * Bb.unsqueeze(-2)).mul_(lam)  # ga = lam * (h - u)
+            gdt[bi, ts, ds] = gp * xb + (h * Ab).sum(-1)
+            gx[bi, ts, ds] = gp * dtb
+            gA[ds] += torch.einsum("blkn,blk->kn", h, dtb)
     return gx, gdt, gA, gB, gC
 
 
