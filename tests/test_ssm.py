@@ -93,7 +93,9 @@ def _mamba2_inputs(b, l, h, p, n, seed=0):
 
 @pytest.mark.parametrize("l", [1, 5, 16, 33, 64])
 @pytest.mark.parametrize("chunk", [8, 16])
-def test_mamba2_chunked_matches_reference(l, chunk):
+@pytest.mark.parametrize("segment", [16, 24, 256])  # 1-3 chunks per segment, or one segment for all
+def test_mamba2_chunked_matches_reference(l, chunk, segment, monkeypatch):
+    monkeypatch.setattr(ssm, "SEGMENT", segment)  # state carried across segments
     args = _mamba2_inputs(2, l, 3, 4, 5)
     y_ref, g_ref = _grads(ssm.ssd_ref, args)
     y, g = _grads(lambda *a: ssm.ssd_chunked(*a, chunk_size=chunk), args)

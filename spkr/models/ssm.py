@@ -6,8 +6,11 @@ Each scan has two implementations that compute the same function:
   (mamba-minimal style). Slow; used by tests and the benchmark only.
 * a **chunked fast path** (``selective_scan_chunked``, ``ssd_chunked``): no Python loop over time steps.
   The sequence is cut into chunks of ``L`` frames; inside a chunk everything is a parallel tensor
-  expression, across chunks a short recurrence over ``c = T / L`` chunk states (done as a log-depth
-  Hillis-Steele scan for Mamba-1 and as a small ``c x c`` segment-sum matrix for Mamba-2).
+  expression, across chunks a short recurrence over the chunk states. Both work through the sequence
+  in segments of ``SEGMENT`` frames (whole chunks) and carry the state from one segment to the next,
+  so every intermediate has the same, cache-sized shape whatever T: the cost is linear in T (a
+  log-depth Hillis-Steele scan over a segment's chunks for Mamba-1, a loop over its few chunks for
+  Mamba-2).
 
 Both fast paths upcast to float32 inside (autocast is disabled in the scan) and return float32; callers
 under bf16 autocast get the cast back by the next autocast-aware op.
@@ -46,6 +49,7 @@ import torch.nn.functional as F
 # below float32's max for the values being summed, in forward and backward).
 EXP_BUDGET = 64.0
 MAX_LOG_DECAY = 16.0  # = EXP_BUDGET / ceil((8-1)/2): the clamp for the default Mamba-1 chunk of 8
+SEGMENT = 256  # frames per segment (rounded down to whole chunks, at least one) in both fast paths
 
 
 def max_log_decay_for(chunk_size: int) -> float:
@@ -145,11 +149,9 @@ def _scan_block(
     return w.view(b, l, k, n)
 
 
-# Work is done in blocks of (one batch item, a channel group, a time segment of SEGMENT frames), the
+# Mamba-1 works in blocks of (one batch item, a channel group, a time segment of SEGMENT frames), the
 # state carried from segment to segment: every block's (segment, k, n) state tensor has the same size
-# (about BLOCK_ELEMENTS floats, 4 MB: several fit in L3), so the cost is linear in T and no fresh
-# allocation is large enough to page-fault on every call.
-SEGMENT = 256
+# (about BLOCK_ELEMENTS floats, 4 MB: several fit in L3), so the cost is linear in T.
 BLOCK_ELEMENTS = 1 << 20
 
 
@@ -358,6 +360,41 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     return s.masked_fill(~keep, float("-inf"))
 
 
+def _ssd_segment(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, L: int, state0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSD over one segment of whole chunks, from the state ``state0`` (None: zero).
+
+    x: (b, c, L, h, p);  dt: (b, c, L, h);  A: (h,);  B, C: (b, c, L, n);  state0: (b, h, p, n) or None.
+    Returns y (b, c, L, h, p) and the state after the segment's last frame (b, h, p, n).
+    """
+    a = (dt * A).permute(0, 3, 1, 2)  # (b, h, c, L) log decay per step
+    a_cum = torch.cumsum(a, dim=-1)  # (b, h, c, L)
+    xdt = x * dt.unsqueeze(-1)  # (b, c, L, h, p)
+
+    # 1. intra-chunk (diagonal blocks)
+    decay = torch.exp(segsum(a))  # (b, h, c, L(t), L(s))
+    CB = torch.einsum("bctn,bcsn->bcts", C, B)  # (b, c, L, L) shared by all heads
+    M = decay * CB.unsqueeze(1)  # (b, h, c, t, s)
+    y_diag = torch.einsum("bhcts,bcshp->bcthp", M, xdt)
+
+    # 2. chunk-final states from the chunk's own inputs
+    decay_states = torch.exp(a_cum[..., -1:] - a_cum)  # (b, h, c, L): decay from s to chunk end
+    states = torch.einsum("bcsn,bhcs,bcshp->bchpn", B, decay_states, xdt)  # (b, c, h, p, n)
+
+    # 3. recurrence over the segment's few chunk states, from state0
+    chunk_decay = torch.exp(a_cum[..., -1]).permute(0, 2, 1)[..., None, None]  # (b, c, h, 1, 1)
+    starts, h = [], state0
+    for k in range(states.shape[1]):
+        starts.append(torch.zeros_like(states[:, 0]) if h is None else h)
+        h = states[:, k] if h is None else chunk_decay[:, k] * h + states[:, k]
+    starts = torch.stack(starts, dim=1)  # (b, c, h, p, n) state at each chunk start
+
+    # 4. state -> output inside each chunk
+    y_off = torch.einsum("bctn,bchpn,bhct->bcthp", C, starts, torch.exp(a_cum))
+    return y_diag + y_off, h
+
+
 def ssd_chunked(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -367,12 +404,16 @@ def ssd_chunked(
     D: torch.Tensor | None = None,
     chunk_size: int = 64,
 ) -> torch.Tensor:
-    """Chunked SSD (Mamba-2), no Python loop over time.
+    """Chunked SSD (Mamba-2), no Python loop over time steps.
 
-    Same arguments and result as :func:`ssd_ref`. Four steps (as in the Mamba-2 paper):
+    Same arguments and result as :func:`ssd_ref`. The sequence is processed in segments of
+    ``SEGMENT`` frames (whole chunks of ``chunk_size``), the state carried from one to the next, so
+    every intermediate has the same size whatever T (cost linear in T, working set cache-sized). Inside
+    a segment, four steps as in the Mamba-2 paper:
     1. intra-chunk outputs: masked (L x L) decay matrix exp(segsum) times (C B^T) times dt*x;
     2. each chunk's final state from its own inputs;
-    3. inter-chunk recurrence over the c chunk states (log-depth Hillis-Steele scan, linear in c);
+    3. the recurrence over the segment's few chunk states (a short loop over chunks, from the carried
+       state);
     4. contribution of each chunk's starting state to its outputs.
     """
     L = int(chunk_size)
@@ -387,31 +428,13 @@ def ssd_chunked(
         dtp = dtp.view(b, c, L, nh)
         Bp = Bp.view(b, c, L, n)
         Cp = Cp.view(b, c, L, n)
-
-        a = (dtp * A).permute(0, 3, 1, 2)  # (b, h, c, L) log decay per step
-        a_cum = torch.cumsum(a, dim=-1)  # (b, h, c, L)
-        xdt = xp * dtp.unsqueeze(-1)  # (b, c, L, h, p)
-
-        # 1. intra-chunk (diagonal blocks)
-        decay = torch.exp(segsum(a))  # (b, h, c, L(t), L(s))
-        CB = torch.einsum("bctn,bcsn->bcts", Cp, Bp)  # (b, c, L, L) shared by all heads
-        M = decay * CB.unsqueeze(1)  # (b, h, c, t, s)
-        y_diag = torch.einsum("bhcts,bcshp->bcthp", M, xdt)
-
-        # 2. chunk-final states from the chunk's own inputs
-        decay_states = torch.exp(a_cum[..., -1:] - a_cum)  # (b, h, c, L): decay from s to chunk end
-        states = torch.einsum("bcsn,bhcs,bcshp->bchpn", Bp, decay_states, xdt)  # (b, c, h, p, n)
-
-        # 3. inter-chunk recurrence (log-depth scan over the c chunk states; linear in c)
-        chunk_decay = torch.exp(a_cum[..., -1]).permute(0, 2, 1)[..., None, None]  # (b, c, h, 1, 1)
-        states = _linear_scan_hs(chunk_decay, states)  # (b, c, h, p, n) state at each chunk end
-        states = torch.cat([torch.zeros_like(states[:, :1]), states[:, :-1]], dim=1)  # state at chunk starts
-
-        # 4. state -> output inside each chunk
-        state_decay_out = torch.exp(a_cum)  # (b, h, c, L)
-        y_off = torch.einsum("bctn,bchpn,bhct->bcthp", Cp, states, state_decay_out)
-
-        y = (y_diag + y_off).reshape(b, c * L, nh, p)[:, :l]
+        per = max(1, SEGMENT // L)  # chunks per segment
+        ys, state = [], None
+        for k in range(0, c, per):
+            part = slice(k, min(c, k + per))
+            y_seg, state = _ssd_segment(xp[:, part], dtp[:, part], A, Bp[:, part], Cp[:, part], L, state)
+            ys.append(y_seg)
+        y = torch.cat(ys, dim=1).reshape(b, c * L, nh, p)[:, :l]
         if D is not None:
             y = y + x * D.float()[:, None]
     return y
