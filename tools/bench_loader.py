@@ -7,8 +7,7 @@ ways into a temp dir, then measures samples/s and MB/s per worker (one process, 
 
   * raw read       the shard bytes read sequentially (I/O limit)
   * lean parse     tar headers walked + npy arrays viewed, nothing else (parse limit)
-  * spkr           SpeakerLoader: plan, checked parse, bucketing, normalise, pad, collate; float16
-                   batches as spkr.train asks for (cast to float32 on the device), and float32
+  * spkr           SpeakerLoader: plan, checked parse, bucketing, normalise, pad, collate
   * wds .pth       webdataset's usual pipeline: WebDataset(urls).decode().to_tuple() + batching,
                    samples stored as torch.save'd tensors (``.pth``)
   * per-file .pt   the original scripts: one file per utterance, torch.load(weights_only=True)
@@ -271,8 +270,7 @@ def main(argv=None):
             ("raw read (limit)", bench_raw(spkr_dir, m)),
             ("lean parse, views only", bench_lean(spkr_dir, m)),
             ("lean parse + collate", bench_lean(spkr_dir, m, B)),
-            ("spkr (float16 batches)", bench_spkr(spkr_dir, m, B, 0, dtype="float16")),
-            ("spkr (float32 batches)", bench_spkr(spkr_dir, m, B, 0)),
+            ("spkr SpeakerLoader", bench_spkr(spkr_dir, m, B, 0)),
             ("wds .pth .decode()", bench_wds(urls, m, B)),
             ("per-file torch.load", bench_files(root, m, B)),
         ):
@@ -282,22 +280,20 @@ def main(argv=None):
         print(f"  {'method':<26}{'samples/s':>12}{'MB/s':>10}")
         for name, r in rows.items():
             print(f"  {name:<26}{r['samples_s']:>12.0f}{r['MB_s']:>10.0f}")
-        multi = timed(bench_spkr(spkr_dir, m, B, args.workers, dtype="float16"))
+        multi = timed(bench_spkr(spkr_dir, m, B, args.workers))
         print(
             f"  spkr, {args.workers} DataLoader workers: {multi['samples_s']:.0f} samples/s total "
             f"({multi['samples_s'] / args.workers:.0f} per worker, incl. worker start-up), "
             f"{multi['MB_s']:.0f} MB/s"
         )
-        spkr = rows["spkr (float16 batches)"]["samples_s"]
+        spkr = rows["spkr SpeakerLoader"]["samples_s"]
         r_wds = spkr / rows["wds .pth .decode()"]["samples_s"]
-        r_wds32 = rows["spkr (float32 batches)"]["samples_s"] / rows["wds .pth .decode()"]["samples_s"]
         r_lean = spkr / rows["lean parse + collate"]["samples_s"]
         r_views = spkr / rows["lean parse, views only"]["samples_s"]
         r_files = spkr / rows["per-file torch.load"]["samples_s"]
         print("\nratios:")
         print(
             f"  spkr / wds .pth pipeline     = {r_wds:.1f}x   (target >= 3x)  {'OK' if r_wds >= 3 else 'MISS'}"
-            f"  [float32 batches: {r_wds32:.1f}x]"
         )
         print(
             f"  spkr / lean tar-parse limit  = {r_lean:.0%}   (target >= 50%) {'OK' if r_lean >= 0.5 else 'MISS'}"
