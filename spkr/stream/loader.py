@@ -118,7 +118,6 @@ class ShardDataset(IterableDataset):
         wp = plan.worker(v)
         W = plan.num_workers
         verify = reader.verify
-        zero_copy = reader.use_mmap and not reader.remote  # views of mapped files pin no heap memory
         if verify:  # whole-shard reads only: shards lying entirely inside this worker's range
             inside = set()
             for s_pos in range(len(plan.order)):
@@ -154,9 +153,9 @@ class ShardDataset(IterableDataset):
                                     reader._skip(shard, i, e)
                                 continue
                         for rec in reader.iter_range(shard, a, b):
-                            if not zero_copy:  # own copy: a view would pin its read chunk while pooled
-                                rec = rec._replace(feats=rec.feats.copy())
-                            records[p0 + rec.index - a] = rec
+                            # own copy: a view would pin its read chunk (or mapped shard range) for as
+                            # long as it waits in the bucketing pool, so memory would grow with shards
+                            records[p0 + rec.index - a] = rec._replace(feats=rec.feats.copy())
                 for i, b in enumerate(window.batches):
                     tt = t + i
                     if tt < skip:
