@@ -124,23 +124,39 @@ def test_exact_resume(shards, workers):
         assert len(list(fresh)) == nb
 
 
-def test_resume_skips_by_plan_not_by_reading(shards, monkeypatch):
+@pytest.mark.parametrize("mmap", [True, False])  # local random access, or streaming like remote shards
+def test_resume_skips_by_plan_not_by_reading(shards, monkeypatch, mmap):
     """Consumed windows are not read: resuming at the last batch reads only that batch's samples."""
-    kw = dict(train=True, seed=3, rank=0, world_size=1, num_workers=0, bucket_window=4)
+    kw = dict(train=True, seed=3, rank=0, world_size=1, num_workers=0, bucket_window=4, mmap=mmap)
     ref = epoch_batches(SpeakerLoader(str(shards), "train", 4, **kw))
     opened = []
-    real = ShardReader.iter_range
+    real_range, real_sample = ShardReader.iter_range, ShardReader.read_sample
 
-    def spy(self, shard, a=0, b=None):
+    def spy_range(self, shard, a=0, b=None):
         opened.append((shard.name, a, b))
-        return real(self, shard, a, b)
+        return real_range(self, shard, a, b)
 
-    monkeypatch.setattr(ShardReader, "iter_range", spy)
+    def spy_sample(self, shard, i):
+        opened.append((shard.name, i, i + 1))
+        return real_sample(self, shard, i)
+
+    monkeypatch.setattr(ShardReader, "iter_range", spy_range)
+    monkeypatch.setattr(ShardReader, "read_sample", spy_sample)
     fresh = SpeakerLoader(str(shards), "train", 4, **kw)
     fresh.load_state_dict({**fresh.state_dict(), "batches": len(ref) - 1})
     rest = list(fresh)
     assert [r["keys"] for r in rest] == [ref[-1]["keys"]]
     assert sum(b - a for _, a, b in opened) == len(ref[-1]["keys"])
+
+
+def test_random_access_and_streaming_give_the_same_batches(shards):
+    # local shards are read in place (mmap) when each batch is made; remote ones stream through the
+    # bucketing pool: same plan, so the same batches, byte for byte, and the same skip reports
+    for kw in (dict(train=True, seed=5, num_workers=0), dict(train=False, num_workers=2)):
+        a = list(SpeakerLoader(str(shards), "train", 4, rank=0, world_size=1, mmap=True, **kw))
+        b = list(SpeakerLoader(str(shards), "train", 4, rank=0, world_size=1, mmap=False, **kw))
+        assert [x["keys"] for x in a] == [y["keys"] for y in b]
+        assert all(torch.equal(x["mel"], y["mel"]) for x, y in zip(a, b))
 
 
 def test_resume_across_layouts(shards):
@@ -184,7 +200,8 @@ def test_ranks_exactly_once_in_process(shards, workers):
                 assert sorted(seen) == sorted(keys) and max(counts) - min(counts) <= 1
 
 
-def test_skip_mode_counts_and_keeps_batch_count(tmp_path):
+@pytest.mark.parametrize("mmap", [True, False])
+def test_skip_mode_counts_and_keeps_batch_count(tmp_path, mmap):
     d = make_shards(tmp_path / "s", [6, 7], seed=4)
     m = Manifest.load(str(d))
     info = m.split("train").shards[1]
@@ -195,14 +212,36 @@ def test_skip_mode_counts_and_keeps_batch_count(tmp_path):
     blob[data_off] = ord("X")  # break the npy magic, same size
     path.write_bytes(bytes(blob))
     with pytest.raises(Exception, match=rf"{info.name} \[{info.keys[3]}.mel.npy\].*bad .npy header"):
-        list(SpeakerLoader(str(d), "train", 4, rank=0, world_size=1))
+        list(SpeakerLoader(str(d), "train", 4, rank=0, world_size=1, mmap=mmap))
     for workers in (0, 2):
-        ld = SpeakerLoader(str(d), "train", 4, rank=0, world_size=1, num_workers=workers, on_error="skip")
+        kw = dict(rank=0, world_size=1, num_workers=workers, on_error="skip", mmap=mmap)
+        ld = SpeakerLoader(str(d), "train", 4, **kw)
         bs = list(ld)
         assert len(bs) == len(ld) == 4
         got = [k for b in bs for k in b["keys"]]
         assert sorted(got) == sorted(set(all_keys(d)) - {info.keys[3]})
         assert [s["key"] for s in ld.skipped] == [info.keys[3]]
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_verify_and_truncation_in_both_read_modes(tmp_path, mmap):
+    d = make_shards(tmp_path / "s", [6, 7, 5], seed=6)
+    m = Manifest.load(str(d))
+    tampered, cut = m.split("train").shards[1], m.split("train").shards[2]
+    p = d / tampered.name
+    blob = bytearray(p.read_bytes())
+    blob[tampered.offsets[2] + 600] ^= 0xFF  # inside a payload: the tar still parses, the sha256 differs
+    p.write_bytes(bytes(blob))
+    kw = dict(rank=0, world_size=1, verify=True, mmap=mmap)
+    with pytest.raises(Exception, match=rf"{tampered.name}.*sha256"):
+        list(SpeakerLoader(str(d), "train", 4, **kw))
+    ld = SpeakerLoader(str(d), "train", 4, on_error="skip", **kw)
+    got = [k for b in ld for k in b["keys"]]
+    assert sorted(got) == sorted(set(all_keys(d)) - set(tampered.keys)) and len(ld.skipped) == 7
+    q = d / cut.name
+    q.write_bytes(q.read_bytes()[: cut.offsets[3] + 700])  # cut inside sample 3
+    with pytest.raises(Exception, match=rf"{cut.name}.*truncated"):
+        list(SpeakerLoader(str(d), "train", 4, rank=0, world_size=1, mmap=mmap))
 
 
 def test_never_opens_audio(shards, monkeypatch):

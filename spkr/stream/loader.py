@@ -118,8 +118,8 @@ class ShardDataset(IterableDataset):
         wp = plan.worker(v)
         W = plan.num_workers
         verify = reader.verify
+        inside: set[int] = set()
         if verify:  # whole-shard reads only: shards lying entirely inside this worker's range
-            inside = set()
             for s_pos in range(len(plan.order)):
                 a, b = int(plan.cum[s_pos]), int(plan.cum[s_pos + 1])
                 if b > a and wp.start <= a and b <= wp.stop:
@@ -134,33 +134,72 @@ class ShardDataset(IterableDataset):
         t = 0
         n_retries, n_skipped = 0, 0
         records: dict[int, object] = {}
+        direct = reader.random_access  # local shards: read each sample in place when its batch is made
+        bad: dict[int, ShardError] = {}  # shards that failed verification (skip mode)
+        left: dict[int, int] = {}  # direct mode: samples still to read per shard (then it is closed)
+        if direct:
+            todo = np.arange(wp.start, wp.stop, dtype=np.int64)
+            shard_idx, _ = plan.locate(todo[owner >= skip])
+            left = dict(zip(*(x.tolist() for x in np.unique(shard_idx, return_counts=True))))
+
+        def checked(s: int) -> bool:
+            """Verify (once) a shard lying wholly in this worker's range, before its first read."""
+            shard = self.shards[s]
+            if verify and s in inside and s not in bad and shard.name not in reader._verified:
+                try:
+                    reader.verify_shard(shard)
+                except ShardError as e:
+                    if reader.on_error != "skip":
+                        raise
+                    bad[s] = e
+            return s not in bad
+
+        def read_direct(s: int, i: int):
+            shard = self.shards[s]
+            try:
+                if not checked(s):
+                    reader._skip(shard, i, bad[s])
+                    return None
+                return reader.read_sample(shard, i)
+            except ShardError as e:
+                if reader.on_error != "skip":
+                    raise
+                reader._skip(shard, i, e)
+                return None
+
         try:
             for window in wp.windows:
                 nwb = len(window.batches)
                 span = np.arange(window.start, window.stop, dtype=np.int64)
                 need = span[owner[span - wp.start] >= skip]  # consumed batches' samples: not read
-                if len(need):
+                if len(need) and not direct:  # streaming: read the window's span into the pool
                     shard_idx, sample_idx = plan.locate(need)
                     for s, a, b, p0 in _runs(shard_idx, sample_idx, need):
                         shard = self.shards[s]
-                        if verify and s in inside and shard.name not in reader._verified:
-                            try:
-                                reader.verify_shard(shard)
-                            except ShardError as e:
-                                if reader.on_error != "skip":
-                                    raise
-                                for i in range(a, b):
-                                    reader._skip(shard, i, e)
-                                continue
+                        if not checked(s):
+                            for i in range(a, b):
+                                reader._skip(shard, i, bad[s])
+                            continue
                         for rec in reader.iter_range(shard, a, b):
-                            # own copy: a view would pin its read chunk (or mapped shard range) for as
-                            # long as it waits in the bucketing pool, so memory would grow with shards
+                            # own copy: a view would pin its read chunk for as long as it waits in
+                            # the bucketing pool, so memory would grow with the number of shards
                             records[p0 + rec.index - a] = rec._replace(feats=rec.feats.copy())
                 for i, b in enumerate(window.batches):
                     tt = t + i
                     if tt < skip:
                         continue
-                    batch = self.collate([records.pop(int(p), None) for p in b], v + tt * W, plan.epoch)
+                    if direct:
+                        shard_idx, sample_idx = plan.locate(b)
+                        where = list(zip(shard_idx.tolist(), sample_idx.tolist()))
+                        batch = self.collate([read_direct(s, k) for s, k in where], v + tt * W, plan.epoch)
+                        for s, k in where:  # the batch holds copies: unmap the samples' pages
+                            if s not in bad:
+                                reader.release_sample(self.shards[s], k)
+                            left[s] -= 1
+                            if not left[s]:
+                                reader.close_shard(self.shards[s])
+                    else:
+                        batch = self.collate([records.pop(int(p), None) for p in b], v + tt * W, plan.epoch)
                     batch["_stats"] = {
                         "retries": reader.stats.retries - n_retries,
                         "skipped": reader.stats.skipped[n_skipped:],
@@ -254,6 +293,7 @@ class SpeakerLoader:
         retries: int = 5,
         backoff: float = 0.2,
         chunk_size: int | None = None,
+        mmap: bool = True,
         multiprocessing_context=None,
         manifest: Manifest | None = None,
     ):
@@ -279,6 +319,7 @@ class SpeakerLoader:
             cache_dir=cache_dir,
             verify=verify,
             on_error=on_error,
+            use_mmap=mmap,
         )
         if chunk_size:
             reader_kwargs["chunk_size"] = chunk_size

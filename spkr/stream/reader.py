@@ -44,6 +44,8 @@ from spkr.manifest import MEMBER_EXTS, ShardInfo
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)  # a tar end-of-archive block
 DEFAULT_CHUNK = 4 << 20
+FAULT_AROUND = 128 << 10  # >= the kernel's fault_around_bytes (64 kB default): see release_sample
+RELEASE_BYTES = 8 << 20  # released sample bytes per unmapping sweep (random-access reads)
 PICKLE_EXTS = ("pth", "pt", "pkl", "pickle", "ckpt", "bin", "npz")
 
 
@@ -258,16 +260,25 @@ class _Stream:
     (for remote sources) one chunk of read-ahead. A local shard is read through ``mmap`` instead: the
     views handed out are of the page cache itself (no copy into a buffer)."""
 
-    def __init__(self, reader: ShardReader, shard: ShardInfo, start: int, end: int, readahead: bool):
+    def __init__(
+        self,
+        reader: ShardReader,
+        shard: ShardInfo,
+        start: int,
+        end: int,
+        readahead: bool,
+        mapped: tuple[memoryview, int] | None = None,
+    ):
         self.reader, self.shard = reader, shard
         self.pos, self.end = start, end  # pos: next byte handed out
         self.buf, self.buf_pos = memoryview(b""), start
         self.fetch_pos = start  # next byte to fetch
         self.pool = reader._pool if readahead else None
         self.pending = None
-        src = reader._source(shard)
-        local = reader.use_mmap and isinstance(src, _LocalSource)
-        mapped = src.mapping(start, end) if local else None
+        if mapped is None:
+            src = reader._source(shard)
+            local = reader.use_mmap and isinstance(src, _LocalSource)
+            mapped = src.mapping(start, end) if local else None
         self.mapped, self.map_pos = mapped if mapped is not None else (None, 0)
         if self.mapped is not None:  # a file shorter than the manifest says ends early: the parser reports it
             self.end = min(end, self.map_pos + len(self.mapped))
@@ -368,6 +379,9 @@ class ShardReader:
         self._open: tuple[str, object] | None = None
         self._pool_obj = None
         self._verified: set[str] = set()
+        self._maps: dict[str, tuple[mmap.mmap | None, memoryview]] = {}  # random access mappings
+        self._released: dict[str, tuple[int, int]] = {}  # shard -> byte span released, not yet unmapped
+        self._released_bytes = 0
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- sources
@@ -437,6 +451,8 @@ class ShardReader:
 
     def close(self):
         self._close_open()
+        self._maps.clear()
+        self._released.clear()
 
     def _fetch(self, shard: ShardInfo, pos: int, n: int) -> bytes:
         """Bytes [pos, pos+n) of the shard, retrying transient failures from ``pos``."""
@@ -493,6 +509,73 @@ class ShardReader:
         return done
 
     # ---------------------------------------------------------------- verification
+    # ------------------------------------------------------------ random access (local shards)
+    @property
+    def random_access(self) -> bool:
+        """Local shards through mmap: :meth:`read_sample` parses any sample in place, in any order."""
+        return self.use_mmap and not self.remote
+
+    def _shard_map(self, shard: ShardInfo) -> tuple[mmap.mmap | None, memoryview]:
+        got = self._maps.get(shard.name)
+        if got is None:
+            path = self.url(shard)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise ShardError(shard.name, f"shard not found ({path})") from None
+            try:  # private (copy-on-write) mapping: writable views that never change the file
+                size = os.fstat(fd).st_size
+                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) if size else None
+            finally:
+                os.close(fd)
+            got = self._maps[shard.name] = (mm, memoryview(mm) if mm is not None else memoryview(b""))
+        return got
+
+    def _sample_end(self, shard: ShardInfo, i: int) -> int:
+        return shard.offsets[i + 1] if i + 1 < shard.num_samples else shard.bytes
+
+    def read_sample(self, shard: ShardInfo, i: int) -> Record:
+        """Sample ``i`` of a local shard, parsed and checked in place: its arrays are views of the
+        mapped file (valid as long as they are referenced). A file shorter than the manifest says is
+        reported by the parser as truncated. See :meth:`release_sample`."""
+        if not 0 <= i < shard.num_samples:
+            raise ValueError(f"{shard.name}: sample {i} outside 0..{shard.num_samples}")
+        _, view = self._shard_map(shard)
+        start, end = shard.offsets[i], self._sample_end(shard, i)
+        return self._parse_sample(_Stream(self, shard, start, end, False, mapped=(view, 0)), shard, i)
+
+    def release_sample(self, shard: ShardInfo, i: int) -> None:
+        """Sample ``i`` is done with: its pages may leave this process. Released ranges are unmapped
+        (``MADV_DONTNEED``: they stay in the page cache; a view still in use faults them back in) in
+        sweeps of ~RELEASE_BYTES, one call per shard covering its released span plus a margin for the
+        pages the kernel mapped around its faults (fault-around, 64 kB by default). Resident memory
+        stays at about RELEASE_BYTES, however many shards are open; a madvise per sample costs more
+        than parsing it."""
+        a, b = shard.offsets[i], self._sample_end(shard, i)
+        lo, hi = self._released.get(shard.name, (a, b))
+        self._released[shard.name] = (min(lo, a), max(hi, b))
+        self._released_bytes += b - a
+        if self._released_bytes >= RELEASE_BYTES:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        for name, (lo, hi) in self._released.items():
+            mm = self._maps.get(name, (None, None))[0]
+            if mm is None or not hasattr(mm, "madvise"):
+                continue
+            a = max(0, lo - FAULT_AROUND)
+            a -= a % mmap.PAGESIZE
+            b = min(len(mm), hi + FAULT_AROUND)
+            if b > a:
+                mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+        self._released.clear()
+        self._released_bytes = 0
+
+    def close_shard(self, shard: ShardInfo) -> None:
+        """Forget a shard's mapping (unmapped once no view of it is left)."""
+        self._maps.pop(shard.name, None)
+        self._released.pop(shard.name, None)
+
     def verify_shard(self, shard: ShardInfo) -> None:
         """Hash the whole shard and compare with the manifest's sha256 (once per reader)."""
         if shard.name in self._verified:
