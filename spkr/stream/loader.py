@@ -18,6 +18,10 @@ consumed batches by plan, without reading them. Mid-epoch, the batch composition
 of these changed raises ``ValueError`` (finish the epoch, or resume with the saved values); a state
 taken at an epoch boundary (0 or all batches consumed) loads under any world size / worker count.
 
+Reads: local shards are read in place (``ShardReader.read_sample`` through mmap) when each batch is made,
+so only positions wait in the bucketing pool; remote shards (or ``mmap=False``) are streamed: each
+window's byte span is read and its samples copied into the pool. Both give the same batches.
+
 Skipped samples (``on_error="skip"``): a sample that cannot be read is dropped from its batch (the
 batch gets smaller; a batch whose samples were all skipped is yielded with B = 0 so that batch counts
 stay equal across ranks) and recorded in ``loader.skipped``.
