@@ -2,6 +2,6 @@
 
 from spkr import runtime
 
-runtime.configure()  # before anything imports torch: PyTorch reads its allocator setting once
+runtime.configure()  # SPKR_HUGEPAGES=1: before anything imports torch (PyTorch reads it once)
 
 __version__ = "0.1.0"

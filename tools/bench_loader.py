@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spkr import runtime  # noqa: E402
 
-runtime.configure()  # before torch loads: PyTorch reads its allocator setting once (see spkr/runtime.py)
+runtime.configure()  # SPKR_HUGEPAGES=1 takes effect only before torch loads (spkr/runtime.py)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -247,6 +247,7 @@ def main(argv=None):
     ap.add_argument("--per-shard", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per method (best is kept)")
     ap.add_argument("--dir", default=None, help="work dir (default: a temp dir, removed)")
     # One thread, as in a DataLoader worker: every method's per-row copies run alike (with 2 OpenMP
     # threads such small copies are ~25x slower on this machine, which would distort the comparison).
@@ -266,16 +267,19 @@ def main(argv=None):
         )
         B = args.batch_size
         rows = {}
-        for name, fn in (
+        methods = (
             ("raw read (limit)", bench_raw(spkr_dir, m)),
             ("lean parse, views only", bench_lean(spkr_dir, m)),
             ("lean parse + collate", bench_lean(spkr_dir, m, B)),
             ("spkr SpeakerLoader", bench_spkr(spkr_dir, m, B, 0)),
             ("wds .pth .decode()", bench_wds(urls, m, B)),
             ("per-file torch.load", bench_files(root, m, B)),
-        ):
-            fn()  # warm (page cache, imports)
-            rows[name] = min((timed(fn) for _ in range(2)), key=lambda r: r["seconds"])
+        )
+        # each method back to back, as it would run alone in a DataLoader worker: warm-up, then the
+        # best of --repeats (machine noise only ever adds time)
+        for name, fn in methods:
+            fn()  # warm (page cache, imports, allocator)
+            rows[name] = min((timed(fn) for _ in range(args.repeats)), key=lambda r: r["seconds"])
         print(f"\nper worker (1 process, 1 thread; {runtime.describe()}), batch {B}:")
         print(f"  {'method':<26}{'samples/s':>12}{'MB/s':>10}")
         for name, r in rows.items():

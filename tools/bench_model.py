@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spkr import runtime  # noqa: E402
 
-runtime.configure()  # before torch loads: PyTorch reads its allocator setting once (see spkr/runtime.py)
+runtime.configure()  # SPKR_HUGEPAGES=1 takes effect only before torch loads (spkr/runtime.py)
 
 import torch  # noqa: E402
 

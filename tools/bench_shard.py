@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from spkr import runtime  # noqa: E402
 
-runtime.configure()  # before torch loads: PyTorch reads its allocator setting once (see spkr/runtime.py)
+runtime.configure()  # SPKR_HUGEPAGES=1 takes effect only before torch loads (spkr/runtime.py)
 
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
