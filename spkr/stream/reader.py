@@ -508,8 +508,7 @@ class ShardReader:
                 attempt += 1
         return done
 
-    # ---------------------------------------------------------------- verification
-    # ------------------------------------------------------------ random access (local shards)
+    # ---------------------------------------------------------------- random access (local shards)
     @property
     def random_access(self) -> bool:
         """Local shards through mmap: :meth:`read_sample` parses any sample in place, in any order."""
@@ -576,6 +575,7 @@ class ShardReader:
         self._maps.pop(shard.name, None)
         self._released.pop(shard.name, None)
 
+    # ---------------------------------------------------------------- verification
     def verify_shard(self, shard: ShardInfo) -> None:
         """Hash the whole shard and compare with the manifest's sha256 (once per reader)."""
         if shard.name in self._verified:
