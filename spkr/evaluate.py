@@ -158,7 +158,7 @@ def run_split(model, loader, device, amp_dtype=None, embeddings: bool = False) -
     has_head = hasattr(model, "head") and hasattr(model, "embed")
     try:
         for batch in loader:
-            mel = batch["mel"].to(device, non_blocking=True)
+            mel = batch["mel"].to(device, non_blocking=True).float()
             lengths = batch["lengths"].to(device)
             labels = batch["labels"].to(device)
             with autocast_ctx(device, amp_dtype):
@@ -238,6 +238,7 @@ def evaluate_checkpoint(
         num_workers=num_workers,
         crop_frames=None,
         normalize=True,
+        dtype="float16",  # half the shared-memory pages per batch; cast to float32 on the device
         storage_options=storage_options,
     )
     loader.manifest.check_compatible(ckpt["feature_config"], ckpt["labels"])

@@ -347,6 +347,7 @@ def make_loader(args, cfg: TrainConfig, split: str, train: bool, rank: int, worl
         num_workers=cfg.num_workers,
         crop_frames=(cfg.crop_frames or None) if train else None,
         normalize=True,
+        dtype="float16",  # half the shared-memory pages per batch; cast to float32 on the device
         storage_options=opts,
     )
 
@@ -618,7 +619,7 @@ def train(args) -> int:
                 t0 = time.perf_counter()
                 batch = next(it)
                 win["wait"] += time.perf_counter() - t0
-                mel = batch["mel"].to(device, non_blocking=True)
+                mel = batch["mel"].to(device, non_blocking=True).float()
                 lengths = batch["lengths"].to(device, non_blocking=True)
                 y = batch["labels"].to(device, non_blocking=True)
                 mel = spec_augment(mel, lengths, cfg)

@@ -59,6 +59,23 @@ def test_batches_shapes_padding_normalisation(shards):
     np.testing.assert_array_equal(b0["mel"][0, : r.feats.shape[0]].numpy(), r.feats.astype(np.float32))
 
 
+def test_float16_batches_are_the_float32_batches_rounded(shards):
+    # what spkr.train asks for: the same batches, normalised in float32 arithmetic, rounded to float16
+    kw = dict(train=True, seed=3, rank=0, world_size=1)
+    b32 = list(SpeakerLoader(str(shards), "train", 4, **kw))
+    b16 = list(SpeakerLoader(str(shards), "train", 4, dtype="float16", **kw))
+    assert [b["keys"] for b in b16] == [b["keys"] for b in b32]
+    for x, y in zip(b16, b32):
+        assert x["mel"].dtype == torch.float16 and torch.equal(x["lengths"], y["lengths"])
+        err = (x["mel"].float() - y["mel"]).abs()
+        assert bool((err <= y["mel"].abs() * 2**-11 + 1e-7).all()), float(err.max())  # one rounding
+    raw16 = next(iter(SpeakerLoader(str(shards), "train", 4, normalize=False, dtype="float16", **kw)))
+    raw = raw_feats(shards)[raw16["keys"][0]].feats
+    assert torch.equal(raw16["mel"][0, : raw.shape[0]], torch.from_numpy(np.array(raw)))  # stored values
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        SpeakerLoader(str(shards), "train", 4, dtype="int8", **kw)
+
+
 def padding_fraction(batches):
     real = sum(int(b["lengths"].sum()) for b in batches)
     total = sum(b["mel"].shape[0] * b["mel"].shape[1] for b in batches)

@@ -7,8 +7,8 @@ an epoch; exact mid-epoch resume via ``state_dict()`` / ``load_state_dict()``; l
 fsspec URL (``s3://``, ``gs://``, ``http://``). See :mod:`spkr.stream.plan` for the plan.
 
 Batches are collated inside the DataLoader workers (``DataLoader(batch_size=None)``) into
-``{"mel": float32 (B, T_max, n_mels) normalised and zero padded, "lengths": int64 (B,),
-"labels": int64 (B,), "keys": list[str]}``. Raw audio is never opened.
+``{"mel": (B, T_max, n_mels) normalised and zero padded, float32 (or float16 with ``dtype="float16"``),
+"lengths": int64 (B,), "labels": int64 (B,), "keys": list[str]}``. Raw audio is never opened.
 
 Resume: ``state_dict()`` = ``{epoch, batches (consumed this epoch), seed, world_size, num_workers,
 batch_size, bucket_window, train, split, num_samples, ...}``. After ``load_state_dict`` the next
@@ -41,6 +41,12 @@ from spkr.stream.plan import EpochPlan
 from spkr.stream.reader import ShardError, ShardReader
 
 _TAG_CROP = 0xC209
+# Batch dtypes. A DataLoader worker hands each batch over in a fresh shared-memory segment, and
+# faulting its pages in costs ~3 us per 4 kB page here (12 ms for a 15 MB float32 batch: the
+# bottleneck with workers). float16 halves that (2 workers: ~1.4x the samples/s, tools/bench_loader.py)
+# and loses nothing the shards kept (features are stored as float16; the normalised values are
+# rounded once). spkr.train and spkr.evaluate ask for float16 and cast to float32 on the device.
+BATCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def default_rank_world() -> tuple[int, int]:
@@ -73,8 +79,10 @@ class ShardDataset(IterableDataset):
         mean: np.ndarray | None,
         std: np.ndarray | None,
         reader_kwargs: dict,
+        dtype: torch.dtype = torch.float32,
     ):
         self.base, self.shards, self.n_mels = base, shards, n_mels
+        self.dtype = dtype
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.bucket_window, self.crop_frames = bucket_window, crop_frames
@@ -216,7 +224,7 @@ class ShardDataset(IterableDataset):
             reader.close()
 
     def collate(self, records: list, j: int, epoch: int) -> dict:
-        """Pad, convert (float16 -> float32) and normalise into one batch tensor, on one thread:
+        """Pad, normalise and convert (to ``dtype``) into one batch tensor, on one thread:
         these small per-row copies run ~25x slower when torch splits them over OpenMP threads (measured
         on 2 cores). DataLoader workers already use one thread; in-process loading borrows it."""
         threads = torch.get_num_threads()
@@ -241,16 +249,20 @@ class ShardDataset(IterableDataset):
                     feats[i] = f[s : s + c]
         lengths = np.array([f.shape[0] for f in feats], dtype=np.int64)
         T = int(lengths.max()) if len(lengths) else 0
-        mel = torch.empty((len(feats), T, self.n_mels), dtype=torch.float32)
+        mel = torch.empty((len(feats), T, self.n_mels), dtype=self.dtype)
         if get_worker_info() is not None:  # build the batch in shared memory: no copy on transfer
             mel.share_memory_()
         for i, f in enumerate(feats):
             mel[i, f.shape[0] :] = 0
             row = mel[i, : f.shape[0]]
             src = torch.from_numpy(f) if f.flags.writeable else torch.from_numpy(f.copy())
-            row.copy_(src)  # float16 -> float32, vectorised
-            if self.mean is not None:  # (x - mean) * inv_std as x * inv_std + shift, in place, one pass
+            if self.mean is None:
+                row.copy_(src)
+            elif self.dtype == torch.float32:  # copy (vectorised float16 -> float32), then normalise
+                row.copy_(src)  # in place: (x - mean) * inv_std as x * inv_std + shift, one pass
                 torch.addcmul(self._shift_t, row, self._inv_std_t, out=row)
+            else:  # normalised in float32 arithmetic, rounded once to float16
+                torch.addcmul(self._shift_t, src, self._inv_std_t, out=row)
         return {
             "mel": mel,
             "lengths": torch.from_numpy(lengths),
@@ -288,6 +300,7 @@ class SpeakerLoader:
         bucket_window: int | None = None,
         crop_frames: int | None = None,
         normalize: bool = True,
+        dtype: str = "float32",
         storage_options: dict | None = None,
         prefetch_factor: int | None = None,
         pin_memory: bool = False,
@@ -309,6 +322,8 @@ class SpeakerLoader:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
+        if dtype not in BATCH_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(BATCH_DTYPES)}, not {dtype!r}")
         self.shards_url, self.split = str(shards), split
         self.manifest = manifest or Manifest.load(self.shards_url, storage_options)
         self.split_info = self.manifest.split(split)
@@ -342,6 +357,7 @@ class SpeakerLoader:
             mean=stats.get("mean") if normalize else None,
             std=stats.get("std") if normalize else None,
             reader_kwargs=reader_kwargs,
+            dtype=BATCH_DTYPES[dtype],
         )
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
