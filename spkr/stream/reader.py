@@ -190,22 +190,6 @@ class _LocalSource:
     def read_into(self, pos: int, mv: memoryview) -> int:
         return os.preadv(self.fd, [mv], pos)
 
-    def mapping(self, start: int, end: int) -> tuple[memoryview, int] | None:
-        """(view, first byte) of the file range [start, end) through ``mmap``, or None if it cannot be
-        mapped (e.g. empty range). The mapping starts at the page below ``start``, is clipped to the file's
-        size (a truncated shard ends early; the parser reports it) and is private (copy-on-write: arrays
-        viewing it are writable without ever changing the file). Views stay valid after :meth:`close`;
-        the mapping goes away with its last view. (MAP_POPULATE was measured: no faster here.)"""
-        first = start - start % mmap.ALLOCATIONGRANULARITY
-        length = min(end, self.size) - first
-        if length <= 0:
-            return None
-        try:
-            m = mmap.mmap(self.fd, length, access=mmap.ACCESS_COPY, offset=first)
-        except (ValueError, OSError):
-            return None
-        return memoryview(m), first
-
     def close(self):
         if self.fd is not None:
             os.close(self.fd)
@@ -257,8 +241,8 @@ _TRANSIENT_EXCLUDE = (ShardError, FileNotFoundError, PermissionError, IsADirecto
 
 class _Stream:
     """Sequential reader over the byte range [start, end) of one shard, chunked, with retries and
-    (for remote sources) one chunk of read-ahead. A local shard is read through ``mmap`` instead: the
-    views handed out are of the page cache itself (no copy into a buffer)."""
+    (for remote sources) one chunk of read-ahead. Given ``mapped`` (a view of the whole local file,
+    see ``ShardReader._shard_map``) it hands out views of the page cache itself instead."""
 
     def __init__(
         self,
@@ -267,7 +251,7 @@ class _Stream:
         start: int,
         end: int,
         readahead: bool,
-        mapped: tuple[memoryview, int] | None = None,
+        mapped: memoryview | None = None,
     ):
         self.reader, self.shard = reader, shard
         self.pos, self.end = start, end  # pos: next byte handed out
@@ -275,13 +259,9 @@ class _Stream:
         self.fetch_pos = start  # next byte to fetch
         self.pool = reader._pool if readahead else None
         self.pending = None
-        if mapped is None:
-            src = reader._source(shard)
-            local = reader.use_mmap and isinstance(src, _LocalSource)
-            mapped = src.mapping(start, end) if local else None
-        self.mapped, self.map_pos = mapped if mapped is not None else (None, 0)
-        if self.mapped is not None:  # a file shorter than the manifest says ends early: the parser reports it
-            self.end = min(end, self.map_pos + len(self.mapped))
+        self.mapped = mapped
+        if mapped is not None:  # a file shorter than the manifest says ends early: the parser reports it
+            self.end = min(end, len(mapped))
 
     def _fill(self, mv: memoryview) -> int:
         """Fill ``mv`` with the bytes from ``fetch_pos`` on (fewer only at the end of the file)."""
@@ -313,7 +293,7 @@ class _Stream:
             a = self.pos
             self.pos = min(self.end, a + n)
             self.reader.stats.bytes += self.pos - a
-            return self.mapped[a - self.map_pos : self.pos - self.map_pos]
+            return self.mapped[a : self.pos]
         off = self.pos - self.buf_pos
         if off + n <= len(self.buf):
             self.pos += n
@@ -511,7 +491,8 @@ class ShardReader:
     # ---------------------------------------------------------------- random access (local shards)
     @property
     def random_access(self) -> bool:
-        """Local shards through mmap: :meth:`read_sample` parses any sample in place, in any order."""
+        """Local shards through mmap: :meth:`read_sample` parses any sample in place, in any order, and
+        :meth:`iter_range` hands out views of the page cache instead of buffered copies."""
         return self.use_mmap and not self.remote
 
     def _shard_map(self, shard: ShardInfo) -> tuple[mmap.mmap | None, memoryview]:
@@ -541,7 +522,7 @@ class ShardReader:
             raise ValueError(f"{shard.name}: sample {i} outside 0..{shard.num_samples}")
         _, view = self._shard_map(shard)
         start, end = shard.offsets[i], self._sample_end(shard, i)
-        return self._parse_sample(_Stream(self, shard, start, end, False, mapped=(view, 0)), shard, i)
+        return self._parse_sample(_Stream(self, shard, start, end, False, mapped=view), shard, i)
 
     def release_sample(self, shard: ShardInfo, i: int) -> None:
         """Sample ``i`` is done with: its pages may leave this process. Released ranges are unmapped
@@ -620,18 +601,23 @@ class ShardReader:
                     self._skip(shard, i, e)
                 return
         end = shard.offsets[stop] if stop < shard.num_samples else shard.bytes
-        stream = _Stream(self, shard, shard.offsets[start], end, self.readahead)
-        i = start
-        while i < stop:
-            try:
-                yield self._parse_sample(stream, shard, i)
-            except ShardError as e:
-                if self.on_error != "skip":
-                    raise
-                self._skip(shard, i, e)
-                if i + 1 < stop:
-                    stream.seek(shard.offsets[i + 1])
-            i += 1
+        mapped = self._shard_map(shard)[1] if self.random_access else None
+        stream = _Stream(self, shard, shard.offsets[start], end, self.readahead, mapped=mapped)
+        try:
+            i = start
+            while i < stop:
+                try:
+                    yield self._parse_sample(stream, shard, i)
+                except ShardError as e:
+                    if self.on_error != "skip":
+                        raise
+                    self._skip(shard, i, e)
+                    if i + 1 < stop:
+                        stream.seek(shard.offsets[i + 1])
+                i += 1
+        finally:
+            if mapped is not None:
+                self.close_shard(shard)  # the records' views keep the mapping as long as they need it
 
     def _skip(self, shard: ShardInfo, i: int, err: ShardError) -> None:
         self.stats.skipped.append({"shard": shard.name, "key": shard.keys[i], "error": str(err)})
