@@ -107,7 +107,8 @@ def main() -> None:
     audio = sum(u.duration for u in utts)
     logmel = LogMel(cfg, backend="torch" if args.backend == "auto" else args.backend)
     print(
-        f"{len(utts)} utterances, {audio / 60:.1f} min of audio, feature backend {logmel.backend}, 1 thread"
+        f"{len(utts)} utterances, {audio / 60:.1f} min of audio, feature backend {logmel.backend}, 1 thread, "
+        f"{runtime.describe()}"
     )
     backends = ["torchaudio", "torch"] if args.backend == "auto" else [args.backend]
     times = {"original": [], **{f"spkr[{b}]": [] for b in backends}, "limit": []}
