@@ -156,6 +156,29 @@ def test_truncated_tar(tmp_path):
     assert skip.stats.retries == 0  # truncation is not a transient error
 
 
+@pytest.mark.parametrize("use_mmap", [True, False])
+def test_header_checksum_mismatch(tmp_path, use_mmap):
+    info = _corrupt_case(tmp_path, "none")
+    path = tmp_path / info.name
+    blob = bytearray(path.read_bytes())
+    blob[info.offsets[1] + 140] ^= 0x01  # a byte of k1's first header (mtime field): only the checksum sees it
+    path.write_bytes(bytes(blob))
+    rd = ShardReader(str(tmp_path), n_mels=N_MELS, use_mmap=use_mmap)
+    with pytest.raises(ShardError, match=r"train/shard-000000.tar \[k1\.cls\].*checksum mismatch"):
+        rd.read_shard(info)
+    skip = ShardReader(str(tmp_path), n_mels=N_MELS, on_error="skip", use_mmap=use_mmap)
+    assert [r.key for r in skip.read_shard(info)] == ["k0", "k2"]
+
+
+def test_byte_sum_equals_sum():
+    rng = np.random.default_rng(0)
+    blocks = [bytes(n) for n in (0, 1, 512, 513)] + [b"\xff" * n for n in (1, 255, 512, 513)]
+    blocks += [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in rng.integers(0, 514, 300)]
+    blocks += [rng.integers(200, 256, 512, dtype=np.uint8).tobytes() for _ in range(100)]  # sums > 65521
+    blocks += [os.urandom(600), b"\xff" * 1024]  # longer: falls back to sum()
+    assert [reader_mod.byte_sum(b) for b in blocks] == [sum(b) for b in blocks]
+
+
 @pytest.mark.parametrize("ext", ["pth", "pkl", "pickle"])
 def test_pickle_members_are_refused_never_loaded(tmp_path, ext):
     marker = tmp_path / f"pwned-{ext}"

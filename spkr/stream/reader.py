@@ -31,6 +31,7 @@ import re
 import tarfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -641,8 +642,8 @@ class ShardReader:
                     name,
                     hpos,
                 )
-            mkey, mext = check_member_name(name, shard.name, hpos)
-            if mkey != key or mext != ext:
+            if name != expected:
+                check_member_name(name, shard.name, hpos)  # a refused type is reported as such
                 raise ShardError(
                     shard.name, f"found member '{name}' where the manifest expects '{expected}'", name, hpos
                 )
@@ -667,6 +668,19 @@ class ShardReader:
         return Record(i, key, values["cls"], values["json"], feats)
 
 
+def byte_sum(raw: bytes) -> int:
+    """sum(raw) for up to 513 bytes (a tar header block), ~10x faster than Python's sum() of bytes.
+
+    The sum is at most 513 * 255 < 65521 * 2: Adler-32's low half gives it modulo 65521 (a prime),
+    which leaves two candidates, and they differ modulo 255 (65521 % 255 = 241), which the big-endian
+    integer of the bytes gives (256 = 1 mod 255, so that integer = its digit sum mod 255)."""
+    if len(raw) > 513:
+        return sum(raw)
+    s = (zlib.adler32(raw) & 0xFFFF) - 1
+    s %= 65521
+    return s if (s - int.from_bytes(raw, "big")) % 255 == 0 else s + 65521
+
+
 def _parse_header(hdr: memoryview, shard: str, expected: str, hpos: int) -> tuple[str, int, bytes]:
     """(name, size, typeflag) of a ustar/v7 header block, checksum verified."""
     raw = bytes(hdr)
@@ -674,7 +688,7 @@ def _parse_header(hdr: memoryview, shard: str, expected: str, hpos: int) -> tupl
         chk = int(raw[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
     except ValueError:
         chk = -1
-    if chk != sum(raw) - sum(raw[148:156]) + 8 * 32:
+    if chk != byte_sum(raw) - sum(raw[148:156]) + 8 * 32:
         raise ShardError(shard, "bad tar header (checksum mismatch)", expected, hpos)
     if raw[124] & 0x80:
         size = tarfile.nti(raw[124:136])
