@@ -161,7 +161,8 @@ def test_header_checksum_mismatch(tmp_path, use_mmap):
     info = _corrupt_case(tmp_path, "none")
     path = tmp_path / info.name
     blob = bytearray(path.read_bytes())
-    blob[info.offsets[1] + 140] ^= 0x01  # a byte of k1's first header (mtime field): only the checksum sees it
+    # one byte of k1's first header, in its mtime field: only the header checksum can notice
+    blob[info.offsets[1] + 140] ^= 0x01
     path.write_bytes(bytes(blob))
     rd = ShardReader(str(tmp_path), n_mels=N_MELS, use_mmap=use_mmap)
     with pytest.raises(ShardError, match=r"train/shard-000000.tar \[k1\.cls\].*checksum mismatch"):
