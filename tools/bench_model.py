@@ -2,13 +2,15 @@
 
     python tools/bench_model.py [--repeats 3] [--quick]
 
-1. one Mamba-1 layer fwd+bwd at T=1024, batch 8, d_model 128: chunked fast path (eager and
-   torch.compile) vs mambapy's parallel scan (pscan=True) and vs our sequential reference;
-2. linearity: fast path cost at T=4096 / T=1024 (ideal 4x);
-3. Mamba-2 layer (SSD chunked) at the same size, for information;
-4. whole classifiers at T=4096: Mamba-1 (bidirectional) vs Transformer baseline of similar size;
-5. torch.compile recompiles for a few different T with dynamic=None (default) vs dynamic=True.
-Times are medians of a few repeats after a warm-up; only the ratios are meant to be compared.
+1. one Mamba-1 layer fwd+bwd at T = 256, 1024, 4096 (batch 8, d_model 128), per frame: our chunked
+   fast path (eager and torch.compile), mambapy's parallel scan (pscan=True, same weights: the peer),
+   our sequential reference, mambapy's sequential loop (mamba-minimal style; T <= 1024) and our
+   Mamba-2 (SSD chunked) for information;
+2. linearity: cost at T=4096 / T=1024 (ideal 4x) of the layers and of the Mamba-1 scan alone;
+3. whole classifiers at T=4096: Mamba-1 and Mamba-2 (bidirectional) vs a Transformer of similar size;
+4. torch.compile recompiles for a few different T with dynamic=None (default) vs dynamic=True.
+Times are medians of a few repeats after a warm-up (the slow references: one run); only the ratios are
+meant to be compared. ``--quick`` skips the references and torch.compile.
 """
 
 from __future__ import annotations
@@ -99,53 +101,80 @@ def main() -> None:
     print(f"allocator: {runtime.describe()}\n")
     b, T, dm = 8, 1024, 128
 
-    # -- 1. one layer at T=1024
+    # -- 1. one layer, per-frame cost at T = 256, 1024, 4096
+    Ts = [256, 1024, 4096]
     ours = Mamba1(dm, d_state=16, backend="torch")
-    u = torch.randn(b, T, dm, requires_grad=True)
-    t_fast = timeit(fwd_bwd(ours, u), R)
-    rows = [("ours chunked (eager)", t_fast)]
+    m2 = Mamba2(dm, d_state=64, headdim=32, backend="torch")
     try:
         from mambapy.mamba import MambaBlock, MambaConfig
 
-        theirs = MambaBlock(MambaConfig(d_model=dm, n_layers=1, pscan=True))
-        theirs.load_state_dict(ours.state_dict())
-        t_mp = timeit(fwd_bwd(theirs, u), R)
-        rows.append(("mambapy pscan=True", t_mp))
+        peer = MambaBlock(MambaConfig(d_model=dm, n_layers=1, pscan=True))
+        peer.load_state_dict(ours.state_dict())  # same weights
+        peer_seq = MambaBlock(MambaConfig(d_model=dm, n_layers=1, pscan=False))
+        peer_seq.load_state_dict(ours.state_dict())
     except ImportError:
-        t_mp = None
-    t_ref = None
-    t_comp = None
+        peer = peer_seq = None
+    comp = None
     if not args.quick:
-        t_ref = timeit(fwd_bwd(ours, u, scan="ref"), 1, warmup=0)
-        rows.append(("ours sequential reference (per-step state, 1 run)", t_ref))
-        if t_mp is not None:
-            seq = MambaBlock(MambaConfig(d_model=dm, n_layers=1, pscan=False))
-            t_mpseq = timeit(fwd_bwd(seq, u), 1, warmup=0)
-            rows.append(("mambapy pscan=False (mamba-minimal style loop, 1 run)", t_mpseq))
         torch._dynamo.reset()
         comp = torch.compile(ours)
-        t0 = time.perf_counter()
-        fwd_bwd(comp, u)()
-        t_compile = time.perf_counter() - t0
-        t_comp = timeit(fwd_bwd(comp, u), R)
-        rows.append((f"ours chunked (torch.compile; first call {t_compile:.0f}s)", t_comp))
-    m2 = Mamba2(dm, d_state=64, headdim=32, backend="torch")
-    t_m2 = timeit(fwd_bwd(m2, u), R)
-    rows.append(("ours Mamba-2 SSD chunked (eager)", t_m2))
-
-    print(f"[1] one layer fwd+bwd, T={T}, batch {b}, d_model {dm} (time relative to our eager fast path)")
-    for name, t in rows:
-        print(f"    {name:<55s} {t / t_fast:6.2f}x")
-    if t_mp:
-        print(f"    => speed-up vs mambapy pscan:        {t_mp / t_fast:6.2f}x   (target >= 2)")
-    if t_ref:
-        print(f"    => speed-up vs sequential reference: {t_ref / t_fast:6.2f}x   (target >= 20)")
-        if t_mp is not None:
-            print(f"    => speed-up vs mambapy sequential:   {t_mpseq / t_fast:6.2f}x")
-    if t_comp:
-        print(f"    => compiled vs eager fast path:      {t_fast / t_comp:6.2f}x")
+    rows: dict[str, dict[int, float]] = {}
+    first_compile = {}
+    for T in Ts:
+        u = torch.randn(b, T, dm, requires_grad=True)
+        rows.setdefault("ours chunked (eager)", {})[T] = timeit(fwd_bwd(ours, u), R)
+        if comp is not None:
+            t0 = time.perf_counter()
+            fwd_bwd(comp, u)()
+            first_compile[T] = time.perf_counter() - t0
+            rows.setdefault("ours chunked (torch.compile)", {})[T] = timeit(fwd_bwd(comp, u), R)
+        if peer is not None:
+            rows.setdefault("mambapy pscan=True (the peer)", {})[T] = timeit(fwd_bwd(peer, u), R)
+        if not args.quick:
+            rows.setdefault("ours sequential reference (1 run)", {})[T] = timeit(
+                fwd_bwd(ours, u, scan="ref"), 1, warmup=0
+            )
+            if peer_seq is not None and T <= 1024:  # its backward is quadratic in T: minutes at 4096
+                rows.setdefault("mambapy pscan=False, mamba-minimal loop (1 run)", {})[T] = timeit(
+                    fwd_bwd(peer_seq, u), 1, warmup=0
+                )
+        rows.setdefault("ours Mamba-2 SSD chunked (eager)", {})[T] = timeit(fwd_bwd(m2, u), R)
+        del u
+    fast = rows["ours chunked (eager)"]
+    print(f"[1] one layer fwd+bwd, batch {b}, d_model {dm}: microseconds per frame (batch x T), and time")
+    print("    relative to our eager fast path at the same T")
+    print(f"    {'':<50s}" + "".join(f"{'T=' + str(T):>18s}" for T in Ts))
+    for name, ts in rows.items():
+        cells = "".join(
+            f"{ts[T] / (b * T) * 1e6:9.1f} ({ts[T] / fast[T]:5.2f}x)" if T in ts else f"{'-':>18s}"
+            for T in Ts
+        )
+        print(f"    {name:<50s}{cells}")
+    if first_compile:
+        print(f"    (torch.compile first calls: {', '.join(f'{v:.0f}s' for v in first_compile.values())})")
+    peer_t = rows.get("mambapy pscan=True (the peer)")
+    if peer_t:
+        print(
+            f"    => speed-up vs mambapy pscan at T=1024:        {peer_t[1024] / fast[1024]:6.2f}x   (target >= 2)"
+        )
+    ref_t = rows.get("ours sequential reference (1 run)")
+    if ref_t:
+        ups = ", ".join(f"T={T}: {ref_t[T] / fast[T]:.2f}x" for T in Ts)
+        print(f"    => speed-up vs our sequential reference:       {ups}   (target >= 20)")
+    seq_t = rows.get("mambapy pscan=False, mamba-minimal loop (1 run)")
+    if seq_t:
+        ups = ", ".join(f"T={T}: {seq_t[T] / fast[T]:.0f}x" for T in seq_t)
+        print(f"    => speed-up vs the mamba-minimal-style loop:   {ups}")
+    comp_t = rows.get("ours chunked (torch.compile)")
+    if comp_t:
+        ups = ", ".join(f"T={T}: {fast[T] / comp_t[T]:.2f}x" for T in Ts)
+        print(f"    => compiled vs eager fast path:                {ups}")
+    if peer_t:
+        print(f"    => mambapy pscan cost T=4096 / T=1024:         {peer_t[4096] / peer_t[1024]:6.2f}x")
 
     # -- 2. linearity: T=1024 and T=4096 runs alternate, best of each (noise only ever adds time)
+    T = 1024
+    u = torch.randn(b, T, dm, requires_grad=True)
     u4 = torch.randn(b, 4 * T, dm, requires_grad=True)
     print(f"\n[2] cost(T=4096) / cost(T=1024), fwd+bwd, best of {R + 2} alternating runs (ideal 4x)")
     for name, layer in (("Mamba-1 layer, fast path", ours), ("Mamba-2 layer (SSD chunked)", m2)):

@@ -88,8 +88,8 @@ def _causal_conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     xp = F.pad(x, (0, 0, K - 1, 0))  # K-1 zero frames in front
     y = xp[:, 0:l] * w[:, 0]
     for k in range(1, K):
-        y = y + xp[:, k : k + l] * w[:, k]
-    return y + conv.bias if conv.bias is not None else y
+        y = y.addcmul_(xp[:, k : k + l], w[:, k])  # in place: one (b, l, d) buffer, not 2K-1
+    return y.add_(conv.bias) if conv.bias is not None else y
 
 
 def _inv_softplus_dt(n: int, dt_min: float, dt_max: float, floor: float = 1e-4) -> torch.Tensor:

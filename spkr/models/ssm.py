@@ -87,11 +87,13 @@ def selective_scan_ref(
     b, l, d = x.shape
     h = x.new_zeros(b, d, A.shape[1])  # (b, d, n)
     ys = []
-    for t in range(l):
-        dA = torch.exp(dt[:, t, :, None] * A)  # (b, d, n)
-        dBx = dt[:, t, :, None] * B[:, t, None, :] * x[:, t, :, None]  # (b, d, n)
+    # frames via unbind (its backward is one stack): indexing x[:, t] in the loop would make autograd
+    # build a zero tensor of the whole sequence per step, a backward quadratic in T
+    for x_t, dt_t, B_t, C_t in zip(x.unbind(1), dt.unbind(1), B.unbind(1), C.unbind(1)):
+        dA = torch.exp(dt_t[:, :, None] * A)  # (b, d, n)
+        dBx = dt_t[:, :, None] * B_t[:, None, :] * x_t[:, :, None]  # (b, d, n)
         h = dA * h + dBx
-        ys.append((h * C[:, t, None, :]).sum(-1))  # (b, d)
+        ys.append((h * C_t[:, None, :]).sum(-1))  # (b, d)
     y = torch.stack(ys, dim=1)  # (b, l, d)
     if D is not None:
         y = y + x * D.float()
@@ -113,6 +115,16 @@ def _linear_scan_hs(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return u
 
 
+def _chunk_cumsum_(t: torch.Tensor) -> torch.Tensor:
+    """In-place inclusive cumsum along dim 2 (the L frames of a chunk) of a (b, c, L, ...) tensor.
+
+    L - 1 vectorised adds: ``torch.cumsum`` along a dim that is not the last runs a strided scalar loop
+    on CPU (and accumulates in float64), ~8x slower for these shapes."""
+    for i in range(1, t.shape[2]):
+        t[:, :, i].add_(t[:, :, i - 1])
+    return t
+
+
 def _scan_block(
     dt: torch.Tensor,
     A: torch.Tensor,
@@ -124,7 +136,7 @@ def _scan_block(
     """States of h_t = exp(clamp(dt_t*A)) * h_{t-1} + p_t q_t^T for one block (no autograd, in place).
 
     dt, p: (b, l, k) with l a multiple of L;  A: (k, n);  q: (b, l, n);  h0: (b, k, n) state before the
-    block's first frame (None: zero).  Returns h: (b, l, k, n) float32. Peak memory: three (b, l, k, n)
+    block's first frame (None: zero).  Returns h: (b, l, k, n) float32. Peak memory: two (b, l, k, n)
     tensors.
     """
     b, l, k = dt.shape
@@ -132,13 +144,12 @@ def _scan_block(
     c = l // L
     amax = max_log_decay_for(L)
     r = (L - 1) // 2
-    S = (dt.view(b, c, L, k, 1) * A).clamp_(min=-amax).cumsum_(dim=2)  # log decay since chunk start
+    S = _chunk_cumsum_((dt.view(b, c, L, k, 1) * A).clamp_(min=-amax))  # log decay since chunk start
     S_r = S[:, :, r : r + 1].clone()  # (b, c, 1, k, n)
     G = torch.exp(S[:, :, -1])  # (b, c, k, n) decay over the whole chunk, in (0, 1]
-    S.sub_(S_r)
-    w = torch.neg(S).exp_()  # E_in = exp(S_r - S_s)
-    E_out = S.exp_()  # exp(S_t - S_r)
-    w.mul_(p.view(b, c, L, k, 1) * q.view(b, c, L, 1, n)).cumsum_(dim=2)  # cs
+    w = torch.sub(S_r, S, out=S).exp()  # E_in = exp(S_r - S_s), within exp(+-EXP_BUDGET)
+    E_out = torch.reciprocal(w, out=S)  # exp(S_t - S_r): a reciprocal costs a tenth of an exp here
+    _chunk_cumsum_(w.mul_(p.view(b, c, L, k, 1)).mul_(q.view(b, c, L, 1, n)))  # cs
     h_end = E_out[:, :, -1] * w[:, :, -1]  # (b, c, k, n) chunk-end state from the chunk's own inputs
     if h0 is not None:
         h_end[:, 0] += G[:, 0] * h0
@@ -180,7 +191,7 @@ def _ssm1_fwd(x, dt, A, B, C, chunk_size: int) -> torch.Tensor:
         for ts in segs:
             dtb = dt[bi, ts, ds]
             h = _scan_block(dtb, A[ds], dtb * x[bi, ts, ds], B[bi, ts], chunk_size, h0)  # (1, seg, k, n)
-            y[bi, ts, ds] = torch.matmul(h, C[bi, ts].unsqueeze(-1)).squeeze(-1)
+            y[bi, ts, ds] = torch.mul(h, C[bi, ts].unsqueeze(-2)).sum(-1)  # 2x a batched matvec here
             h0 = h[:, -1].clone()
     return y
 
@@ -191,8 +202,10 @@ def _ssm1_bwd(gy, x, dt, A, B, C, chunk_size: int):
     With g_t = exp(dt_t A), u_t = dt_t x_t B_t and the adjoint lam_t = gy_t C_t + g_{t+1} lam_{t+1}
     (a reverse scan with the same decays, shifted by one frame):
         dL/du_t = lam_t,   dL/d(dt_t A) = lam_t * g_t h_{t-1} = lam_t * (h_t - u_t),   dL/dC_t = sum_d gy_t h_t.
-    Per (batch item, channel group): a forward pass keeps only the states at segment starts, then the
-    segments are visited last to first, recomputing h and carrying lam backwards.
+    Per (batch item, channel group): a forward pass keeps only the states at segment starts (saving
+    them from the forward instead would give the op an output of ceil(l / SEGMENT) rows, whose 1-vs-more
+    specialisation costs torch.compile extra graphs), then the segments are visited last to first,
+    recomputing h and carrying lam backwards.
     """
     b, l, d = x.shape
     n = A.shape[1]
@@ -223,12 +236,14 @@ def _ssm1_bwd(gy, x, dt, A, B, C, chunk_size: int):
             lam_rev = _scan_block(dt_rev[bi, rs, ds], Ab, gy_rev[bi, rs, ds], C_rev[bi, rs], L, lam0)
             lam0 = lam_rev[:, -1].clone()  # lam at the segment's first frame: carried to the previous one
             lam = lam_rev.flip(1)
-            gp = torch.matmul(lam, Bb.unsqueeze(-1)).squeeze(-1)  # dL/d(dt*x): (1, seg, k)
+            # (the contractions over n are written as mul + sum and einsum where each measured fastest:
+            # batched matvecs and a bmm-based einsum over l are several times slower on CPU)
+            gp = torch.mul(lam, Bb.unsqueeze(-2)).sum(-1)  # dL/d(dt*x): (1, seg, k)
             gB[bi, ts] += torch.matmul(dxb.unsqueeze(-2), lam).squeeze(-2)  # (1, seg, n)
-            h.sub_(dxb.unsqueeze(-1) * Bb.unsqueeze(-2)).mul_(lam)  # ga = lam * (h - u)
-            gdt[bi, ts, ds] = gp * xb + (h * Ab).sum(-1)
+            h.addcmul_(dxb.unsqueeze(-1), Bb.unsqueeze(-2), value=-1).mul_(lam)  # ga = lam * (h - u)
+            gdt[bi, ts, ds] = gp * xb + torch.einsum("blkn,kn->blk", h, Ab)
             gx[bi, ts, ds] = gp * dtb
-            gA[ds] += torch.einsum("blkn,blk->kn", h, dtb)
+            gA[ds] += h.mul_(dtb.unsqueeze(-1)).sum((0, 1))
     return gx, gdt, gA, gB, gC
 
 
@@ -331,14 +346,14 @@ def ssd_ref(
     shared by all heads);  D: (h,) or None.  Returns y: (b, l, h, p) float32.
     """
     x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
-    b, l, nh, p = x.shape
+    b, _, nh, p = x.shape
     H = x.new_zeros(b, nh, p, B.shape[-1])  # (b, h, p, n)
     ys = []
-    for t in range(l):
-        dA = torch.exp(dt[:, t] * A)  # (b, h)
-        dBx = (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, None, None, :]  # (b, h, p, n)
+    for x_t, dt_t, B_t, C_t in zip(x.unbind(1), dt.unbind(1), B.unbind(1), C.unbind(1)):  # see above
+        dA = torch.exp(dt_t * A)  # (b, h)
+        dBx = (dt_t[:, :, None] * x_t)[..., None] * B_t[:, None, None, :]  # (b, h, p, n)
         H = dA[:, :, None, None] * H + dBx
-        ys.append(torch.einsum("bhpn,bn->bhp", H, C[:, t]))
+        ys.append(torch.einsum("bhpn,bn->bhp", H, C_t))
     y = torch.stack(ys, dim=1)  # (b, l, h, p)
     if D is not None:
         y = y + x * D.float()[:, None]
@@ -429,10 +444,11 @@ def ssd_chunked(
         Bp = Bp.view(b, c, L, n)
         Cp = Cp.view(b, c, L, n)
         per = max(1, SEGMENT // L)  # chunks per segment
+        # torch.split, not a slice per segment: the backward of each slice would build a zero tensor of
+        # the full length (quadratic in T); split's backward is one concatenation
         ys, state = [], None
-        for k in range(0, c, per):
-            part = slice(k, min(c, k + per))
-            y_seg, state = _ssd_segment(xp[:, part], dtp[:, part], A, Bp[:, part], Cp[:, part], L, state)
+        for xs, dts, Bs, Cs in zip(*(t.split(per, dim=1) for t in (xp, dtp, Bp, Cp))):
+            y_seg, state = _ssd_segment(xs, dts, A, Bs, Cs, L, state)
             ys.append(y_seg)
         y = torch.cat(ys, dim=1).reshape(b, c * L, nh, p)[:, :l]
         if D is not None:
