@@ -324,7 +324,7 @@ def main(argv=None):
             f"bucketed (window {default_bucket_window(B)}) {pad['bucketed']:.1%}   (target <= 5%) "
             f"{'OK' if pad['bucketed'] <= 0.05 else 'MISS'}"
         )
-        # RSS: the same 4000 samples (~190 MB) in 10 and in 100 shards: the loader's memory must not
+        # RSS: the same 4000 samples (~200 MB) in 10 and in 100 shards: the loader's memory must not
         # grow with the shard count (nothing kept per shard), and stays far below the data size
         from shardkit import make_shards
 
