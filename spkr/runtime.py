@@ -11,10 +11,10 @@ Measured effects here (same-process ratios; README, Benchmarks): the local loade
 Mamba-1 layer at T=4096 ~10-20 % faster; the tiny demo model's training throughput unchanged; and
 mambapy's parallel scan, which materialises (B, T, D, N) tensors, ~2x faster (spkr's chunked scan is
 then 2.2x faster than it at T=1024 instead of 3.2-3.4x). Because it changes allocation for the whole
-process, spkr does not turn it on by itself: ``SPKR_HUGEPAGES=1`` makes ``import spkr`` (which runs :func:`configure` before anything
-imports torch) set ``THP_MEM_ALLOC_ENABLE=1`` as a default; exporting ``THP_MEM_ALLOC_ENABLE=1`` yourself
-works too. PyTorch reads the variable once, at its first allocation, so it must be set before torch is
-imported. ``tools/bench_*.py`` print the setting they ran with (:func:`describe`).
+process, spkr does not turn it on by itself: ``SPKR_HUGEPAGES=1`` makes ``import spkr`` (which runs
+:func:`configure` before anything imports torch) set ``THP_MEM_ALLOC_ENABLE=1`` as a default; exporting
+``THP_MEM_ALLOC_ENABLE=1`` yourself works too. PyTorch reads the variable once, at its first allocation,
+so it must be set before torch is imported. ``tools/bench_*.py`` print the setting they ran with (:func:`describe`).
 """
 
 from __future__ import annotations
