@@ -99,7 +99,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {R} repeats")
     print(f"allocator: {runtime.describe()}\n")
-    b, T, dm = 8, 1024, 128
+    b, dm = 8, 128
 
     # -- 1. one layer, per-frame cost at T = 256, 1024, 4096
     Ts = [256, 1024, 4096]
