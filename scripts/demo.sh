@@ -12,7 +12,7 @@ export OMP_NUM_THREADS=1 # one intra-op thread per rank: 2 ranks on 2 cores
 start=$(date +%s)
 
 echo "== 1/5 shard the bundled corpus -> $SHARDS"
-python -m spkr.tools.shard --source data/demo --subsets train.100 --out "$SHARDS" --workers 2
+python -m spkr.tools.shard --source data/demo --subsets train.100 --out "$SHARDS" --workers 2 --overwrite
 
 echo "== 2/5 train ($NPROC ranks, $CONFIG) -> $RUN"
 torchrun --standalone --nproc_per_node "$NPROC" -m spkr.train \

@@ -2,7 +2,7 @@
 
 A checkpoint (``<run>/last.pt``, ``<run>/ckpt-epoch001.pt``, ...) is one ``torch.save`` of a dict::
 
-    format "spkr-checkpoint", version 1
+    format "spkr-checkpoint", version 2 (2: dataset_id)
     model          model.state_dict()                 (unwrapped: no "module."/"_orig_mod." prefixes)
     optimizer      optimizer.state_dict()
     scheduler      LambdaLR.state_dict()              (plain numbers)
@@ -11,6 +11,8 @@ A checkpoint (``<run>/last.pt``, ``<run>/ckpt-epoch001.pt``, ...) is one ``torch
     loader         [per rank] SpeakerLoader.state_dict() (made plain: numpy -> lists/ints)
     step, epoch, batches_done, world_size, finished
     labels, class_weights, feature_config (dict), feature_fingerprint, stats (manifest feature stats)
+    dataset_id     the training shards' manifest dataset_id: resume, evaluate and chart_losses refuse
+                   other shards; stats are the normalisation every later use of the model applies
     model_config (dict), train_config (dict), shards (str), backend, torch_version
 
 Nothing else (no classes, no functions), so ``torch.load(path, weights_only=True)`` reads it and a
@@ -20,18 +22,18 @@ file carrying any other pickle payload is refused before anything in it runs.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from spkr import atomic
+
 FORMAT = "spkr-checkpoint"
-VERSION = 1
+VERSION = 2
 
 
 class CheckpointError(RuntimeError):
@@ -55,26 +57,13 @@ def to_plain(obj: Any) -> Any:
 
 
 def save_atomic(obj: dict, *paths: str | Path) -> None:
-    """Serialise ``obj`` once and write it to each path via temp file + fsync + rename."""
+    """Serialise ``obj`` once and write it to each path via temp file + fsync + rename (mode 0666 &
+    ~umask, like any new file: see spkr.atomic)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     data = buf.getvalue()
     for path in paths:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic.write_bytes(path, data)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -141,6 +130,19 @@ def strip_prefixes(state_dict: dict) -> dict:
                 k = k[len(p) :]
         out[k] = v
     return out
+
+
+def check_dataset(ckpt: dict, manifest, what: str, *, allow_other_dataset: bool = False) -> str | None:
+    """Shards fit this checkpoint: the same feature config and label map always (else
+    ManifestMismatch), the very dataset it was trained on (manifest.dataset_id) unless
+    ``allow_other_dataset`` — then the returned warning says so (None when they are the same)."""
+    manifest.check_compatible(ckpt["feature_config"], ckpt["labels"])
+    if manifest.check_dataset(ckpt["dataset_id"], what, allow_other=allow_other_dataset):
+        return None
+    return (
+        f"warning: {manifest.url} is dataset {manifest.dataset_id}, not the training dataset "
+        f"{ckpt['dataset_id']} of {what}; its valid/test utterances may have been training utterances"
+    )
 
 
 def build_model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu"):

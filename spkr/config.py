@@ -6,7 +6,9 @@ this module only knows how to fill a dataclass from a mapping and say clearly wh
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -31,6 +33,31 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def json_object(text: str) -> dict[str, Any] | None:
+    """``type=`` of every command-line option that takes a JSON object (``--storage-options``,
+    ``--feature-config``): bad JSON or another JSON value is an argparse usage error (exit 2, one line:
+    ``error: argument --storage-options: not a JSON object: ...``), never a traceback. An empty
+    value means "not given" (None), as before."""
+    if not text.strip():
+        return None
+    try:  # the value itself is never echoed: storage options may hold credentials
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
+    if not isinstance(value, dict):
+        kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+        kind = kinds.get(type(value), "a number")
+        raise argparse.ArgumentTypeError(f"not a JSON object: got {kind}")
+    return value
+
+
+def add_storage_options(
+    parser: argparse.ArgumentParser, help: str = "JSON fsspec options (else $SPKR_STORAGE_OPTIONS)"
+) -> None:
+    """The ``--storage-options JSON`` option every CLI shares (parsed by :func:`json_object`)."""
+    parser.add_argument("--storage-options", type=json_object, default=None, metavar="JSON", help=help)
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:

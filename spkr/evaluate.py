@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +70,10 @@ def compute_min_dcf(
 
 def make_trials(labels, max_pairs: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Trial pairs (i, j, is_target) over utterances with speaker ``labels``: every pair i < j when there
-    are at most ``max_pairs`` (0 = no limit), else a seeded sample of up to max_pairs/2 target and
-    max_pairs/2 non-target pairs (without repeats)."""
+    are at most ``max_pairs`` (0 = no limit), else a seeded sample of up to max_pairs/2 target pairs
+    and non-target pairs for the rest (without repeats). When fewer distinct non-target pairs exist
+    than that (one dominant speaker), all of them are used and a warning says so; with a single
+    speaker there are none (``verification`` then raises a clear ValueError)."""
     labels = np.asarray(labels)
     n = len(labels)
     total = n * (n - 1) // 2
@@ -91,25 +94,68 @@ def make_trials(labels, max_pairs: int = 0, seed: int = 0) -> tuple[np.ndarray, 
         pick = rng.choice(len(ti), half, replace=False)
         ti, tj = ti[pick], tj[pick]
     n_non = max_pairs - len(ti)
+    order = np.argsort(labels, kind="stable")  # utterances grouped by speaker
+    _, start, count = np.unique(labels[order], return_index=True, return_counts=True)
+    available = total - int((count * (count - 1) // 2).sum())  # distinct non-target pairs
+    if available <= 2 * n_non:  # few: list them all (at most 2 * max_pairs), keep a seeded sample
+        ni, nj = _all_nontarget_pairs(order, start, count)
+        if available > n_non:
+            pick = np.sort(rng.choice(available, n_non, replace=False))
+            ni, nj = ni[pick], nj[pick]
+        else:
+            warnings.warn(
+                f"verification trials: only {available} distinct non-target pairs exist among {n} "
+                f"utterances of {len(count)} speaker(s) ({n_non} wanted): using all of them",
+                stacklevel=2,
+            )
+    else:  # many: draw non-target pairs directly (each draw is new with probability > 1/2)
+        ni, nj = _sample_nontarget_pairs(order, start, count, n_non, rng)
+    i = np.concatenate([ti, np.asarray(ni, dtype=np.int64)])
+    j = np.concatenate([tj, np.asarray(nj, dtype=np.int64)])
+    return i, j, labels[i] == labels[j]
+
+
+def _all_nontarget_pairs(order, start, count) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair (i < j) of utterances of different speakers, sorted; ``order`` groups utterances
+    by speaker, speaker k at ``order[start[k] : start[k] + count[k]]``."""
+    ii, jj = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for s, c in zip(start, count):
+        a, b = order[s : s + c], order[s + c :]  # this speaker x every later speaker
+        ii.append(np.repeat(a, len(b)))
+        jj.append(np.tile(b, len(a)))
+    i, j = np.concatenate(ii), np.concatenate(jj)
+    i, j = np.minimum(i, j), np.maximum(i, j)
+    k = np.lexsort((j, i))
+    return i[k], j[k]
+
+
+def _sample_nontarget_pairs(order, start, count, n_pairs: int, rng) -> tuple[list[int], list[int]]:
+    """``n_pairs`` distinct non-target pairs drawn uniformly (first utterance weighted by how many
+    utterances of other speakers it can pair with, second uniform among those); needs at least
+    2 * n_pairs to exist so that the loop ends quickly."""
+    n = len(order)
+    spk = np.empty(n, np.int64)
+    spk[order] = np.repeat(np.arange(len(count)), count)  # speaker index of each utterance
+    weight = (n - count[spk]).astype(np.float64)
+    weight /= weight.sum()
     seen: set[tuple[int, int]] = set()
-    ni, nj = [], []
-    while len(ni) < n_non:
-        a = rng.integers(0, n, size=2 * (n_non - len(ni)) + 16)
-        b = rng.integers(0, n, size=len(a))
-        for x, y in zip(a.tolist(), b.tolist()):
-            if labels[x] == labels[y]:
-                continue
-            x, y = min(x, y), max(x, y)
+    ni: list[int] = []
+    nj: list[int] = []
+    while len(ni) < n_pairs:
+        size = 2 * (n_pairs - len(ni)) + 16
+        a = rng.choice(n, size=size, p=weight)
+        r = rng.integers(0, n - count[spk[a]])  # a position outside a's speaker block ...
+        r = np.where(r < start[spk[a]], r, r + count[spk[a]])  # ... skipping over that block
+        b = order[r]
+        for x, y in zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()):
             if (x, y) in seen:
                 continue
             seen.add((x, y))
             ni.append(x)
             nj.append(y)
-            if len(ni) == n_non:
+            if len(ni) == n_pairs:
                 break
-    i = np.concatenate([ti, np.asarray(ni, dtype=np.int64)])
-    j = np.concatenate([tj, np.asarray(nj, dtype=np.int64)])
-    return i, j, labels[i] == labels[j]
+    return ni, nj
 
 
 def cosine_scores(emb: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -122,6 +168,12 @@ def verification(
     emb: np.ndarray, labels, max_pairs: int = 200_000, seed: int = 0, p_target: float = 0.01
 ) -> dict:
     """EER / minDCF of cosine scoring over trial pairs of these embeddings."""
+    n_speakers = len(np.unique(np.asarray(labels)))
+    if n_speakers < 2:
+        raise ValueError(
+            f"verification needs utterances of at least 2 speakers (got {len(labels)} utterance(s) of "
+            f"{n_speakers}): no non-target trial exists"
+        )
     i, j, tar = make_trials(labels, max_pairs, seed)
     scores = cosine_scores(emb, i, j)
     eer, eer_thr = compute_eer(scores, tar)
@@ -195,6 +247,8 @@ def summarise(sums: dict) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from spkr.config import add_storage_options
+
     p = argparse.ArgumentParser(prog="python -m spkr.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
     p.add_argument("--shards", default=None, help="shards directory or URL (default: the one trained on)")
@@ -205,8 +259,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the trial sample")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="fp32")
     p.add_argument("--no-verification", action="store_true", help="only loss/accuracy")
-    p.add_argument("--storage-options", default=None, help="JSON fsspec options (else $SPKR_STORAGE_OPTIONS)")
+    add_storage_options(p)
     p.add_argument("--out", default=None, help="JSON output (default: <checkpoint dir>/eval-<split>.json)")
+    p.add_argument(
+        "--allow-other-dataset",
+        action="store_true",
+        help="evaluate on shards that are not the checkpoint's training dataset (warns; default: refuse)",
+    )
     return p.parse_args(argv)
 
 
@@ -223,8 +282,12 @@ def evaluate_checkpoint(
     seed: int = 0,
     amp_dtype=None,
     model=None,
+    allow_other_dataset: bool = False,
+    warn=lambda msg: print(f"[evaluate] {msg}", file=sys.stderr),
 ) -> dict:
-    from spkr.checkpoint import build_model_from_checkpoint
+    """Accuracy (and verification) of a checkpoint on one split of its own training dataset (another
+    one only with ``allow_other_dataset``, with a warning), normalised with the checkpoint's statistics."""
+    from spkr.checkpoint import build_model_from_checkpoint, check_dataset
     from spkr.stream.loader import SpeakerLoader
 
     loader = SpeakerLoader(
@@ -240,12 +303,16 @@ def evaluate_checkpoint(
         normalize=True,
         dtype="float16",  # half the shared-memory pages per batch; cast to float32 on the device
         storage_options=storage_options,
+        stats=ckpt["stats"],  # the model's training normalisation, whatever the shards' own say
     )
-    loader.manifest.check_compatible(ckpt["feature_config"], ckpt["labels"])
+    warning = check_dataset(ckpt, loader.manifest, "the checkpoint", allow_other_dataset=allow_other_dataset)
+    if warning:
+        warn(warning)
     if model is None:
         model, _ = build_model_from_checkpoint(ckpt)
     sums = run_split(model, loader, torch.device("cpu"), amp_dtype, embeddings=verify)
-    res = {"split": split, **summarise(sums)}
+    res = {"split": split, "dataset_id": loader.manifest.dataset_id, "same_dataset": warning is None}
+    res.update(summarise(sums))
     if verify:
         res["verification"] = verification(sums["emb"], sums["labels"], max_pairs, seed)
     return res
@@ -264,9 +331,7 @@ def main(argv=None) -> int:
         shards = args.shards or ckpt.get("shards")
         if not shards:
             raise ValueError("no --shards given and the checkpoint does not name its shards")
-        opts = storage.storage_options_from_env(
-            json.loads(args.storage_options) if args.storage_options else None
-        )
+        opts = storage.storage_options_from_env(args.storage_options)
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
         res = evaluate_checkpoint(
             ckpt,
@@ -279,6 +344,7 @@ def main(argv=None) -> int:
             max_pairs=args.max_pairs,
             seed=args.seed,
             amp_dtype=amp,
+            allow_other_dataset=args.allow_other_dataset,
         )
     except (CheckpointError, ManifestError, ValueError, FileNotFoundError, OSError) as e:
         print(f"[evaluate] error: {e}", file=sys.stderr)

@@ -77,6 +77,13 @@ class FeatureConfig:
             return 1 + num_samples // self.hop_length
         return 1 + (num_samples - self.n_fft) // self.hop_length
 
+    @property
+    def min_samples(self) -> int:
+        """The shortest waveform that has features: one analysis frame (``n_fft`` >= ``win_length``
+        samples). A shorter clip would be mostly centre padding (reflect padding needs more than
+        n_fft // 2 samples to exist at all), i.e. invented signal."""
+        return self.n_fft
+
 
 class AudioError(ValueError):
     """An audio file that cannot become features; the message names the file and the problem."""
@@ -209,6 +216,18 @@ def torchaudio_available() -> bool:
     return True
 
 
+def resolve_backend(backend: str = "auto") -> str:
+    """The backend that ``backend`` means here: "auto" is torchaudio when it imports, else torch (the
+    resolved name is recorded in manifests: it is part of a dataset's identity)."""
+    if backend == "auto":
+        backend = "torchaudio" if torchaudio_available() else "torch"
+    if backend not in ("torchaudio", "torch"):
+        raise ValueError(f"unknown feature backend {backend!r} (torchaudio, torch, auto)")
+    if backend == "torchaudio" and not torchaudio_available():
+        raise RuntimeError("feature backend 'torchaudio' requested but torchaudio does not import")
+    return backend
+
+
 class LogMel(torch.nn.Module):
     """waveform (samples,) or (batch, samples) float32 -> log-mel (frames, n_mels) / (batch, frames, n_mels).
 
@@ -220,13 +239,7 @@ class LogMel(torch.nn.Module):
     def __init__(self, cfg: FeatureConfig, backend: str = "auto"):
         super().__init__()
         self.cfg = cfg
-        if backend == "auto":
-            backend = "torchaudio" if torchaudio_available() else "torch"
-        if backend not in ("torchaudio", "torch"):
-            raise ValueError(f"unknown feature backend {backend!r} (torchaudio, torch, auto)")
-        if backend == "torchaudio" and not torchaudio_available():
-            raise RuntimeError("feature backend 'torchaudio' requested but torchaudio does not import")
-        self.backend = backend
+        self.backend = backend = resolve_backend(backend)
         if backend == "torchaudio":
             import torchaudio.transforms as T
 

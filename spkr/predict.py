@@ -39,9 +39,17 @@ class Predictor:
 
     def features(self, path: str | Path) -> np.ndarray:
         """(frames, n_mels) float32, normalised."""
-        from spkr.features import compute_logmel, load_audio
+        from spkr.features import AudioError, compute_logmel, load_audio
 
-        wave = load_audio(path, self.feature_config, allow_resample=True, allow_downmix=True)
+        cfg = self.feature_config
+        wave = load_audio(path, cfg, allow_resample=True, allow_downmix=True)
+        if len(wave) < cfg.min_samples:
+            ms = 1000 / cfg.sample_rate
+            raise AudioError(
+                f"{path}: too short: {len(wave)} samples ({len(wave) * ms:.1f} ms at {cfg.sample_rate} Hz); "
+                f"the model's features need at least one analysis window of {cfg.min_samples} samples "
+                f"({cfg.min_samples * ms:.1f} ms, n_fft of the checkpoint's feature config)"
+            )
         feats = compute_logmel(wave, self.logmel).astype(np.float32)
         return (feats - self.mean) / np.maximum(self.std, 1e-5)
 

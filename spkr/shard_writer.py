@@ -6,7 +6,11 @@
     merge_manifest(...)            when every planned shard has a sidecar: manifest.json (atomically)
 
 A shard is complete iff its sidecar exists and carries the plan hash of the job, so a re-run after a
-crash (or with more ranks) skips complete shards and redoes the rest. Features are stored as ``.npy``
+crash (or with more ranks) skips complete shards and redoes the rest. The plan hash covers the job's
+keys and labels *and* the run's identity (feature fingerprint, feature backend, seed, source, write
+options): a shard written under another identity is never reused — the run stops with
+:class:`ShardConflict` saying what differs, or rewrites it with ``overwrite=True``. Each sidecar (and
+so the manifest) carries a checksum per sample (:func:`spkr.manifest.sample_checksum`). Features are stored as ``.npy``
 (float16, time-major (frames, n_mels)) and only ever read back with ``allow_pickle=False``.
 """
 
@@ -16,31 +20,38 @@ import hashlib
 import io
 import json
 import math
+import mmap
 import os
 import random
 import tarfile
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from spkr import storage
+from spkr import atomic, storage
 from spkr.corpus.librispeech import Utterance
-from spkr.features import AudioError, FeatureConfig, LogMel, compute_logmel, load_audio
+from spkr.features import AudioError, FeatureConfig, LogMel, compute_logmel, load_audio, resolve_backend
 from spkr.manifest import (
     FORMAT,
     MANIFEST_NAME,
+    SAMPLE_CHECKSUM,
     SIDECAR_SUFFIX,
     VERSION,
     Manifest,
     ManifestError,
     RunningStats,
     ShardInfo,
+    dataset_id,
+    sample_checksum,
     shard_name,
     split_summary,
 )
+
+
+class ShardConflict(ManifestError):
+    """An existing shard (or manifest) in the output was written for another plan or identity."""
 
 
 @dataclass
@@ -86,13 +97,22 @@ def write_tar(fileobj, samples: Iterable[Sample]) -> tuple[list[Sample], list[in
     return written, offsets
 
 
-def _sha256_file(path: str) -> tuple[str, int]:
-    h, n = hashlib.sha256(), 0
+def digest_tar(path: str, offsets: list[int]) -> tuple[str, int, list[int]]:
+    """(sha256, size, per-sample checksums) of a written tar; sample i spans
+    ``[offsets[i], offsets[i+1])``, the last one to the end of the file (the end-of-archive blocks)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            n += len(block)
-    return h.hexdigest(), n
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return hashlib.sha256().hexdigest(), 0, []
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                digest = hashlib.sha256(view).hexdigest()
+                ends = list(offsets[1:]) + [size]
+                checksums = [sample_checksum(view[a:b]) for a, b in zip(offsets, ends)]
+            finally:
+                view.release()
+    return digest, size, checksums
 
 
 def _put_atomic(local_path: str, url: str, storage_options: dict | None) -> None:
@@ -115,7 +135,7 @@ def write_bytes_atomic(
     directory = os.path.dirname(url) if not storage.is_url(url) else None
     if directory:
         os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory or None)
+    fd, tmp = atomic.mkstemp(prefix=".tmp-", dir=directory or None)
     with os.fdopen(fd, "wb") as f:
         f.write(payload)
         if fsync:
@@ -138,13 +158,13 @@ def write_shard(
     local_dir = os.path.dirname(final) if not storage.is_url(out) else None
     if local_dir:
         os.makedirs(local_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tar", dir=local_dir or None)
+    fd, tmp = atomic.mkstemp(prefix=".tmp-", suffix=".tar", dir=local_dir or None)
     try:
         with os.fdopen(fd, "wb") as f:
             written, offsets = write_tar(f, samples)
             f.flush()
             os.fsync(f.fileno())
-        digest, size = _sha256_file(tmp)
+        digest, size, checksums = digest_tar(tmp, offsets)
         _put_atomic(tmp, final, storage_options)
     except BaseException:
         if os.path.exists(tmp):
@@ -159,6 +179,7 @@ def write_shard(
         frames=[int(s.feats.shape[0]) for s in written],
         labels=[int(s.label) for s in written],
         offsets=offsets,
+        checksums=checksums,
     )
     sidecar = {**info.to_dict(), **(extra or {})}
     write_bytes_atomic(final + SIDECAR_SUFFIX, json.dumps(sidecar).encode(), storage_options, fsync=False)
@@ -174,23 +195,32 @@ class ShardJob:
     index: int
     utterances: list[Utterance]
     labels: list[int]
+    identity: dict = field(default_factory=dict)  # the run's identity (run_identity), same for all jobs
 
     @property
     def name(self) -> str:
         return shard_name(self.split, self.index)
 
     def plan_hash(self) -> str:
+        """What this shard must hold: the run's identity, then its keys and labels in order."""
         h = hashlib.sha256()
+        h.update(json.dumps(self.identity, sort_keys=True).encode() + b"\n")
         for u, lab in zip(self.utterances, self.labels):
             h.update(f"{u.key}\t{lab}\n".encode())
         return h.hexdigest()[:16]
 
 
 def plan_shards(
-    splits: dict[str, list[Utterance]], speakers: list[str], shard_size: int, seed: int = 0
+    splits: dict[str, list[Utterance]],
+    speakers: list[str],
+    shard_size: int,
+    seed: int = 0,
+    identity: dict | None = None,
 ) -> list[ShardJob]:
     """Deterministic shard plan: each split's utterances shuffled (seeded, so shards mix speakers)
-    and cut into ceil(n / shard_size) shards whose sizes differ by at most one."""
+    and cut into ceil(n / shard_size) shards whose sizes differ by at most one. ``identity``
+    (:func:`run_identity`) goes into every job's plan hash."""
+    identity = {**(identity or {}), "seed": int(seed)}
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")
     label_of = {spk: i for i, spk in enumerate(speakers)}
@@ -204,7 +234,7 @@ def plan_shards(
             unknown = [u for u in part if u.speaker not in label_of]
             if unknown:
                 raise ValueError(f"{unknown[0].path or unknown[0].key}: unknown speaker {unknown[0].speaker}")
-            jobs.append(ShardJob(split, i, part, [label_of[u.speaker] for u in part]))
+            jobs.append(ShardJob(split, i, part, [label_of[u.speaker] for u in part], identity))
     return jobs
 
 
@@ -219,6 +249,24 @@ class WriteOptions:
     min_seconds: float = 0.1
     require_transcript: bool = True
     feature_backend: str = "auto"
+    overwrite: bool = False  # rewrite shards written for another plan/identity (else ShardConflict)
+
+
+def run_identity(cfg: FeatureConfig, opts: WriteOptions, seed: int, source: str) -> dict:
+    """Everything besides keys and labels that decides a shard's bytes (or which utterances it keeps)."""
+    return {
+        "feature_fingerprint": cfg.fingerprint(),
+        "feature_config": cfg.to_dict(),
+        "feature_backend": resolve_backend(opts.feature_backend),
+        "seed": int(seed),
+        "source": str(source),
+        "write_options": {
+            "allow_resample": opts.allow_resample,
+            "allow_downmix": opts.allow_downmix,
+            "min_seconds": opts.min_seconds,
+            "require_transcript": opts.require_transcript,
+        },
+    }
 
 
 @dataclass
@@ -264,18 +312,65 @@ def _featurize(
         yield Sample(utt.key, label, meta, feats)
 
 
-def sidecar_matches(out: str, job: ShardJob, storage_options: dict | None = None) -> dict | None:
-    """The sidecar of a complete shard written for exactly this job, else None."""
+def read_sidecar(out: str, job: ShardJob, storage_options: dict | None = None) -> dict | None:
+    """The sidecar of the job's shard as written (for whatever plan), or None when the shard is not
+    complete (no sidecar, or one torn by a power loss)."""
     url = storage.join(out, job.name + SIDECAR_SUFFIX)
-    fs, path = storage.get_fs(url, storage_options)
-    try:
-        with fs.open(path, "rb") as f:
-            side = json.loads(f.read())
+    try:  # remote: under the same retry policy as every read (storage.ReadFailed after its budget)
+        side = json.loads(storage.read_bytes(url, storage_options))
     except (FileNotFoundError, ValueError):  # absent, or torn by a power loss: not complete
         return None
-    if side.get("plan_hash") != job.plan_hash():
-        return None
-    return side
+    return side if isinstance(side, dict) else None
+
+
+def sidecar_matches(out: str, job: ShardJob, storage_options: dict | None = None) -> dict | None:
+    """The sidecar of a complete shard written for exactly this job, else None."""
+    side = read_sidecar(out, job, storage_options)
+    return side if side is not None and side.get("plan_hash") == job.plan_hash() else None
+
+
+def describe_conflict(side: dict, job: ShardJob) -> str:
+    """What differs between the run that wrote an existing shard (its sidecar) and this job."""
+    theirs, mine = side.get("identity"), job.identity
+    if not isinstance(theirs, dict):
+        return "by an older spkr that recorded no identity (feature config, seed, source)"
+    diffs = []
+    for k in sorted(set(theirs) | set(mine)):
+        a, b = theirs.get(k), mine.get(k)
+        if k == "feature_fingerprint" or a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [
+                f"{k}.{kk}: {a.get(kk)!r} -> {b.get(kk)!r}"
+                for kk in sorted(set(a) | set(b))
+                if a.get(kk) != b.get(kk)
+            ]
+        else:
+            diffs.append(f"{k}: {a!r} -> {b!r}")
+    if diffs:
+        return "under another identity (was -> now: " + "; ".join(diffs) + ")"
+    return "for other utterances or labels (another corpus version, --subsets or label map)"
+
+
+def find_conflicts(
+    out: str, jobs: list[ShardJob], storage_options: dict | None = None
+) -> list[tuple[ShardJob, dict]]:
+    """(job, sidecar) for every job whose shard exists complete but was written for another plan."""
+    found = []
+    for job in jobs:
+        side = read_sidecar(out, job, storage_options)
+        if side is not None and side.get("plan_hash") != job.plan_hash():
+            found.append((job, side))
+    return found
+
+
+def conflict_error(out: str, side: dict, job: ShardJob, n_conflicts: int = 1) -> ShardConflict:
+    more = f" (and {n_conflicts - 1} more shards)" if n_conflicts > 1 else ""
+    return ShardConflict(
+        f"{storage.join(out, job.name)}: this shard exists but was written {describe_conflict(side, job)}"
+        f"{more}; it is never reused. Write to a new --out, or pass --overwrite to rewrite the shards "
+        "(the old manifest is removed first)"
+    )
 
 
 def write_job(
@@ -288,11 +383,15 @@ def write_job(
     tick: Callable[[int, float], None] = lambda n, s: None,
     logmel: LogMel | None = None,
 ) -> JobResult:
-    """Write one planned shard unless a complete one for the same plan exists."""
-    side = sidecar_matches(out, job, storage_options)
+    """Write one planned shard unless a complete one for the same plan exists. A complete shard of
+    another plan raises ShardConflict (or is rewritten with ``opts.overwrite``)."""
+    side = read_sidecar(out, job, storage_options)
     if side is not None:
-        tick(len(job.utterances), 0.0)
-        return JobResult(job.name, side["num_samples"], 0.0, side.get("skipped", []), reused=True)
+        if side.get("plan_hash") == job.plan_hash():
+            tick(len(job.utterances), 0.0)
+            return JobResult(job.name, side["num_samples"], 0.0, side.get("skipped", []), reused=True)
+        if not opts.overwrite:
+            raise conflict_error(out, side, job)
     logmel = logmel or LogMel(cfg, backend=opts.feature_backend)
     skipped: list[dict] = []
     stats = RunningStats(cfg.n_mels) if job.split == "train" else None
@@ -305,7 +404,13 @@ def write_job(
                 stats.update(s.feats)
             yield s
 
-    extra = {"split": job.split, "plan_hash": job.plan_hash(), "skipped": skipped, "stats": None}
+    extra = {
+        "split": job.split,
+        "plan_hash": job.plan_hash(),
+        "identity": job.identity,
+        "skipped": skipped,
+        "stats": None,
+    }
     # The sidecar is serialised after the tar is written, so skipped/stats are filled in by then.
     info = write_shard(
         out, job.name, _Lazy(samples(), extra, stats), storage_options=storage_options, extra=extra
@@ -368,6 +473,15 @@ def run_jobs(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     mine = [j for i, j in enumerate(jobs) if i % world_size == rank]
+    conflicts = find_conflicts(out, mine, storage_options)  # before any work: stop early, or clear
+    if conflicts and not opts.overwrite:
+        raise conflict_error(out, conflicts[0][1], conflicts[0][0], len(conflicts))
+    if conflicts:  # the old manifest no longer describes what is on disk
+        fs, path = storage.get_fs(storage.join(out, MANIFEST_NAME), storage_options)
+        try:
+            fs.rm(path)
+        except FileNotFoundError:
+            pass
     progress = progress or (lambda n, s: None)
     if workers <= 1:
         logmel = LogMel(cfg, backend=opts.feature_backend)
@@ -399,6 +513,48 @@ def run_jobs(
     return results
 
 
+def build_manifest(
+    splits: dict[str, list[ShardInfo]],
+    cfg: FeatureConfig,
+    labels: list[str],
+    class_weights: list[float],
+    *,
+    feature_backend: str,
+    corpus: dict,
+    stats: dict,
+    class_weight_scheme: str = "inverse_frequency_mean1",
+    skipped: list[dict] | None = None,
+    identity: dict | None = None,
+) -> dict:
+    """The manifest's data for these shards (the one place its fields are assembled): ``stats`` is
+    :meth:`RunningStats.summary` of the training split; ``identity`` the run's (run_identity)."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "dataset_id": dataset_id(
+            cfg.fingerprint(),
+            feature_backend,
+            list(labels),
+            {name: [k for s in shards for k in s.keys] for name, shards in splits.items()},
+        ),
+        "corpus": corpus,
+        "identity": identity or {},
+        "feature_config": cfg.to_dict(),
+        "feature_fingerprint": cfg.fingerprint(),
+        "feature_backend": feature_backend,
+        "sample_checksum": SAMPLE_CHECKSUM,
+        "labels": list(labels),
+        "class_weights": list(class_weights),
+        "class_weight_scheme": class_weight_scheme,
+        "splits": {
+            name: split_summary(shards, cfg.sample_rate, cfg.hop_length) for name, shards in splits.items()
+        },
+        "stats": {"split": "train", **stats},
+        "skipped": list(skipped or []),
+    }
+
+
 def merge_manifest(
     out: str,
     jobs: list[ShardJob],
@@ -425,23 +581,20 @@ def merge_manifest(
         splits.setdefault(job.split, []).append(ShardInfo.from_dict(side, job.name + SIDECAR_SUFFIX))
         skipped.extend(side.get("skipped") or [])
         if side.get("stats"):
-            stats.merge(RunningStats.from_dict(side["stats"]))
-    data = {
-        "format": FORMAT,
-        "version": VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "corpus": corpus,
-        "feature_config": cfg.to_dict(),
-        "feature_fingerprint": cfg.fingerprint(),
-        "labels": list(speakers),
-        "class_weights": list(class_weights),
-        "class_weight_scheme": class_weight_scheme,
-        "splits": {
-            name: split_summary(shards, cfg.sample_rate, cfg.hop_length) for name, shards in splits.items()
-        },
-        "stats": {"split": "train", **stats.summary()},
-        "skipped": skipped,
-    }
+            stats.merge(RunningStats.from_dict(side["stats"], job.name + SIDECAR_SUFFIX))
+    identity = jobs[0].identity if jobs else {}
+    data = build_manifest(
+        splits,
+        cfg,
+        speakers,
+        class_weights,
+        feature_backend=identity.get("feature_backend") or resolve_backend("auto"),
+        corpus=corpus,
+        stats=stats.summary(),
+        class_weight_scheme=class_weight_scheme,
+        skipped=skipped,
+        identity=identity,
+    )
     manifest = Manifest(data, url=storage.join(out, MANIFEST_NAME))
     write_bytes_atomic(storage.join(out, MANIFEST_NAME), manifest.to_json().encode(), storage_options)
     return manifest
@@ -450,6 +603,10 @@ def merge_manifest(
 __all__ = [
     "Sample",
     "ShardJob",
+    "ShardConflict",
+    "build_manifest",
+    "run_identity",
+    "find_conflicts",
     "WriteOptions",
     "JobResult",
     "ManifestError",

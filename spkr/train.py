@@ -41,9 +41,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from spkr import storage
-from spkr.checkpoint import FORMAT, VERSION, CheckpointError, rng_state, save_atomic, set_rng_state, to_plain
+from spkr.checkpoint import (
+    FORMAT,
+    VERSION,
+    CheckpointError,
+    check_dataset,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+    to_plain,
+)
 from spkr.checkpoint import load as load_checkpoint
-from spkr.config import ConfigError, from_dict, load_toml, to_dict
+from spkr.config import ConfigError, add_storage_options, from_dict, load_toml, to_dict
 from spkr.evaluate import autocast_ctx, run_split, summarise, verification
 from spkr.manifest import ManifestError
 
@@ -158,7 +167,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="run directory (checkpoints, metrics.jsonl)")
     p.add_argument("--resume", action="store_true", help="resume from <out>/last.pt (error if absent)")
     p.add_argument("--fresh", action="store_true", help="start over even if <out>/last.pt exists")
-    p.add_argument("--storage-options", default=None, help="JSON fsspec options (else $SPKR_STORAGE_OPTIONS)")
+    add_storage_options(p)
     p.add_argument(
         "--profile", action="store_true", help="write a torch.profiler Chrome trace of a few steps, exit"
     )
@@ -168,6 +177,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-keys", default=None, help="with --data-only: write the keys each rank reads here")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no rich progress bar")
+    p.add_argument(
+        "--stop-at-step",
+        type=int,
+        default=0,
+        metavar="N",
+        help="pause after optimizer step N: write <out>/last.pt and exit unfinished (the schedule is "
+        "unchanged); run again with the same --out to continue exactly where it stopped",
+    )
     g = p.add_argument_group("[train] overrides (default: the config file, else the value shown)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -333,7 +350,11 @@ class Logger:
 # --------------------------------------------------------------------------- training
 
 
-def make_loader(args, cfg: TrainConfig, split: str, train: bool, rank: int, world: int, opts: dict):
+def make_loader(
+    args, cfg: TrainConfig, split: str, train: bool, rank: int, world: int, opts: dict, manifest=None
+):
+    """A split's loader; evaluation loaders share the training loader's manifest (one dataset, one
+    normalisation, even if the directory changes under the run)."""
     from spkr.stream.loader import SpeakerLoader
 
     return SpeakerLoader(
@@ -349,6 +370,7 @@ def make_loader(args, cfg: TrainConfig, split: str, train: bool, rank: int, worl
         normalize=True,
         dtype="float16",  # half the shared-memory pages per batch; cast to float32 on the device
         storage_options=opts,
+        manifest=manifest,
     )
 
 
@@ -415,9 +437,7 @@ def main(argv=None) -> int:
 def train(args) -> int:
     t_start = time.time()
     model_cfg, cfg = load_configs(args)
-    opts = storage.storage_options_from_env(
-        json.loads(args.storage_options) if args.storage_options else None
-    )
+    opts = storage.storage_options_from_env(args.storage_options)
     check_shards(args.shards, opts)
     out = Path(args.out)
 
@@ -442,8 +462,8 @@ def train(args) -> int:
     # ------------------------------------------------------------ data
     train_loader = make_loader(args, cfg, "train", True, rank, world, opts)
     manifest = train_loader.manifest
-    valid_loader = make_loader(args, cfg, "valid", False, rank, world, opts)
-    test_loader = make_loader(args, cfg, "test", False, rank, world, opts)
+    valid_loader = make_loader(args, cfg, "valid", False, rank, world, opts, train_loader.manifest)
+    test_loader = make_loader(args, cfg, "test", False, rank, world, opts, train_loader.manifest)
     labels = manifest.labels
     n_mels = manifest.feature_config.n_mels
     train_loader.set_epoch(0)
@@ -478,8 +498,8 @@ def train(args) -> int:
     loader_state = None
     if resume:
         ckpt = load_checkpoint(last, map_location=device)
-        try:
-            manifest.check_compatible(ckpt["feature_config"], ckpt["labels"])
+        try:  # the same dataset (features, labels, split assignment), or the resume would mix data
+            check_dataset(ckpt, manifest, f"checkpoint {last}")
         except ManifestError as e:
             raise TrainError(f"cannot resume from {last}: {e}") from None
         if ckpt["model_config"] != to_dict(model_cfg):
@@ -526,7 +546,7 @@ def train(args) -> int:
         f"{n_params / 1e6:.2f}M params, {len(labels)} classes"
     )
     logger.log(
-        f"train: {manifest.split('train').num_samples} samples, {dropped} dropped per epoch for equal rank shares, "
+        f"train: dataset {manifest.dataset_id}, {manifest.split('train').num_samples} samples, {dropped} dropped per epoch for equal rank shares, "
         f"{micro_per_epoch} batches/rank/epoch of {cfg.batch_size} x {cfg.grad_accum} accum, "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps"
     )
@@ -535,6 +555,8 @@ def train(args) -> int:
             {
                 "kind": "config",
                 "time": time.time(),
+                "dataset_id": manifest.dataset_id,
+                "shards": str(args.shards),
                 "world_size": world,
                 "backend": raw_model.backend_name(),
                 "compile": cfg.compile,
@@ -572,6 +594,7 @@ def train(args) -> int:
             "class_weights": manifest.class_weights,
             "feature_config": manifest.feature_config.to_dict(),
             "feature_fingerprint": manifest.feature_config.fingerprint(),
+            "dataset_id": manifest.dataset_id,
             "stats": to_plain(manifest.stats),
             "model_config": to_dict(model_cfg),
             "train_config": to_dict(cfg),
@@ -600,7 +623,8 @@ def train(args) -> int:
     # ------------------------------------------------------------ loop
     model.train()
     stop = finished or step >= total_steps
-    while not stop and epoch < cfg.epochs:
+    paused = False  # --stop-at-step reached: checkpoint and exit unfinished
+    while not stop and not paused and epoch < cfg.epochs:
         train_loader.set_epoch(epoch)
         if loader_state is not None:
             try:
@@ -686,13 +710,18 @@ def train(args) -> int:
             if step >= total_steps:
                 stop = True
                 break
+            if step == args.stop_at_step:
+                paused = True
+                break
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and micro < micro_per_epoch:
                 checkpoint([last], micro, epoch)
         end_of_epoch = micro >= micro_per_epoch
         del it
         # ---------------------------------------------------- end of epoch (or of training)
         next_epoch, next_done = (epoch + 1, 0) if end_of_epoch else (epoch, micro)
-        if (epoch + 1) % cfg.eval_every == 0 or stop or next_epoch >= cfg.epochs:
+        if ((epoch + 1) % cfg.eval_every == 0 or stop or next_epoch >= cfg.epochs) and not (
+            paused and not end_of_epoch
+        ):
             valid_loader.set_epoch(epoch)
             res = evaluate_distributed(raw_model, valid_loader, device, amp_dtype, ddp)
             logger.metrics({"kind": "valid", "time": time.time(), "epoch": epoch, "step": step, **res})
@@ -707,6 +736,11 @@ def train(args) -> int:
         if master:
             logger.log(f"checkpoint {', '.join(str(p) for p in paths)}")
         epoch, batches_done = next_epoch, next_done
+
+    if paused and not stop:
+        logger.log(f"paused after step {step} (--stop-at-step): run again with --out {out} to continue")
+        logger.close()
+        return 0
 
     # ------------------------------------------------------------ final test + verification
     test_loader.set_epoch(0)

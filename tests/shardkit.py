@@ -4,7 +4,6 @@ with ``spkr.shard_writer.write_shard`` (random float16 features of chosen length
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ def make_shards(
     tests can check normalisation. Returns ``out``.
     """
     from spkr.features import FeatureConfig
-    from spkr.manifest import FORMAT, VERSION, shard_name, split_summary
+    from spkr.manifest import RunningStats, shard_name
     from spkr.shard_writer import Sample, write_shard
 
     out = Path(out)
@@ -45,7 +44,7 @@ def make_shards(
     rng = np.random.default_rng(seed)
     splits = splits or {"train": list(counts)}
     cfg = FeatureConfig(n_mels=n_mels)
-    summary, total, total_sq, nfr = {}, np.zeros(n_mels), np.zeros(n_mels), 0
+    infos_by_split, stats = {}, RunningStats(n_mels)
     for split, cnts in splits.items():
         infos = []
         for si, c in enumerate(cnts):
@@ -59,41 +58,30 @@ def make_shards(
                 label = int(rng.integers(n_classes))
                 feats = (label + rng.standard_normal((int(fr[i]), n_mels))).astype(np.float16)
                 if split == "train":
-                    x = feats.astype(np.float64)
-                    total += x.sum(0)
-                    total_sq += (x * x).sum(0)
-                    nfr += x.shape[0]
+                    stats.update(feats)
                 key = f"{split}-{si:03d}-{i:04d}"
                 samples.append(Sample(key, label, {"speaker": str(label), "frames": int(fr[i])}, feats))
             infos.append(write_shard(str(out), shard_name(split, si), samples))
-        summary[split] = split_summary(infos, cfg.sample_rate, cfg.hop_length)
-    n = max(nfr, 1)
-    mean = total / n
-    std = np.sqrt(np.maximum(total_sq / n - mean**2, 0))
-    data = {
-        "format": FORMAT,
-        "version": VERSION,
-        "corpus": {"source": "synthetic", "subsets": [], "name": "synthetic"},
-        "feature_config": cfg.to_dict(),
-        "feature_fingerprint": cfg.fingerprint(),
-        "labels": [str(i) for i in range(n_classes)],
-        "class_weights": [1.0] * n_classes,
-        "class_weight_scheme": "inverse_frequency_mean1",
-        "splits": summary,
-        "stats": {
-            "split": "train",
-            "mean": mean.tolist(),
-            "std": std.tolist(),
-            "min": -9.0,
-            "max": 9.0,
-            "num_frames": nfr,
-        },
-        "skipped": [],
-    }
-    tmp = out / ".manifest.tmp"
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, out / "manifest.json")
+        infos_by_split[split] = infos
+    write_manifest(out, infos_by_split, cfg, n_classes, stats.summary())
     return out
+
+
+def write_manifest(out: str | Path, infos_by_split: dict, cfg, n_classes: int, stats: dict) -> dict:
+    """``<out>/manifest.json`` for these shards, assembled by the real writer (build_manifest)."""
+    from spkr.shard_writer import build_manifest, write_bytes_atomic
+
+    data = build_manifest(
+        infos_by_split,
+        cfg,
+        [str(i) for i in range(n_classes)],
+        [1.0] * n_classes,
+        feature_backend="torch",
+        corpus={"source": "synthetic", "subsets": [], "name": "synthetic"},
+        stats=stats,
+    )
+    write_bytes_atomic(str(Path(out) / "manifest.json"), json.dumps(data).encode())
+    return data
 
 
 def all_keys(out: str | Path, split: str = "train") -> list[str]:
@@ -124,7 +112,7 @@ def custom_shard(base: str | Path, name: str, samples: list[tuple[str, int, int,
     import io
     import tarfile
 
-    from spkr.manifest import ShardInfo
+    from spkr.manifest import ShardInfo, sample_checksum
 
     path = Path(base) / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +125,7 @@ def custom_shard(base: str | Path, name: str, samples: list[tuple[str, int, int,
                 info.size, info.mtime, info.mode = len(payload), 0, 0o644
                 tf.addfile(info, io.BytesIO(payload))
     blob = path.read_bytes()
+    ends = offsets[1:] + [len(blob)]
     return ShardInfo(
         name=name,
         num_samples=len(samples),
@@ -146,4 +135,5 @@ def custom_shard(base: str | Path, name: str, samples: list[tuple[str, int, int,
         frames=[s[2] for s in samples],
         labels=[s[1] for s in samples],
         offsets=offsets,
+        checksums=[sample_checksum(blob[x:y]) for x, y in zip(offsets, ends)],
     )

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import json
+import os
+import stat
 import tarfile
 import threading
 from pathlib import Path
@@ -17,6 +20,7 @@ from spkr.corpus import iter_hf_dataset, iter_openslr
 from spkr.corpus import librispeech as ls
 from spkr.corpus.download import (
     COMPLETE_MARKER,
+    KNOWN_SHA256,
     ChecksumError,
     DownloadError,
     UnsafeArchiveError,
@@ -260,6 +264,121 @@ def test_cli(tmp_path, server, tarballs, capsys):
     assert is_extracted(dest, "dev-clean")
     assert cli.main(args + ["--subsets", "train.100", "--md5", "train-clean-100=" + "1" * 32]) == 1
     assert "checksum mismatch" in capsys.readouterr().err
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077], ids=["umask022", "umask002", "umask077"])
+def test_downloaded_files_honour_umask(tmp_path, server, tarballs, mask):
+    """The partial download, the kept archive, every extracted file and the marker get 0666 & ~umask
+    (directories 0777 & ~umask), not the archive's member modes (0644 here) or mkstemp's 0600."""
+    dest = tmp_path / "data"
+    server.mode = "drop_once"
+    old = os.umask(mask)
+    try:
+        with pytest.raises(DownloadError):
+            download_openslr(
+                "dev-clean", dest, base_url=server.url, md5s=_md5s(tarballs), retries=0, progress=False
+            )
+        part_mode = _mode(dest / "dev-clean.tar.gz.part")
+        download_openslr(
+            "dev-clean", dest, base_url=server.url, md5s=_md5s(tarballs), keep_archive=True, progress=False
+        )
+    finally:
+        os.umask(old)
+    assert oct(part_mode) == oct(0o666 & ~mask)
+    files = {p.relative_to(dest).as_posix(): oct(_mode(p)) for p in dest.rglob("*") if p.is_file()}
+    assert {"dev-clean.tar.gz", "LibriSpeech/SPEAKERS.TXT", "LibriSpeech/dev-clean/.complete"} <= set(files)
+    assert "LibriSpeech/dev-clean/1/2/1-2-0000.flac" in files and len(files) == 3 + 4
+    assert files == {name: oct(0o666 & ~mask) for name in files}
+    dirs = {p.relative_to(dest).as_posix(): oct(_mode(p)) for p in dest.rglob("*") if p.is_dir()}
+    assert dirs == {name: oct(0o777 & ~mask) for name in dirs} and len(dirs) == 4
+
+
+def _sha256s(tarballs):
+    return {s: hashlib.sha256(d).hexdigest() for s, d in tarballs.items()}
+
+
+def _marker(dest: Path, subset: str) -> dict:
+    return json.loads((dest / "LibriSpeech" / subset / COMPLETE_MARKER).read_text())
+
+
+def test_sha256_verification(tmp_path, tarballs, capsys):
+    """sha256 works everywhere md5 does: --sha256 SUBSET=HEX / FILE=HEX, a published sha256sum file
+    fetched from the server (or a local one mixing md5 and sha256 lines), and the built-in sums."""
+    sha, md5 = _sha256s(tarballs), _md5s(tarballs)
+    published = f"{sha['dev-clean']}  dev-clean.tar.gz\n{sha['train-clean-100']} *train-clean-100.tar.gz\n"
+    files = {f"/{s}.tar.gz": data for s, data in tarballs.items()}
+    with Server({**files, "/sha256sum.txt": published.encode()}) as srv:
+
+        def run(dest: str, *args: str) -> int:
+            return cli.main(["--base-url", srv.url, "--no-progress", "--dest", str(tmp_path / dest), *args])
+
+        # the published checksum file by URL: it replaces the built-in sums of the subsets it lists
+        published_url = srv.url + "/sha256sum.txt"
+        assert run("a", "--subsets", "dev-clean", "train.100", "--checksum-file", published_url) == 0
+        assert ("/sha256sum.txt", None) in srv.requests
+        for subset in ("dev-clean", "train-clean-100"):
+            assert is_extracted(tmp_path / "a", subset)
+            m = _marker(tmp_path / "a", subset)
+            assert m["verified"] and m["verified_with"] == ["sha256"] and m["sha256"] == sha[subset]
+        # --sha256 with a file name (or a subset name)
+        sha_flag = f"dev-clean.tar.gz={sha['dev-clean'].upper()}"
+        assert run("b", "--subsets", "dev-clean", "--sha256", sha_flag) == 0
+        assert _marker(tmp_path / "b", "dev-clean")["verified_with"] == ["sha256"]
+        # a wrong sha256 is caught even when the md5 given alongside matches
+        wrong = ("0" if sha["dev-clean"][0] != "0" else "1") + sha["dev-clean"][1:]
+        md5_flag = f"dev-clean={md5['dev-clean']}"
+        assert run("c", "--subsets", "dev-clean", "--md5", md5_flag, "--sha256", f"dev-clean={wrong}") == 1
+        err = capsys.readouterr().err
+        assert "checksum mismatch" in err and f"sha256 expected {wrong}" in err and "md5 expected" not in err
+        assert not is_extracted(tmp_path / "c", "dev-clean") and not list((tmp_path / "c").glob("*.tar.gz*"))
+        # a local checksum file mixing both kinds
+        mixed = tmp_path / "sums.txt"
+        mixed.write_text(
+            f"{md5['dev-clean']}  dev-clean.tar.gz\n{sha['train-clean-100']}  x/train-clean-100.tar.gz\n"
+        )
+        assert run("d", "--subsets", "dev-clean", "train-clean-100", "--checksum-file", str(mixed)) == 0
+        assert _marker(tmp_path / "d", "dev-clean")["verified_with"] == ["md5"]
+        assert _marker(tmp_path / "d", "train-clean-100")["verified_with"] == ["sha256"]
+        # by default both built-in sums (OpenSLR's md5 and torchaudio's sha256) are checked
+        with pytest.raises(ChecksumError, match=r"md5 expected 42e2.*sha256 expected 76f87d09"):
+            download_openslr("dev-clean", tmp_path / "e", base_url=srv.url, progress=False)
+        assert KNOWN_SHA256["dev-clean"].startswith("76f87d09")
+        # a checksum file URL that is not there is a clean error
+        assert run("f", "--subsets", "dev-clean", "--checksum-file", srv.url + "/nope.txt") == 1
+        assert "nope.txt: HTTP 404" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--sha256", "dev-clean=abc", "64 hex digits"),
+        ("--md5", "dev-clean=" + "a" * 64, "32 hex digits"),
+        ("--sha256", "dev-clean=" + "g" * 64, "64 hex digits"),
+        ("--sha256", "dev-clean", "SUBSET=HEX"),
+        ("--sha256", "train.960=" + "a" * 64, "one checksum per tarball"),
+        ("--md5", "dev-dirty=" + "a" * 32, "unknown LibriSpeech subset 'dev-dirty'"),
+    ],
+)
+def test_bad_checksum_flags_are_usage_errors(tmp_path, capsys, flag, value, message):
+    offline = ["--base-url", "http://127.0.0.1:9"]  # a mistake here meets a closed loopback port
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--subsets", "dev-clean", "--dest", str(tmp_path), *offline, flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_conflicting_checksums_for_one_subset(tmp_path, server):
+    with pytest.raises(ValueError, match="two different sha256 checksums for dev-clean"):
+        download_openslr(
+            "dev-clean", tmp_path, base_url=server.url, md5s={"dev-clean": "a" * 64},
+            sha256s={"dev-clean": "b" * 64}, progress=False,
+        )  # fmt: skip
 
 
 def is_extracted(dest: Path, subset: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,43 @@ def test_trials_all_pairs_and_sampled():
     assert np.array_equal(t, labels[i] == labels[j])
     i2, j2, _ = make_trials(labels, max_pairs=200, seed=1)
     assert np.array_equal(i, i2) and np.array_equal(j, j2)
+
+
+@pytest.mark.timeout(30)  # the old sampler looped forever here
+def test_trials_with_too_few_nontarget_pairs_terminate_with_all_of_them():
+    # one dominant speaker + a single utterance of another: 100 non-target pairs exist, 250 are wanted
+    labels = np.array([0] * 100 + [1])
+    with pytest.warns(UserWarning, match="only 100 distinct non-target pairs exist .* using all of them"):
+        i, j, t = make_trials(labels, max_pairs=500, seed=3)
+    assert t.sum() == 250 and (~t).sum() == 100 and np.all(i < j)
+    assert set(zip(i[~t].tolist(), j[~t].tolist())) == {(k, 100) for k in range(100)}
+    assert len(set(zip(i.tolist(), j.tolist()))) == len(i)
+    with pytest.warns(UserWarning):
+        i2, j2, _ = make_trials(labels, max_pairs=500, seed=3)
+    assert np.array_equal(i, i2) and np.array_equal(j, j2)  # deterministic
+    # just more than wanted (few to spare): a seeded sample of distinct pairs, no warning
+    labels = np.array([0] * 100 + [1, 2, 2])  # 300 non-target pairs, 250 wanted
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        i, j, t = make_trials(labels, max_pairs=500, seed=3)
+    assert t.sum() == 250 and (~t).sum() == 250 and len(set(zip(i.tolist(), j.tolist()))) == 500
+    assert np.array_equal(t, labels[i] == labels[j]) and np.all(i < j)
+    # a dominant speaker among many utterances: plenty of non-target pairs, but rare among all pairs
+    labels = np.array([0] * 5000 + list(range(1, 41)))
+    i, j, t = make_trials(labels, max_pairs=4000, seed=0)
+    assert t.sum() == 2000 and (~t).sum() == 2000 and len(set(zip(i.tolist(), j.tolist()))) == 4000
+
+
+@pytest.mark.timeout(30)
+def test_single_speaker_has_no_nontarget_trial_and_verification_says_so():
+    labels = np.zeros(50, dtype=np.int64)
+    with pytest.warns(UserWarning, match="only 0 distinct non-target pairs .* 1 speaker"):
+        i, j, t = make_trials(labels, max_pairs=100, seed=0)
+    assert len(i) == 50 and t.all()
+    emb = np.random.default_rng(0).normal(size=(50, 8))
+    for max_pairs in (100, 0):
+        with pytest.raises(ValueError, match="at least 2 speakers .* 50 utterance"):
+            verification(emb, labels, max_pairs=max_pairs)
 
 
 def test_cosine_verification_on_clustered_embeddings():

@@ -228,10 +228,11 @@ def test_skip_mode_counts_and_keeps_batch_count(tmp_path, mmap):
     blob = bytearray(path.read_bytes())
     blob[data_off] = ord("X")  # break the npy magic, same size
     path.write_bytes(bytes(blob))
+    # the per-sample checksum would catch it first; without it, the member decoder does
     with pytest.raises(Exception, match=rf"{info.name} \[{info.keys[3]}.mel.npy\].*bad .npy header"):
-        list(SpeakerLoader(str(d), "train", 4, rank=0, world_size=1, mmap=mmap))
+        list(SpeakerLoader(str(d), "train", 4, rank=0, world_size=1, mmap=mmap, checksums=False))
     for workers in (0, 2):
-        kw = dict(rank=0, world_size=1, num_workers=workers, on_error="skip", mmap=mmap)
+        kw = dict(rank=0, world_size=1, num_workers=workers, on_error="skip", mmap=mmap, checksums=False)
         ld = SpeakerLoader(str(d), "train", 4, **kw)
         bs = list(ld)
         assert len(bs) == len(ld) == 4
@@ -240,25 +241,69 @@ def test_skip_mode_counts_and_keeps_batch_count(tmp_path, mmap):
         assert [s["key"] for s in ld.skipped] == [info.keys[3]]
 
 
-@pytest.mark.parametrize("mmap", [True, False])
-def test_verify_and_truncation_in_both_read_modes(tmp_path, mmap):
-    d = make_shards(tmp_path / "s", [6, 7, 5], seed=6)
+def _epoch_keys(d, world, workers, mmap, **kw) -> tuple[list[str], list[dict]]:
+    """Every rank's keys of epoch 1 (ranks as separate loaders, as under torchrun) and their skips."""
+    keys, skipped = [], []
+    for rank in range(world):
+        ld = SpeakerLoader(
+            str(d), "train", 4, rank=rank, world_size=world, num_workers=workers, mmap=mmap, **kw
+        )
+        ld.set_epoch(1)
+        keys += [k for b in ld for k in b["keys"]]
+        skipped += ld.skipped
+    return keys, skipped
+
+
+@pytest.fixture(scope="module")
+def corrupt_shards(tmp_path_factory):
+    """Regression (issue 10.3): 4 KiB of random bytes inside a .mel.npy payload in the middle of a
+    shard; a truncated shard beside it. Returns (dir, corrupt key, clean copy)."""
+    root = tmp_path_factory.mktemp("corrupt")
+    clean = make_shards(root / "clean", [6, 9, 5], seed=6, mean_frames=120)
+    d = make_shards(root / "bad", [6, 9, 5], seed=6, mean_frames=120)
     m = Manifest.load(str(d))
-    tampered, cut = m.split("train").shards[1], m.split("train").shards[2]
-    p = d / tampered.name
+    info = m.split("train").shards[1]
+    i = 4
+    start = info.offsets[i] + 3 * 512 + 128 + 64  # inside sample 4's .mel.npy payload (after its header)
+    assert info.frames[i] * 80 * 2 > 4096 + 64 + 128
+    p = d / info.name
     blob = bytearray(p.read_bytes())
-    blob[tampered.offsets[2] + 600] ^= 0xFF  # inside a payload: the tar still parses, the sha256 differs
+    blob[start : start + 4096] = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
     p.write_bytes(bytes(blob))
-    kw = dict(rank=0, world_size=1, verify=True, mmap=mmap)
-    with pytest.raises(Exception, match=rf"{tampered.name}.*sha256"):
-        list(SpeakerLoader(str(d), "train", 4, **kw))
-    ld = SpeakerLoader(str(d), "train", 4, on_error="skip", **kw)
-    got = [k for b in ld for k in b["keys"]]
-    assert sorted(got) == sorted(set(all_keys(d)) - set(tampered.keys)) and len(ld.skipped) == 7
+    return d, info.keys[i], clean
+
+
+@pytest.mark.parametrize("mmap", [True, False], ids=["mmap", "stream"])
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_corruption_is_caught_in_every_layout(corrupt_shards, world, workers, mmap):
+    """Per-sample checksums are checked on every read: any world size, any worker count, both read
+    paths. Fail mode names shard, key and offset; skip mode drops exactly that sample."""
+    d, bad, clean = corrupt_shards
+    ref, _ = _epoch_keys(clean, world, workers, mmap)
+    assert len(ref) == len(set(ref))
+    got, skipped = _epoch_keys(d, world, workers, mmap, on_error="skip")
+    assert sorted(got) == sorted(set(ref) - {bad})  # nothing else lost, nothing repeated
+    assert [s["key"] for s in skipped] == ([bad] if bad in ref else [])
+    if bad in ref:
+        assert "checksum mismatch" in skipped[0]["error"] and "train/shard-000001.tar" in skipped[0]["error"]
+        with pytest.raises(
+            Exception, match=rf"train/shard-000001.tar \[{bad}\] at byte \d+: checksum mismatch"
+        ):
+            _epoch_keys(d, world, workers, mmap)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_truncation_in_both_read_modes(tmp_path, mmap):
+    d = make_shards(tmp_path / "s", [6, 7, 5], seed=6)
+    cut = Manifest.load(str(d)).split("train").shards[2]
     q = d / cut.name
     q.write_bytes(q.read_bytes()[: cut.offsets[3] + 700])  # cut inside sample 3
     with pytest.raises(Exception, match=rf"{cut.name}.*truncated"):
         list(SpeakerLoader(str(d), "train", 4, rank=0, world_size=1, mmap=mmap))
+    ld = SpeakerLoader(str(d), "train", 4, rank=0, world_size=1, mmap=mmap, on_error="skip")
+    got = [k for b in ld for k in b["keys"]]
+    assert sorted(got) == sorted(set(all_keys(d)) - set(cut.keys[3:]))
 
 
 def test_never_opens_audio(shards, monkeypatch):

@@ -46,12 +46,12 @@ def test_reads_every_member_type_and_ranges(shards):
     assert rd.stats.retries == 0 and not rd.stats.skipped
 
 
-def test_small_chunks_and_verify(shards):
+def test_small_chunks(shards):
     m = Manifest.load(str(shards))
     info = m.split("train").shards[2]
     ref = ShardReader(str(shards), n_mels=N_MELS).read_shard(info)
     # buffered chunked reads with read-ahead (the remote path) == mmap views (the local default)
-    rd = ShardReader(str(shards), n_mels=N_MELS, chunk_size=700, verify=True, readahead=True, use_mmap=False)
+    rd = ShardReader(str(shards), n_mels=N_MELS, chunk_size=700, readahead=True, use_mmap=False)
     got = rd.read_shard(info)
     assert [r.key for r in got] == [r.key for r in ref]
     assert all(np.array_equal(a.feats, b.feats) for a, b in zip(got, ref))
@@ -148,7 +148,7 @@ def test_truncated_tar(tmp_path):
     blob = path.read_bytes()
     path.write_bytes(blob[: info.offsets[1] + 1024 + 700])  # inside k1.json / k1.mel.npy
     rd = ShardReader(str(tmp_path), n_mels=N_MELS)
-    with pytest.raises(ShardError, match=r"train/shard-000000.tar \[k1\.(json|mel\.npy)\].*truncated tar"):
+    with pytest.raises(ShardError, match=r"train/shard-000000.tar \[k1\] at byte \d+: truncated shard"):
         rd.read_shard(info)
     skip = ShardReader(str(tmp_path), n_mels=N_MELS, on_error="skip")
     assert [r.key for r in skip.read_shard(info)] == ["k0"]
@@ -164,10 +164,11 @@ def test_header_checksum_mismatch(tmp_path, use_mmap):
     # one byte of k1's first header, in its mtime field: only the header checksum can notice
     blob[info.offsets[1] + 140] ^= 0x01
     path.write_bytes(bytes(blob))
-    rd = ShardReader(str(tmp_path), n_mels=N_MELS, use_mmap=use_mmap)
+    # the per-sample checksum sees it first (test below); without it the tar header checksum still does
+    rd = ShardReader(str(tmp_path), n_mels=N_MELS, use_mmap=use_mmap, checksums=False)
     with pytest.raises(ShardError, match=r"train/shard-000000.tar \[k1\.cls\].*checksum mismatch"):
         rd.read_shard(info)
-    skip = ShardReader(str(tmp_path), n_mels=N_MELS, on_error="skip", use_mmap=use_mmap)
+    skip = ShardReader(str(tmp_path), n_mels=N_MELS, on_error="skip", use_mmap=use_mmap, checksums=False)
     assert [r.key for r in skip.read_shard(info)] == ["k0", "k2"]
 
 
@@ -207,20 +208,43 @@ def test_pickle_members_are_refused_never_loaded(tmp_path, ext):
     assert not os.path.exists(marker)
 
 
-def test_sha256_mismatch_with_verify(tmp_path):
+@pytest.mark.parametrize("use_mmap", [True, False])
+def test_payload_corruption_fails_the_checksum(tmp_path, use_mmap):
+    """Regression (issue 10.3): bytes changed inside a .mel.npy payload parse fine (same size, valid
+    float16), so only the per-sample checksum can see them; it is on by default in both read paths."""
     info = _corrupt_case(tmp_path, "none")
     path = tmp_path / info.name
     blob = bytearray(path.read_bytes())
     blob[info.offsets[2] - 100] ^= 0xFF  # a feature byte of k1: same size, other content
     path.write_bytes(bytes(blob))
-    assert len(ShardReader(str(tmp_path), n_mels=N_MELS).read_shard(info)) == 3  # unnoticed without verify
-    rd = ShardReader(str(tmp_path), n_mels=N_MELS, verify=True)
-    with pytest.raises(ShardError, match=r"train/shard-000000.tar: sha256 mismatch"):
-        rd.read_shard(info)
-    skip = ShardReader(str(tmp_path), n_mels=N_MELS, verify=True, on_error="skip")
-    assert skip.read_shard(info) == [] and len(skip.stats.skipped) == 3
-    # partial reads are not verified (whole-shard reads only)
-    assert [r.key for r in rd.iter_range(info, 0, 1)] == ["k0"]
+    kw = dict(n_mels=N_MELS, use_mmap=use_mmap, chunk_size=700)
+    off = rf"k1\] at byte {info.offsets[1]}"
+    with pytest.raises(ShardError, match=rf"train/shard-000000.tar \[{off}: checksum mismatch"):
+        ShardReader(str(tmp_path), **kw).read_shard(info)
+    with pytest.raises(ShardError, match="checksum mismatch"):
+        ShardReader(str(tmp_path), **kw).read_sample(info, 1) if use_mmap else list(
+            ShardReader(str(tmp_path), **kw).iter_range(info, 1, 2)
+        )
+    skip = ShardReader(str(tmp_path), on_error="skip", **kw)
+    assert [r.key for r in skip.read_shard(info)] == ["k0", "k2"]
+    assert [(s["shard"], s["key"]) for s in skip.stats.skipped] == [(info.name, "k1")]
+    assert "checksum mismatch" in skip.stats.skipped[0]["error"]
+    # the check can be turned off (benchmarks): the corrupt sample then parses
+    assert len(ShardReader(str(tmp_path), checksums=False, **kw).read_shard(info)) == 3
+
+
+def test_checksum_covers_headers_and_end_of_archive(tmp_path):
+    info = _corrupt_case(tmp_path, "none")
+    path = tmp_path / info.name
+    for pos in (info.offsets[1] + 140, info.bytes - 10):  # a header's mode field; the end-of-archive
+        blob = bytearray(path.read_bytes())
+        blob[pos] ^= 0x01
+        path.write_bytes(bytes(blob))
+        with pytest.raises(ShardError, match="checksum mismatch"):
+            ShardReader(str(tmp_path), n_mels=N_MELS).read_shard(info)
+        blob[pos] ^= 0x01
+        path.write_bytes(bytes(blob))
+    assert len(ShardReader(str(tmp_path), n_mels=N_MELS).read_shard(info)) == 3
 
 
 def test_manifest_mismatch_frames_and_missing_shard(tmp_path):

@@ -138,13 +138,66 @@ def test_crash_mid_shard_leaves_nothing_listed_and_resume_redoes_only_the_rest(
     assert manifest_without_time(out) == manifest_without_time(fresh)
 
 
-def test_changed_plan_is_not_mistaken_for_complete(tiny_corpus, tmp_path):
+def _tar_bytes(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.tar"))}
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (["--seed", "1"], "seed: 0 -> 1"),
+        (["--feature-config", '{"top_db": 40, "f_max": 6000}'], "feature_config.f_max: 7600.0 -> 6000"),
+        (["--feature-backend", "torch"], "feature_backend: 'torchaudio' -> 'torch'"),
+        (["--min-seconds", "0.2"], "write_options.min_seconds: 0.1 -> 0.2"),
+    ],
+)
+def test_shards_of_another_identity_are_never_reused(tiny_corpus, tmp_path, capsys, change, says):
+    """Regression (issue 10.1): re-running into the same --out with another feature config or seed
+    printed "0 shards written, N already complete" and kept the old tars under a manifest declaring the
+    new config. Now the run stops before writing anything and says what differs."""
     out = tmp_path / "shards"
     assert run_shard(tiny_corpus, out) == 0
-    assert run_shard(tiny_corpus, out, "--seed", "1") == 0  # other split: every shard redone
+    before, manifest_before = _tar_bytes(out), (out / "manifest.json").read_bytes()
+    capsys.readouterr()
+    if "feature_backend" in says and Manifest.load(str(out)).feature_backend == "torch":
+        pytest.skip("torchaudio does not import here: the default backend already is torch")
+    assert run_shard(tiny_corpus, out, *change) == 2
+    err = capsys.readouterr().err
+    assert "never reused" in err and says in err and "--overwrite" in err and "shard-000000.tar" in err
+    assert _tar_bytes(out) == before and (out / "manifest.json").read_bytes() == manifest_before
+    # --overwrite rewrites them: the result equals a fresh run with the new settings, byte for byte
+    assert run_shard(tiny_corpus, out, *change, "--overwrite") == 0
     fresh = tmp_path / "fresh"
-    assert run_shard(tiny_corpus, fresh, "--seed", "1") == 0
+    assert run_shard(tiny_corpus, fresh, *change) == 0
     assert manifest_without_time(out) == manifest_without_time(fresh)
+    assert _tar_bytes(out) == _tar_bytes(fresh)
+    m_old, m_new = json.loads(manifest_before), Manifest.load(str(out))
+    if "write_options" in says:  # no utterance was that short: the same samples, the same dataset
+        assert m_new.dataset_id == m_old["dataset_id"]
+    else:
+        assert m_new.dataset_id != m_old["dataset_id"]
+    if "feature_config" in says:
+        assert m_new.feature_config.f_max == 6000 and m_new.feature_config.top_db == 40
+
+
+def test_dataset_id_covers_features_labels_and_split_order(tiny_corpus, tmp_path):
+    out = tmp_path / "shards"
+    assert run_shard(tiny_corpus, out) == 0
+    m = Manifest.load(str(out))
+    data = json.loads((out / "manifest.json").read_text())
+    # same content written again elsewhere: same id; a re-run in place keeps it
+    assert run_shard(tiny_corpus, tmp_path / "again") == 0
+    assert Manifest.load(str(tmp_path / "again")).dataset_id == m.dataset_id
+    # an edited manifest (two test keys swapped between splits, or another feature config) is refused
+    edited = json.loads(json.dumps(data))
+    edited["feature_config"]["top_db"] = 40.0
+    edited["feature_fingerprint"] = FeatureConfig.from_dict(edited["feature_config"]).fingerprint()
+    with pytest.raises(ManifestError, match="dataset_id .* does not match its contents"):
+        Manifest(edited, url="edited.json")
+    moved = json.loads(json.dumps(data))
+    moved["splits"]["test"]["shards"][0]["keys"].reverse()
+    with pytest.raises(ManifestError, match="does not match its contents"):
+        Manifest(moved, url="moved.json")
 
 
 def _break(corpus: Path, kind: str) -> str:

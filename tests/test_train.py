@@ -211,9 +211,17 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def _altered_shards(src: Path, dst: Path, edit) -> Path:
+    """A copy of the shards whose manifest is edited, then made coherent again (fingerprint and
+    dataset_id recomputed), as a shard set made that way would be."""
+    from spkr.features import FeatureConfig
+    from spkr.manifest import dataset_id
+
     shutil.copytree(src, dst)
     m = json.loads((dst / "manifest.json").read_text())
     edit(m)
+    m["feature_fingerprint"] = FeatureConfig.from_dict(m["feature_config"]).fingerprint()
+    keys = {name: [k for s in sd["shards"] for k in s["keys"]] for name, sd in m["splits"].items()}
+    m["dataset_id"] = dataset_id(m["feature_fingerprint"], m["feature_backend"], m["labels"], keys)
     (dst / "manifest.json").write_text(json.dumps(m))
     return dst
 
@@ -252,3 +260,70 @@ def test_resume_refuses_other_labels_or_features(tmp_path, tmp_path_factory):
             )
             == 2
         )
+
+
+@pytest.mark.slow
+def test_other_split_is_refused_and_evaluation_uses_the_checkpoint_statistics(
+    tmp_path, tmp_path_factory, capsys
+):
+    """Regression (issue 10.2): the same corpus re-sharded with --seed 1 has the same labels and
+    sizes, but most of its test utterances were training utterances of the seed-0 model. Resume,
+    evaluate, chart_losses and a mid-epoch loader state now refuse it (evaluate/chart_losses warn with
+    --allow-other-dataset); evaluation normalises with the checkpoint's statistics, whatever the shards say."""
+    from spkr.evaluate import main as eval_main
+    from spkr.manifest import Manifest
+    from spkr.stream import SpeakerLoader
+    from spkr.tools.chart_losses import main as chart_main
+    from spkr.tools.shard import main as shard_main
+    from tests.test_train_e2e import demo_shards, killed_run
+
+    base = tmp_path_factory.getbasetemp()
+    info = killed_run(base)
+    shards = demo_shards(base)
+    reseeded = tmp_path / "seed1"
+    args = ["--source", str(base / "demo_corpus"), "--subsets", "train.100", "--no-progress"]
+    assert shard_main(args + ["--out", str(reseeded), "--seed", "1"]) == 0
+    m0, m1 = Manifest.load(str(shards)), Manifest.load(str(reseeded))
+    assert m0.labels == m1.labels and m0.split("test").num_samples == m1.split("test").num_samples
+    assert m0.dataset_id != m1.dataset_id
+    train0 = {k for s in m0.split("train").shards for k in s.keys}
+    assert {k for s in m1.split("test").shards for k in s.keys} & train0  # the leak this guards against
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(Path(info["run"]) / "last.pt", run / "last.pt")
+    cfg = str(REPO / "configs" / "tiny.toml")
+    with pytest.raises(SystemExit, match=r"cannot resume .* not the dataset of checkpoint"):
+        main(["--shards", str(reseeded), "--out", str(run), "--config", cfg, "--resume", "--no-compile"])
+    ckpt = str(run / "last.pt")
+    capsys.readouterr()
+    assert eval_main(["--checkpoint", ckpt, "--shards", str(reseeded), "--out", str(run / "e.json")]) == 2
+    assert "not the dataset of the checkpoint" in capsys.readouterr().err
+    assert eval_main(["--checkpoint", ckpt, "--shards", str(reseeded), "--out", str(run / "e.json"), "--no-verification", "--allow-other-dataset"]) == 0  # fmt: skip
+    assert "may have been training utterances" in capsys.readouterr().err
+    assert json.loads((run / "e.json").read_text())["same_dataset"] is False
+    assert chart_main(["--run", info["run"], "--shards", str(reseeded), "--splits", "test"]) == 2
+
+    # a mid-epoch loader state of the seed-0 run does not load into the seed-1 shards
+    ld0 = SpeakerLoader(str(shards), "train", 8, rank=0, world_size=1)
+    ld0.set_epoch(1)
+    it = iter(ld0)
+    next(it)
+    state = ld0.state_dict()
+    ld1 = SpeakerLoader(str(reseeded), "train", 8, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="loader state is for dataset"):
+        ld1.load_state_dict(state)
+
+    # normalisation: the checkpoint's statistics, not the shard directory's (shift them by 6 dB)
+    def shift(m):
+        m["stats"]["mean"] = [x + 6.0 for x in m["stats"]["mean"]]
+
+    shifted = _altered_shards(shards, tmp_path / "shifted", shift)
+    assert Manifest.load(str(shifted)).dataset_id == m0.dataset_id
+    outs = []
+    for d in (shards, shifted):
+        out = run / f"eval-{d.name}.json"
+        assert eval_main(["--checkpoint", ckpt, "--shards", str(d), "--split", "test", "--out", str(out), "--no-verification"]) == 0  # fmt: skip
+        res = json.loads(out.read_text())
+        outs.append((res["loss"], res["acc"], res["n"]))
+    assert outs[0] == outs[1]

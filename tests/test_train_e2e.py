@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo" / "LibriSpeech"
@@ -177,6 +178,61 @@ def test_torchrun_kill9_resume_then_evaluate(session_base):
     assert res["acc"] == pytest.approx(tests[0]["acc"])
     assert 0.0 <= res["verification"]["eer"] <= 0.5
     assert "EER" in r.stdout
+
+
+TINY_MODEL = """
+[model]
+arch = "mamba"
+d_model = 16
+n_layers = 1
+d_state = 4
+chunk_size = 8
+frontend_channels = [16]
+embedding_dim = 16
+dropout = 0.1
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["workers0", "workers2"])  # ~1-2 s each: not slow
+def test_mid_epoch_resume_is_bit_exact(tmp_path, workers):
+    """fp32 eager, one process: a run paused mid-epoch (--stop-at-step) and resumed logs exactly (==)
+    the per-step losses of an uninterrupted run and ends with identical weights and test results.
+    Dropout, SpecAugment and random crops all draw random numbers. With workers, creating the
+    DataLoader iterator on resume used to draw from the just-restored global torch RNG."""
+    from spkr.checkpoint import load
+    from spkr.train import main
+    from tests.shardkit import make_shards
+
+    splits = {"train": [12, 12], "valid": [4], "test": [4]}
+    shards = make_shards(tmp_path / "shards", splits=splits, n_mels=16, n_classes=3, mean_frames=30, seed=3)
+    (tmp_path / "tiny.toml").write_text(TINY_MODEL)
+    common = [
+        "--shards", str(shards), "--config", str(tmp_path / "tiny.toml"), "--no-progress", "--no-compile",
+        "--dtype", "fp32", "--epochs", "2", "--batch-size", "4", "--warmup-steps", "2", "--crop-frames", "20",
+        "--freq-masks", "1", "--time-masks", "1", "--num-workers", str(workers), "--log-every", "1",
+        "--verify-pairs", "0",
+    ]  # fmt: skip
+    whole, paused = tmp_path / "whole", tmp_path / "paused"
+    assert main(common + ["--out", str(whole)]) == 0
+    assert main(common + ["--out", str(paused), "--stop-at-step", "8"]) == 0
+    rows = read_metrics(paused)
+    spe = rows[0]["steps_per_epoch"]
+    ckpt = load(paused / "last.pt")
+    assert spe == 6 and ckpt["step"] == 8 and ckpt["epoch"] == 1 and ckpt["batches_done"] == 2  # mid-epoch
+    assert not ckpt["finished"] and not any(r["kind"] == "test" for r in rows)
+    assert main(common + ["--out", str(paused)]) == 0  # continues from last.pt
+    a, b = read_metrics(whole), read_metrics(paused)
+    assert [r["resumed_step"] for r in b if r["kind"] == "config"] == [None, 8]
+
+    def series(rows: list[dict], kind: str) -> list[tuple]:
+        return [(r["step"], r["loss"], r.get("acc")) for r in rows if r["kind"] == kind]
+
+    assert [s for s, _, _ in series(a, "train")] == list(range(1, 2 * spe + 1))
+    assert series(b, "train") == series(a, "train")
+    assert series(b, "valid") == series(a, "valid") and len(series(a, "valid")) == 2
+    assert series(b, "test") == series(a, "test") and len(series(a, "test")) == 1
+    wa, wb = load(whole / "last.pt")["model"], load(paused / "last.pt")["model"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import shutil
 import sys
@@ -163,10 +164,12 @@ def bench_spkr(spkr_dir, m, batch, workers, **kw):
     return run
 
 
-def workers_rate(spkr_dir, batch, workers, dtype):
+def workers_rate(spkr_dir, batch, workers, dtype, **kw):
     """Steady-state samples/s of SpeakerLoader with DataLoader workers: epoch 1 warms up (worker
     start-up, page cache), epochs 2-3 are timed. Each batch crosses to this process in shared memory."""
-    ld = SpeakerLoader(str(spkr_dir), "train", batch, rank=0, world_size=1, num_workers=workers, dtype=dtype)
+    ld = SpeakerLoader(
+        str(spkr_dir), "train", batch, rank=0, world_size=1, num_workers=workers, dtype=dtype, **kw
+    )
     n = 0
     for epoch in range(3):
         ld.set_epoch(epoch)
@@ -309,6 +312,29 @@ def main(argv=None):
         r_lean = spkr / rows["lean parse + collate"]["samples_s"]
         r_views = spkr / rows["lean parse, views only"]["samples_s"]
         r_files = spkr / rows["per-file torch.load"]["samples_s"]
+        # checksum cost: the same loader with and without, runs alternating (noise hits both alike)
+        cost = {}
+        for mode, kw in (("mmap", {}), ("streaming", {"mmap": False})):
+            on, off = (
+                bench_spkr(spkr_dir, m, B, 0, **kw),
+                bench_spkr(spkr_dir, m, B, 0, checksums=False, **kw),
+            )
+            on(), off()
+            best = {"on": math.inf, "off": math.inf}
+            for _ in range(args.repeats * 2):
+                best["on"] = min(best["on"], timed(on)["seconds"])
+                best["off"] = min(best["off"], timed(off)["seconds"])
+            cost[mode] = 1 - best["off"] / best["on"]
+        on = off = 0.0  # as spkr.train reads: DataLoader workers, float16 batches (best of alternating runs)
+        for _ in range(3):
+            on = max(on, workers_rate(spkr_dir, B, args.workers, "float16"))
+            off = max(off, workers_rate(spkr_dir, B, args.workers, "float16", checksums=False))
+        cost[f"{args.workers} workers"] = 1 - on / off
+        print(
+            "\nper-sample checksums (xxh3-64 of every sample's bytes, on by default): cost "
+            + ", ".join(f"{mode} read {c:.1%}" for mode, c in cost.items())
+            + f" of loader throughput   (target < 10%) {'OK' if max(cost.values()) < 0.10 else 'MISS'}"
+        )
         print("\nratios:")
         print(
             f"  spkr / wds .pth pipeline     = {r_wds:.1f}x   (target >= 3x)  {'OK' if r_wds >= 3 else 'MISS'}"

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from spkr import atomic
+
 SR = 16000
 MAX_DUR = 4.0  # hard cap (seconds) on an utterance
 # sentences are re-drawn until the trimmed speech lasts this long (before speed perturbation); short
@@ -491,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     final = out / "LibriSpeech"
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".LibriSpeech.", dir=out))
+    staging = Path(atomic.mkdtemp(prefix=".LibriSpeech.", dir=out))  # renamed into place: umask modes
     t0 = time.time()
     try:
         with tempfile.TemporaryDirectory() as tmp:

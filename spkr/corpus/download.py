@@ -19,6 +19,8 @@ from pathlib import Path, PurePosixPath
 
 import requests
 
+from spkr import atomic
+
 from .librispeech import expand_subsets
 
 OPENSLR_BASE_URL = "https://www.openslr.org/resources/12"
@@ -63,23 +65,37 @@ class UnsafeArchiveError(ValueError):
 # ------------------------------------------------------------------------------------- checksums
 
 
-def read_checksum_file(path: str | os.PathLike) -> dict[str, str]:
-    """Parse ``md5sum``/``sha256sum`` output (``<hex>  <file>``) into ``{subset: hex}``.
+def read_checksum_file(path: str | os.PathLike, *, timeout: float = 60.0) -> dict[str, str]:
+    """Parse ``md5sum``/``sha256sum`` output (``<hex>  <file>``, either kind, even mixed) into
+    ``{subset: hex}``; ``path`` may be an ``http(s)://`` URL (a published checksum file).
 
     ``train-clean-100.tar.gz`` -> ``train-clean-100``; other lines are kept under their file name.
     """
+    if str(path).startswith(("http://", "https://")):
+        try:
+            r = requests.get(str(path), timeout=timeout)
+        except requests.RequestException as e:
+            raise DownloadError(f"{path}: cannot fetch the checksum file ({e})") from e
+        if r.status_code != 200:
+            raise DownloadError(f"{path}: HTTP {r.status_code} {r.reason}")
+        lines = r.text.splitlines()
+    else:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
     out: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) < 2 or line.lstrip().startswith("#"):
-                continue
-            digest, name = parts[0].lower(), parts[-1].lstrip("*")
-            name = PurePosixPath(name).name
-            if name.endswith(".tar.gz"):
-                name = name[: -len(".tar.gz")]
-            out[name] = digest
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 2 or line.lstrip().startswith("#"):
+            continue
+        digest, name = parts[0].lower(), parts[-1].lstrip("*")
+        out[subset_of_file(name)] = digest
     return out
+
+
+def subset_of_file(name: str) -> str:
+    """``.../train-clean-100.tar.gz`` -> ``train-clean-100`` (other names: their base name)."""
+    name = PurePosixPath(name).name
+    return name[: -len(".tar.gz")] if name.endswith(".tar.gz") else name
 
 
 def file_digests(path: str | os.PathLike) -> dict[str, str]:
@@ -95,18 +111,22 @@ def file_digests(path: str | os.PathLike) -> dict[str, str]:
 def _expected_digests(
     subset: str, md5s: Mapping[str, str] | None, sha256s: Mapping[str, str] | None
 ) -> dict[str, str]:
-    exp = {}
-    for algo, table in (("md5", md5s), ("sha256", sha256s)):
-        if table and table.get(subset):
-            exp[algo] = table[subset].strip().lower()
-    # a checksum file may mix algorithms: classify by length
-    for algo in list(exp):
-        n = len(exp[algo])
-        real = {32: "md5", 64: "sha256"}.get(n)
-        if real is None:
-            raise ValueError(f"checksum for {subset} has {n} hex digits: neither md5 (32) nor sha256 (64)")
-        if real != algo:
-            exp[real] = exp.pop(algo)
+    """{"md5": hex, "sha256": hex} expected for ``subset``. A value is classified by its length (a
+    checksum file may mix algorithms), so either table may hold either kind; two different values
+    for one algorithm are an error."""
+    exp: dict[str, str] = {}
+    for table in (md5s, sha256s):
+        value = ((table or {}).get(subset) or "").strip().lower()
+        if not value:
+            continue
+        algo = {32: "md5", 64: "sha256"}.get(len(value))
+        if algo is None or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError(
+                f"checksum {value!r} for {subset}: not an md5 (32 hex digits) or sha256 (64 hex digits)"
+            )
+        if exp.get(algo, value) != value:
+            raise ValueError(f"two different {algo} checksums for {subset}: {exp[algo]} and {value}")
+        exp[algo] = value
     return exp
 
 
@@ -250,7 +270,12 @@ def _safe_filter(member: tarfile.TarInfo, dest_path: str) -> tarfile.TarInfo | N
         target = member.linkname
         if target.startswith("/") or ".." in PurePosixPath(target).parts:
             raise UnsafeArchiveError(f"refusing tar link {name!r} -> {target!r}")
-    return tarfile.data_filter(member, dest_path)
+    member = tarfile.data_filter(member, dest_path)
+    # a file gets the mode of any new file (0666 & ~umask; 0777 & ~umask if executable), not the archive's
+    if member.isreg():
+        exe = member.mode is not None and member.mode & 0o100
+        member = member.replace(mode=(0o777 & ~atomic.current_umask()) if exe else None, deep=False)
+    return member
 
 
 def extract_subset(archive: str | os.PathLike, dest: str | os.PathLike, subset: str) -> Path:
@@ -287,9 +312,8 @@ def extract_subset(archive: str | os.PathLike, dest: str | os.PathLike, subset: 
 
 
 def _write_marker(subset_dir: Path, info: dict) -> None:
-    tmp = subset_dir / (COMPLETE_MARKER + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, subset_dir / COMPLETE_MARKER)
+    data = json.dumps(info, indent=2, sort_keys=True) + "\n"
+    atomic.write_bytes(subset_dir / COMPLETE_MARKER, data.encode())
 
 
 def is_complete(dest: str | os.PathLike, subset: str) -> bool:
@@ -301,7 +325,7 @@ def download_openslr(
     dest: str | os.PathLike,
     *,
     base_url: str = OPENSLR_BASE_URL,
-    md5s: Mapping[str, str] | None = KNOWN_MD5,
+    md5s: Mapping[str, str] | None = None,
     sha256s: Mapping[str, str] | None = None,
     keep_archive: bool = False,
     retries: int = 5,
@@ -312,13 +336,17 @@ def download_openslr(
     """Download, verify and extract LibriSpeech subsets (names or combined names such as ``train.960``).
 
     For each subset: skip if ``<dest>/LibriSpeech/<subset>/.complete`` exists; else fetch
-    ``<base_url>/<subset>.tar.gz`` into ``<dest>/<subset>.tar.gz.part`` (resuming), verify md5/sha256
-    (``md5s``/``sha256s`` map subset -> hex; a 64-digit value is taken as sha256; default: OpenSLR's
-    published md5 sums), rename it to ``<subset>.tar.gz``, extract atomically, write the marker and delete
+    ``<base_url>/<subset>.tar.gz`` into ``<dest>/<subset>.tar.gz.part`` (resuming), verify md5 and/or
+    sha256 (``md5s``/``sha256s`` map subset -> hex, classified by length: 32 digits md5, 64 sha256;
+    every expected digest must match; when neither table is given: OpenSLR's published md5 sums and
+    the sha256 sums torchaudio pins, :data:`KNOWN_MD5` / :data:`KNOWN_SHA256`), rename it to
+    ``<subset>.tar.gz``, extract atomically, write the marker and delete
     the archive unless ``keep_archive``. A checksum mismatch deletes the download and raises
     :class:`ChecksumError`. With no known checksum the computed md5/sha256 are printed and the archive is
     accepted. Returns the subset directories.
     """
+    if md5s is None and sha256s is None:
+        md5s, sha256s = KNOWN_MD5, KNOWN_SHA256
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     sess = session or requests.Session()
@@ -368,6 +396,7 @@ def download_openslr(
                 "md5": got["md5"],
                 "sha256": got["sha256"],
                 "verified": bool(expected),
+                "verified_with": sorted(expected),
             },
         )
         if not keep_archive:

@@ -11,7 +11,8 @@ Batches are collated inside the DataLoader workers (``DataLoader(batch_size=None
 "lengths": int64 (B,), "labels": int64 (B,), "keys": list[str]}``. Raw audio is never opened.
 
 Resume: ``state_dict()`` = ``{epoch, batches (consumed this epoch), seed, world_size, num_workers,
-batch_size, bucket_window, train, split, num_samples, ...}``. After ``load_state_dict`` the next
+batch_size, bucket_window, train, split, dataset_id, num_samples, ...}``; a state of another dataset
+(``manifest.dataset_id``) is refused. After ``load_state_dict`` the next
 iteration yields exactly the batches not yet consumed, in the uninterrupted order; workers skip
 consumed batches by plan, without reading them. Mid-epoch, the batch composition depends on
 ``(seed, world_size, num_workers, batch_size, bucket_window)``, so loading a mid-epoch state with any
@@ -21,6 +22,11 @@ taken at an epoch boundary (0 or all batches consumed) loads under any world siz
 Reads: local shards are read in place (``ShardReader.read_sample`` through mmap) when each batch is made,
 so only positions wait in the bucketing pool; remote shards (or ``mmap=False``) are streamed: each
 window's byte span is read and its samples copied into the pool. Both give the same batches.
+
+Normalisation: per-mel-bin ``(x - mean) / std`` with the manifest's training statistics, or with
+``stats={"mean", "std"}`` given by the caller (evaluation passes the checkpoint's, so a model always
+sees its training normalisation). Every sample is checked against its manifest checksum on every
+read (``checksums=True``), in every layout.
 
 Skipped samples (``on_error="skip"``): a sample that cannot be read is dropped from its batch (the
 batch gets smaller; a batch whose samples were all skipped is yielded with B = 0 so that batch counts
@@ -36,11 +42,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from spkr import storage
 from spkr.manifest import Manifest, ShardInfo
 from spkr.stream.plan import EpochPlan
 from spkr.stream.reader import ShardError, ShardReader
 
 _TAG_CROP = 0xC209
+_TAG_WORKER_SEED = 0x5EED
 # Batch dtypes. A DataLoader worker hands each batch over in a fresh shared-memory segment, and
 # faulting its pages in costs ~3 us per 4 kB page here (12 ms for a 15 MB float32 batch: the
 # bottleneck with workers). float16 halves that (2 workers: ~1.4x the samples/s, tools/bench_loader.py)
@@ -129,13 +137,6 @@ class ShardDataset(IterableDataset):
         reader = ShardReader(self.base, n_mels=self.n_mels, **self.reader_kwargs)
         wp = plan.worker(v)
         W = plan.num_workers
-        verify = reader.verify
-        inside: set[int] = set()
-        if verify:  # whole-shard reads only: shards lying entirely inside this worker's range
-            for s_pos in range(len(plan.order)):
-                a, b = int(plan.cum[s_pos]), int(plan.cum[s_pos + 1])
-                if b > a and wp.start <= a and b <= wp.stop:
-                    inside.add(int(plan.order[s_pos]))
         # batch index (within this worker) of every position of the worker's range
         owner = np.empty(wp.stop - wp.start, dtype=np.int64)
         t = 0
@@ -147,31 +148,15 @@ class ShardDataset(IterableDataset):
         n_retries, n_skipped = 0, 0
         records: dict[int, object] = {}
         direct = reader.random_access  # local shards: read each sample in place when its batch is made
-        bad: dict[int, ShardError] = {}  # shards that failed verification (skip mode)
         left: dict[int, int] = {}  # direct mode: samples still to read per shard (then it is closed)
         if direct:
             todo = np.arange(wp.start, wp.stop, dtype=np.int64)
             shard_idx, _ = plan.locate(todo[owner >= skip])
             left = dict(zip(*(x.tolist() for x in np.unique(shard_idx, return_counts=True))))
 
-        def checked(s: int) -> bool:
-            """Verify (once) a shard lying wholly in this worker's range, before its first read."""
-            shard = self.shards[s]
-            if verify and s in inside and s not in bad and shard.name not in reader._verified:
-                try:
-                    reader.verify_shard(shard)
-                except ShardError as e:
-                    if reader.on_error != "skip":
-                        raise
-                    bad[s] = e
-            return s not in bad
-
         def read_direct(s: int, i: int):
             shard = self.shards[s]
             try:
-                if not checked(s):
-                    reader._skip(shard, i, bad[s])
-                    return None
                 return reader.read_sample(shard, i)
             except ShardError as e:
                 if reader.on_error != "skip":
@@ -188,10 +173,6 @@ class ShardDataset(IterableDataset):
                     shard_idx, sample_idx = plan.locate(need)
                     for s, a, b, p0 in _runs(shard_idx, sample_idx, need):
                         shard = self.shards[s]
-                        if not checked(s):
-                            for i in range(a, b):
-                                reader._skip(shard, i, bad[s])
-                            continue
                         for rec in reader.iter_range(shard, a, b):
                             # own copy: a view would pin its read chunk for as long as it waits in
                             # the bucketing pool, so memory would grow with the number of shards
@@ -205,8 +186,7 @@ class ShardDataset(IterableDataset):
                         where = list(zip(shard_idx.tolist(), sample_idx.tolist()))
                         batch = self.collate([read_direct(s, k) for s, k in where], v + tt * W, plan.epoch)
                         for s, k in where:  # the batch holds copies: unmap the samples' pages
-                            if s not in bad:
-                                reader.release_sample(self.shards[s], k)
+                            reader.release_sample(self.shards[s], k)
                             left[s] -= 1
                             if not left[s]:
                                 reader.close_shard(self.shards[s])
@@ -305,7 +285,8 @@ class SpeakerLoader:
         prefetch_factor: int | None = None,
         pin_memory: bool = False,
         on_error: str = "fail",
-        verify: bool = False,
+        checksums: bool = True,
+        stats: dict | None = None,
         cache_dir: str | None = None,
         retries: int = 5,
         backoff: float = 0.2,
@@ -325,18 +306,23 @@ class SpeakerLoader:
         if dtype not in BATCH_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(BATCH_DTYPES)}, not {dtype!r}")
         self.shards_url, self.split = str(shards), split
-        self.manifest = manifest or Manifest.load(self.shards_url, storage_options)
+        self.manifest = manifest or Manifest.load(
+            self.shards_url, storage_options, retry=storage.RetryPolicy(retries, backoff)
+        )
         self.split_info = self.manifest.split(split)
         n_mels = int(self.manifest.data["feature_config"].get("n_mels", 80))
-        stats = self.manifest.data.get("stats") or {}
+        if stats is None:  # training: the shards' own; evaluation passes the checkpoint's
+            stats = self.manifest.data.get("stats") or {}
         if normalize and not stats.get("mean"):
             raise ValueError(f"{self.manifest.url}: no feature statistics; pass normalize=False")
+        if normalize and (len(stats["mean"]) != n_mels or len(stats.get("std") or []) != n_mels):
+            raise ValueError(f"feature statistics for {len(stats['mean'])} mel bins, shards have {n_mels}")
         reader_kwargs = dict(
             storage_options=storage_options,
             retries=retries,
             backoff=backoff,
             cache_dir=cache_dir,
-            verify=verify,
+            checksums=checksums,
             on_error=on_error,
             use_mmap=mmap,
         )
@@ -420,6 +406,17 @@ class SpeakerLoader:
             kwargs = {}
             if self.prefetch_factor is not None:
                 kwargs["prefetch_factor"] = self.prefetch_factor
+            # The DataLoader's own generator (it draws the workers' base seed): without one, creating
+            # the iterator draws from the global torch RNG, so a resumed run (RNG restored, then a new
+            # iterator mid-epoch) would get other dropout / SpecAugment draws than an uninterrupted one.
+            gen = torch.Generator()
+            gen.manual_seed(
+                int(
+                    np.random.SeedSequence(
+                        [_TAG_WORKER_SEED, self.seed & 0xFFFFFFFF, self.epoch, self.rank]
+                    ).generate_state(1, np.uint64)[0]
+                )
+            )
             source = iter(
                 DataLoader(
                     self.dataset,
@@ -428,6 +425,7 @@ class SpeakerLoader:
                     pin_memory=self.pin_memory,
                     persistent_workers=False,
                     multiprocessing_context=self.multiprocessing_context,
+                    generator=gen,
                     **kwargs,
                 )
             )
@@ -459,6 +457,7 @@ class SpeakerLoader:
             "bucket_window": plan.bucket_window,
             "train": self.train,
             "split": self.split,
+            "dataset_id": self.manifest.dataset_id,
             "num_samples": plan.total,
             "skipped": len(self.skipped),
         }
@@ -469,6 +468,11 @@ class SpeakerLoader:
             raise ValueError(f"loader state has seed {state['seed']}, this loader seed {self.seed}")
         if state.get("split", self.split) != self.split:
             raise ValueError(f"loader state is for split {state['split']!r}, not {self.split!r}")
+        if state.get("dataset_id", self.manifest.dataset_id) != self.manifest.dataset_id:
+            raise ValueError(
+                f"loader state is for dataset {state['dataset_id']}, these shards are dataset "
+                f"{self.manifest.dataset_id} ({self.manifest.url}): its positions would repeat or miss samples"
+            )
         self.set_epoch(epoch)
         plan = self.plan
         mid_epoch = 0 < k < int(state.get("num_batches", plan.num_batches))

@@ -4,25 +4,35 @@ A reader reads, per shard, only a contiguous sample range ``[a, b)``: the single
 ``[offsets[a], offsets[b])`` (or to the shard's end), fetched sequentially in chunks (remote
 chunks are fetched one ahead by a helper thread) and parsed here, 512-byte tar blocks at a time.
 
-Safety: a sample's members must be exactly ``<key>.cls`` (ASCII int), ``<key>.json`` (UTF-8 JSON)
-and ``<key>.mel.npy`` (parsed with ``allow_pickle=False`` semantics: float dtypes only, 2-D,
-``n_mels`` columns). Anything else — ``.pth``, ``.pkl``, ``.pickle`` or any other extension, links,
-directories, pax/GNU headers — is refused with :class:`ShardError` and never deserialised.
+Safety: a sample's members must be exactly ``<key>.cls`` (ASCII int, at most 18 digits),
+``<key>.json`` (a UTF-8 JSON object, at most 64 KiB, nested at most 32 deep) and ``<key>.mel.npy``
+(parsed with ``allow_pickle=False`` semantics: little-endian float16/float32 only, 2-D, ``n_mels``
+columns, C or Fortran order, exact size). Anything else — ``.pth``, ``.pkl``, ``.pickle`` or any other
+extension, links, directories, pax/GNU headers — is refused with :class:`ShardError` and never
+deserialised. Shard names that could reach outside ``base`` are refused (:meth:`ShardReader.url`).
 
-Retries: a transient error while fetching (dropped connection, timeout, short read before the
-shard's known end) closes the source, waits ``backoff * 2**attempt`` seconds and reopens at the
-byte offset reached (HTTP/S3 range request, or seek), so no sample is lost or repeated. After
-``retries`` failed attempts a :class:`ShardError` names the shard and the offset.
+Retries: every shard byte comes through one fetch loop (``spkr.stream.sources.fetch_into``, under
+the ``spkr.storage.RetryPolicy`` that also reads ``manifest.json`` and the sidecars). A transient
+error (dropped or refused connection, timeout, HTTP 5xx/429, short response) closes the source,
+waits ``backoff * 2**(k-1)`` seconds (k-th retry in a row, at most 10 s) and reopens at the exact byte
+reached: a remote shard is streamed (one HTTP/S3 range request per byte range) and the bytes that
+arrived before a break are kept, so nothing is fetched twice and no sample is lost or repeated.
+``retries`` bounds the CONSECUTIVE failures WITHOUT PROGRESS: any byte received resets it, so a long
+read over a link that breaks every few MB completes. After the budget a :class:`ShardError` names
+the shard, the byte offset and the URL; not found / access denied fail at once.
 
-Corruption (truncated tar, bad header, unknown member, bad npy header, key/label/frames not
-matching the manifest, sha256 mismatch with ``verify=True``) raises :class:`ShardError` naming the
-shard and member. With ``on_error="skip"`` the sample is skipped instead (the reader seeks to the
-next sample's manifest offset), counted in ``reader.stats.skipped`` as ``{"shard", "key", "error"}``.
+Integrity: every sample's whole byte span is checked against the manifest's per-sample checksum
+(xxh3-64, ~7 GB/s) before anything in it is parsed, on every read, in both read paths (mmap and
+streaming) and so in every layout (any world size, worker count, local or remote); ``checksums=False``
+turns it off (benchmarks only). Corruption (truncated shard, checksum mismatch, bad header, unknown
+member, bad npy header, key/label/frames not matching the manifest) raises :class:`ShardError` naming
+the shard, the sample key or member, and the byte offset. With ``on_error="skip"`` the sample is
+skipped instead (the reader goes on at the next sample's manifest offset), counted in
+``reader.stats.skipped`` as ``{"shard", "key", "error"}``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import mmap
@@ -40,7 +50,9 @@ from typing import NamedTuple
 import numpy as np
 
 from spkr import storage
-from spkr.manifest import MEMBER_EXTS, ShardInfo
+from spkr.manifest import MEMBER_EXTS, ShardInfo, sample_checksum, shard_name_problem
+from spkr.stream import sources
+from spkr.stream.sources import _FileSource, _FsspecSource, _LocalSource  # noqa: F401
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)  # a tar end-of-archive block
@@ -87,34 +99,40 @@ def split_member(name: str) -> tuple[str, str]:
 
 
 def check_member_name(name: str, shard: str, offset: int | None = None) -> tuple[str, str]:
+    """(key, ext) of an allowed member name, else ShardError (the name shown escaped when it holds
+    control or undecodable characters, so that it cannot forge log lines)."""
     key, ext = split_member(name)
     if "/" in name or ext not in MEMBER_EXTS:
         low = ext.lower().rsplit(".", 1)[-1]
         why = "pickle-based formats are never deserialised" if low in PICKLE_EXTS else "unknown member type"
+        shown = name if name.isprintable() else repr(name)[1:-1]
         raise ShardError(
             shard,
-            f"refusing member '{name}' ({why}; spkr decodes only .cls, .json and .mel.npy)",
-            member=name,
+            f"refusing member '{shown}' ({why}; spkr decodes only .cls, .json and .mel.npy)",
+            member=shown,
             offset=offset,
         )
     return key, ext
 
 
+# .mel.npy dtypes: little-endian float16 / float32 only (what the writer stores). Anything else -- big
+# endian, float64/float128, '<e2' (which np.dtype cannot even parse) -- is refused as a ShardError here
+# rather than failing later (a TypeError, or a crash in collate).
+NPY_DTYPES = (np.dtype("<f2"), np.dtype("<f4"))
 _NPY_FAST = re.compile(
-    rb"\{'descr': '([<>|=]?[fe]\d)', 'fortran_order': (False|True), 'shape': \((\d+), (\d+)\), \} *\n"
+    rb"\{'descr': '(<f[24])', 'fortran_order': (False|True), 'shape': \((\d{1,18}), (\d{1,18})\), \} *\n"
 )
-_DTYPES: dict[bytes, np.dtype] = {}
+_DTYPES: dict[bytes, np.dtype] = {b"<f2": NPY_DTYPES[0], b"<f4": NPY_DTYPES[1]}
 
 
 def _npy_header(mv: memoryview):
-    """(shape, fortran, dtype, data offset): np.save's header via a regex, else numpy's safe parser."""
+    """(shape, fortran, dtype, data offset) of np.save's usual header (an allowed dtype, 2-D) via a
+    regex, else None: numpy's safe parser then reads it, and decode_npy refuses what is not allowed."""
     if len(mv) >= 10 and bytes(mv[:8]) == b"\x93NUMPY\x01\x00":
         hlen = int.from_bytes(mv[8:10], "little")
         m = _NPY_FAST.fullmatch(bytes(mv[10 : 10 + hlen]))
         if m:
-            dt = _DTYPES.get(m.group(1))
-            if dt is None:
-                dt = _DTYPES.setdefault(m.group(1), np.dtype(m.group(1).decode()))
+            dt = _DTYPES[m.group(1)]
             return (int(m.group(3)), int(m.group(4))), m.group(2) == b"True", dt, 10 + hlen
     return None
 
@@ -146,8 +164,10 @@ def decode_npy(payload, *, shard: str = "?", member: str = "?", n_mels: int | No
         shape, fortran, dtype = reader(f)
     except Exception as e:
         raise ShardError(shard, f"bad .npy header: {e}", member=member) from None
-    if dtype.hasobject or dtype.kind != "f":
-        raise ShardError(shard, f"refusing .npy of dtype {dtype} (float arrays only)", member=member)
+    if dtype.hasobject or dtype not in NPY_DTYPES:
+        raise ShardError(
+            shard, f"refusing .npy of dtype {dtype} (little-endian float16/float32 only)", member=member
+        )
     if len(shape) != 2 or (n_mels is not None and shape[1] != n_mels):
         raise ShardError(shard, f".npy shape {shape}, expected (frames, {n_mels})", member=member)
     count = int(shape[0]) * int(shape[1])
@@ -159,18 +179,63 @@ def decode_npy(payload, *, shard: str = "?", member: str = "?", n_mels: int | No
     return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
 
 
+MAX_CLS_BYTES = 32
+MAX_JSON_BYTES = 64 << 10
+MAX_JSON_DEPTH = 32
+_CLS = re.compile(rb"\s*(\d{1,18})\s*")
+
+
+def _json_depth_exceeds(obj, limit: int) -> bool:
+    """Whether containers nest deeper than ``limit`` (the top level is depth 1); no recursion."""
+    todo = [(obj, 1)] if isinstance(obj, (dict, list)) else []
+    while todo:
+        o, depth = todo.pop()
+        children = o.values() if isinstance(o, dict) else o
+        if depth > limit:
+            return True
+        todo.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
 def decode_member(ext: str, payload, *, shard: str = "?", member: str = "?", n_mels: int | None = None):
-    """Decode one allowed member; anything else is refused (never deserialised)."""
+    """Decode one allowed member; anything else is refused (never deserialised). ``.cls``: an ASCII
+    integer (at most 18 digits, in at most MAX_CLS_BYTES); ``.json``: a UTF-8 JSON object of at most
+    MAX_JSON_BYTES nested at most MAX_JSON_DEPTH deep; ``.mel.npy``: see :func:`decode_npy`. Every
+    problem is a ShardError naming shard and member (so ``on_error="skip"`` can skip it)."""
     if ext == "cls":
-        try:
-            return int(bytes(payload).decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            raise ShardError(shard, "bad .cls payload (expected an ASCII integer)", member=member) from None
+        m = _CLS.fullmatch(bytes(payload)) if len(payload) <= MAX_CLS_BYTES else None
+        if m is None:
+            raise ShardError(
+                shard,
+                f"bad .cls payload (expected an ASCII integer of at most 18 digits; got {len(payload)} bytes)",
+                member=member,
+            )
+        return int(m.group(1))
     if ext == "json":
+        if len(payload) > MAX_JSON_BYTES:
+            raise ShardError(
+                shard, f"bad .json payload: {len(payload)} bytes (at most {MAX_JSON_BYTES})", member=member
+            )
+        raw = bytes(payload)
         try:
-            return json.loads(bytes(payload).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            meta = json.loads(raw.decode("utf-8"))
+            # at most MAX_JSON_DEPTH brackets cannot nest deeper; only then is the parsed object walked
+            deep = raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH and _json_depth_exceeds(
+                meta, MAX_JSON_DEPTH
+            )
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits
             raise ShardError(shard, f"bad .json payload: {e}", member=member) from None
+        except RecursionError:
+            deep = True
+        if deep:
+            raise ShardError(
+                shard, f"bad .json payload: nested deeper than {MAX_JSON_DEPTH} levels", member=member
+            )
+        if not isinstance(meta, dict):
+            raise ShardError(
+                shard, f"bad .json payload: a {type(meta).__name__}, not an object", member=member
+            )
+        return meta
     if ext == "mel.npy":
         return decode_npy(payload, shard=shard, member=member, n_mels=n_mels)
     check_member_name(member, shard)
@@ -178,66 +243,7 @@ def decode_member(ext: str, payload, *, shard: str = "?", member: str = "?", n_m
 
 
 # --------------------------------------------------------------------------- byte sources
-
-
-class _LocalSource:
-    def __init__(self, path: str):
-        self.fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self.fd).st_size
-
-    def read_at(self, pos: int, n: int) -> bytes:
-        return os.pread(self.fd, n, pos)
-
-    def read_into(self, pos: int, mv: memoryview) -> int:
-        return os.preadv(self.fd, [mv], pos)
-
-    def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-class _FsspecSource:
-    """Range reads on an fsspec filesystem (HTTP Range / S3 GetObject Range)."""
-
-    def __init__(self, fs, path: str, size: int | None):
-        self.fs, self.path = fs, path
-        self.size = size if size is not None else fs.size(path)
-
-    def read_at(self, pos: int, n: int) -> bytes:
-        if n <= 0 or pos >= self.size:
-            return b""
-        return self.fs.cat_file(self.path, start=pos, end=min(self.size, pos + n))
-
-    def read_into(self, pos: int, mv: memoryview) -> int:
-        data = self.read_at(pos, len(mv))
-        mv[: len(data)] = data
-        return len(data)
-
-    def close(self):
-        pass
-
-
-class _FileSource:
-    """A seekable file object (e.g. fsspec filecache's local copy)."""
-
-    def __init__(self, f):
-        self.f = f
-        self.size = f.seek(0, os.SEEK_END)
-
-    def read_at(self, pos: int, n: int) -> bytes:
-        self.f.seek(pos)
-        return self.f.read(n)
-
-    def read_into(self, pos: int, mv: memoryview) -> int:
-        self.f.seek(pos)
-        return self.f.readinto(mv)
-
-    def close(self):
-        self.f.close()
-
-
-_TRANSIENT_EXCLUDE = (ShardError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# _LocalSource, _FsspecSource, _FileSource and the fetch loop live in spkr.stream.sources.
 
 
 class _Stream:
@@ -277,12 +283,12 @@ class _Stream:
                 if done < len(data):  # more than needed (cannot happen: chunks are sized to need)
                     done = len(mv)
         if done < len(mv):
-            done += self.reader._fetch_into(self.shard, pos + done, mv[done:])
+            done += self.reader._fetch_into(self.shard, pos + done, mv[done:], self.end)
         self.fetch_pos = pos + done
         if self.pool is not None and done == len(mv) and self.fetch_pos < self.end:
             nxt = min(self.reader.chunk_size, self.end - self.fetch_pos)
             self.pending = (
-                self.pool.submit(self.reader._fetch, self.shard, self.fetch_pos, nxt),
+                self.pool.submit(self.reader._fetch, self.shard, self.fetch_pos, nxt, self.end),
                 self.fetch_pos,
             )
         return done
@@ -340,7 +346,7 @@ class ShardReader:
         chunk_size: int = DEFAULT_CHUNK,
         readahead: bool | None = None,
         cache_dir: str | None = None,
-        verify: bool = False,
+        checksums: bool = True,
         on_error: str = "fail",
         sleep: Callable[[float], None] = time.sleep,
         use_mmap: bool = True,
@@ -350,7 +356,7 @@ class ShardReader:
         self.base, self.storage_options = str(base), storage_options
         self.n_mels, self.retries, self.backoff = n_mels, int(retries), float(backoff)
         self.chunk_size, self.cache_dir = int(chunk_size), cache_dir
-        self.verify, self.on_error, self.sleep = verify, on_error, sleep
+        self.checksums, self.on_error, self.sleep = bool(checksums), on_error, sleep
         self.use_mmap = use_mmap  # local shards: views of the page cache instead of buffered reads
         self.remote = storage.is_url(self.base)
         self.readahead = self.remote if readahead is None else readahead
@@ -359,7 +365,6 @@ class ShardReader:
         self._pid = None
         self._open: tuple[str, object] | None = None
         self._pool_obj = None
-        self._verified: set[str] = set()
         self._maps: dict[str, tuple[mmap.mmap | None, memoryview]] = {}  # random access mappings
         self._released: dict[str, tuple[int, int]] = {}  # shard -> byte span released, not yet unmapped
         self._released_bytes = 0
@@ -382,7 +387,15 @@ class ShardReader:
         return self._pool_obj
 
     def url(self, shard: ShardInfo | str) -> str:
-        return storage.join(self.base, shard if isinstance(shard, str) else shard.name)
+        """The shard's path or URL under ``base``. A name that could reach outside it (absolute, '..',
+        a URL scheme, under s3://bucket-a/p a '/bucket-b/...' name, ...: see
+        :func:`spkr.manifest.shard_name_problem`) is refused, even for a ShardInfo made by hand."""
+        name = shard if isinstance(shard, str) else shard.name
+        problem = shard_name_problem(name)
+        if problem:
+            shown = name if isinstance(name, str) and name.isprintable() else repr(name)
+            raise ShardError(shown, f"refusing shard name {name!r}: it {problem}")
+        return storage.join(self.base, name)
 
     def _filesystem(self):
         if self._fs is None or self._pid != os.getpid():
@@ -403,26 +416,17 @@ class ShardReader:
         return self._fs
 
     def _source(self, shard: ShardInfo):
+        """The shard's open source (spkr.stream.sources), opened when needed (no request yet for a
+        remote one). Called by the fetch loop with ``self._lock`` held."""
         fs = self._filesystem()
-        with self._lock:
-            if self._open is not None and self._open[0] == shard.name:
-                return self._open[1]
-            self._close_open()
-            url = self.url(shard)
-            try:
-                if fs == "local":
-                    src = _LocalSource(url)
-                elif self.cache_dir:
-                    path = url if "://" not in url else url.split("://", 1)[1]
-                    src = _FileSource(fs.open(path, "rb"))
-                else:
-                    src = _FsspecSource(fs, fs._strip_protocol(url), shard.bytes)
-            except FileNotFoundError:
-                raise ShardError(shard.name, f"shard not found ({url})") from None
-            self._open = (shard.name, src)
-            return src
+        if self._open is not None and self._open[0] == shard.name:
+            return self._open[1]
+        self._drop_source()
+        src = sources.open_source(fs, self.url(shard), shard.bytes, cached=bool(self.cache_dir))
+        self._open = (shard.name, src)
+        return src
 
-    def _close_open(self):
+    def _drop_source(self):
         if self._open is not None:
             try:
                 self._open[1].close()
@@ -430,64 +434,47 @@ class ShardReader:
                 pass
             self._open = None
 
+    def _close_open(self):
+        """Close the open source (after a fetch in progress, e.g. the read-ahead's, has finished)."""
+        with self._lock:
+            self._drop_source()
+
     def close(self):
         self._close_open()
         self._maps.clear()
         self._released.clear()
 
-    def _fetch(self, shard: ShardInfo, pos: int, n: int) -> bytes:
-        """Bytes [pos, pos+n) of the shard, retrying transient failures from ``pos``."""
-        last: BaseException | None = None
-        for attempt in range(self.retries + 1):
-            try:
-                src = self._source(shard)
-                data = src.read_at(pos, n)
-                if len(data) == n or pos + len(data) >= src.size:
-                    self.stats.bytes += len(data)
-                    return data
-                raise ConnectionError(f"short read: {len(data)} of {n} bytes")
-            except _TRANSIENT_EXCLUDE:
-                raise
-            except Exception as e:  # dropped connection, timeout, server error: reopen and resume
-                last = e
-                with self._lock:
-                    self._close_open()
-                if attempt < self.retries:
-                    self.stats.retries += 1
-                    self.sleep(min(self.backoff * 2**attempt, 10.0))
-        raise ShardError(
-            shard.name, f"read failed after {self.retries} retries: {type(last).__name__}: {last}", offset=pos
-        )
+    def _fetch(self, shard: ShardInfo, pos: int, n: int, end: int | None = None) -> memoryview:
+        """Bytes [pos, pos+n) of the shard (fewer only at its end), through :meth:`_fetch_into`."""
+        buf = bytearray(n)
+        return memoryview(buf)[: self._fetch_into(shard, pos, memoryview(buf), end)]
 
-    def _fetch_into(self, shard: ShardInfo, pos: int, mv: memoryview) -> int:
-        """Fill ``mv`` with the shard's bytes from ``pos`` (fewer only at the end of the file); a
-        transient failure is retried from the byte offset reached."""
-        done = attempt = 0
-        while done < len(mv):
-            try:
-                src = self._source(shard)
-                got = src.read_into(pos + done, mv[done:])
-                if not got:
-                    if pos + done >= src.size:
-                        break  # end of file (a truncated shard is reported by the parser)
-                    raise ConnectionError(f"no data at offset {pos + done} of {src.size}")
-                done += got
-                self.stats.bytes += got
-            except _TRANSIENT_EXCLUDE:
-                raise
-            except Exception as e:  # dropped connection, timeout, server error: reopen and resume
-                with self._lock:
-                    self._close_open()
-                if attempt >= self.retries:
-                    raise ShardError(
-                        shard.name,
-                        f"read failed after {self.retries} retries: {type(e).__name__}: {e}",
-                        offset=pos + done,
-                    ) from e
-                self.stats.retries += 1
-                self.sleep(min(self.backoff * 2**attempt, 10.0))
-                attempt += 1
-        return done
+    def _fetch_into(self, shard: ShardInfo, pos: int, mv: memoryview, end: int | None = None) -> int:
+        """Fill ``mv`` with the shard's bytes from ``pos`` on (fewer only at the end of the file),
+        reading on towards ``end``: every shard byte comes through here, i.e. through the one fetch
+        loop :func:`spkr.stream.sources.fetch_into` under this reader's retry policy (``retries``
+        consecutive failures without progress, ``backoff``; see the module docstring). One fetch at a
+        time per reader: the read-ahead thread and the parser share the open source."""
+        url = self.url(shard)
+        policy = storage.RetryPolicy(self.retries, self.backoff, sleep=self.sleep)
+        try:
+            with self._lock:
+                return sources.fetch_into(
+                    lambda: self._source(shard),
+                    pos,
+                    mv,
+                    policy,
+                    url=url,
+                    end=end,
+                    drop=self._drop_source,
+                    stats=self.stats,
+                )
+        except FileNotFoundError:
+            raise ShardError(shard.name, f"shard not found ({url})") from None
+        except PermissionError as e:
+            raise ShardError(shard.name, f"access denied ({url}): {e}") from e
+        except storage.ReadFailed as e:
+            raise ShardError(shard.name, f"{e.reason} ({url})", offset=e.offset) from e
 
     # ---------------------------------------------------------------- random access (local shards)
     @property
@@ -557,50 +544,18 @@ class ShardReader:
         self._maps.pop(shard.name, None)
         self._released.pop(shard.name, None)
 
-    # ---------------------------------------------------------------- verification
-    def verify_shard(self, shard: ShardInfo) -> None:
-        """Hash the whole shard and compare with the manifest's sha256 (once per reader)."""
-        if shard.name in self._verified:
-            return
-        h = hashlib.sha256()
-        pos, size = 0, None
-        while True:
-            data = self._fetch(shard, pos, self.chunk_size)
-            h.update(data)
-            pos += len(data)
-            if len(data) < self.chunk_size:
-                break
-        size = pos
-        if size != shard.bytes or h.hexdigest() != shard.sha256:
-            raise ShardError(
-                shard.name,
-                f"sha256 mismatch: {size} bytes hashing to {h.hexdigest()[:16]}..., "
-                f"manifest says {shard.bytes} bytes, {shard.sha256[:16]}...",
-            )
-        self._verified.add(shard.name)
-
     # ---------------------------------------------------------------- samples
     def read_shard(self, shard: ShardInfo) -> list[Record]:
-        """Every sample of the shard (verified first when ``verify=True``)."""
+        """Every sample of the shard."""
         return list(self.iter_range(shard, 0, shard.num_samples))
 
     def iter_range(self, shard: ShardInfo, start: int = 0, stop: int | None = None) -> Iterator[Record]:
-        """Samples ``start..stop-1`` of the shard, reading one byte range. With ``verify=True`` the
-        shard is hashed first when the range is the whole shard."""
+        """Samples ``start..stop-1`` of the shard, reading one byte range."""
         stop = shard.num_samples if stop is None else stop
         if not 0 <= start <= stop <= shard.num_samples:
             raise ValueError(f"{shard.name}: range [{start}, {stop}) outside 0..{shard.num_samples}")
         if start == stop:
             return
-        if self.verify and start == 0 and stop == shard.num_samples:
-            try:
-                self.verify_shard(shard)
-            except ShardError as e:
-                if self.on_error != "skip":
-                    raise
-                for i in range(start, stop):
-                    self._skip(shard, i, e)
-                return
         end = shard.offsets[stop] if stop < shard.num_samples else shard.bytes
         mapped = self._shard_map(shard)[1] if self.random_access else None
         stream = _Stream(self, shard, shard.offsets[start], end, self.readahead, mapped=mapped)
@@ -624,14 +579,33 @@ class ShardReader:
         self.stats.skipped.append({"shard": shard.name, "key": shard.keys[i], "error": str(err)})
 
     def _parse_sample(self, stream: _Stream, shard: ShardInfo, i: int) -> Record:
-        key = shard.keys[i]
-        values = {}
+        """Take sample ``i``'s whole byte span from the stream, check its length and checksum, then
+        parse its three members from the span (views: no copy)."""
+        key, start = shard.keys[i], shard.offsets[i]
+        n = self._sample_end(shard, i) - start
+        span = stream.take(n)
+        if len(span) < n:
+            raise ShardError(
+                shard.name,
+                f"truncated shard: sample needs {n} bytes, the file ends after {len(span)}",
+                key,
+                start,
+            )
+        if self.checksums and sample_checksum(span) != shard.checksums[i]:
+            raise ShardError(
+                shard.name,
+                f"checksum mismatch: the {n} bytes of sample {key} are not what was written (corrupt shard)",
+                key,
+                start,
+            )
+        values, pos = {}, 0
         for ext in MEMBER_EXTS:
-            expected = f"{key}.{ext}"
-            hpos = stream.pos
-            hdr = stream.take(BLOCK)
+            expected, hpos = f"{key}.{ext}", start + pos
+            hdr = span[pos : pos + BLOCK]
             if len(hdr) < BLOCK:
-                raise ShardError(shard.name, "truncated tar: file ends inside a header", expected, hpos)
+                raise ShardError(
+                    shard.name, "truncated sample: its span ends inside a header", expected, hpos
+                )
             if hdr[0] == 0 and bytes(hdr) == _ZERO_BLOCK:
                 raise ShardError(shard.name, "unexpected end of archive", expected, hpos)
             name, size, typeflag = _parse_header(hdr, shard.name, expected, hpos)
@@ -647,14 +621,13 @@ class ShardReader:
                 raise ShardError(
                     shard.name, f"found member '{name}' where the manifest expects '{expected}'", name, hpos
                 )
-            payload = stream.take(size)
+            pos += BLOCK
+            payload = span[pos : pos + size]
             if len(payload) < size:
                 raise ShardError(
-                    shard.name, f"truncated tar: member needs {size} bytes, file ends", name, hpos
+                    shard.name, f"truncated sample: member needs {size} bytes, its span ends", name, hpos
                 )
-            pad = -size % BLOCK
-            if pad and len(stream.take(pad)) < pad:
-                raise ShardError(shard.name, "truncated tar: file ends inside padding", name, hpos)
+            pos += size + (-size % BLOCK)
             values[ext] = decode_member(ext, payload, shard=shard.name, member=name, n_mels=self.n_mels)
         feats = values["mel.npy"]
         if values["cls"] != shard.labels[i]:

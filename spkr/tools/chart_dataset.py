@@ -46,6 +46,8 @@ def dataset_summary(manifest: Manifest) -> dict:
     stats = manifest.stats
     return {
         "manifest": manifest.url,
+        "dataset_id": manifest.dataset_id,
+        "identity": manifest.data.get("identity", {}),
         "num_classes": n_classes,
         "mel_min": stats["min"],
         "mel_max": stats["max"],

@@ -72,8 +72,9 @@ def chart(losses: dict, metrics: list[dict], out: Path) -> None:
 
 def main(argv=None) -> int:
     from spkr import storage
-    from spkr.checkpoint import CheckpointError, build_model_from_checkpoint
+    from spkr.checkpoint import CheckpointError, build_model_from_checkpoint, check_dataset
     from spkr.checkpoint import load as load_ckpt
+    from spkr.config import add_storage_options
     from spkr.evaluate import run_split, summarise
     from spkr.manifest import ManifestError
     from spkr.stream.loader import SpeakerLoader
@@ -84,30 +85,38 @@ def main(argv=None) -> int:
     p.add_argument("--splits", nargs="+", default=["valid", "test"])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--storage-options", default=None, help="JSON fsspec options (else $SPKR_STORAGE_OPTIONS)")
+    add_storage_options(p)
+    p.add_argument(
+        "--allow-other-dataset",
+        action="store_true",
+        help="evaluate on shards that are not the run's training dataset (warns; default: refuse)",
+    )
     args = p.parse_args(argv)
     run = Path(args.run)
     try:
         ckpts = epoch_checkpoints(run)
         if not ckpts:
             raise ValueError(f"{run}: no per-epoch checkpoints (ckpt-epochNNN.pt)")
-        opts = storage.storage_options_from_env(
-            json.loads(args.storage_options) if args.storage_options else None
-        )
+        opts = storage.storage_options_from_env(args.storage_options)
         first = load_ckpt(ckpts[0][1])
         shards = args.shards or first.get("shards")
         if not shards:
             raise ValueError("no --shards and the checkpoint does not name its shards")
         loaders = {}
-        for split in args.splits:
+        for split in args.splits:  # normalised with the run's training statistics (the checkpoint's)
             loaders[split] = SpeakerLoader(
                 shards, split, args.batch_size, train=False, rank=0, world_size=1,
-                num_workers=args.num_workers, storage_options=opts,
+                num_workers=args.num_workers, storage_options=opts, stats=first["stats"],
             )  # fmt: skip
         losses: dict = {"run": str(run), "shards": str(shards), "splits": {s: [] for s in args.splits}}
         for epoch, path in ckpts:
             ckpt = load_ckpt(path)
-            loaders[args.splits[0]].manifest.check_compatible(ckpt["feature_config"], ckpt["labels"])
+            if ckpt["stats"] != first["stats"]:
+                raise ValueError(f"{path}: other feature statistics than {ckpts[0][1].name}: not one run")
+            manifest = loaders[args.splits[0]].manifest
+            warning = check_dataset(ckpt, manifest, str(path), allow_other_dataset=args.allow_other_dataset)
+            if warning and epoch == ckpts[0][0]:
+                print(f"[chart_losses] {warning}", file=sys.stderr)
             model, _ = build_model_from_checkpoint(ckpt)
             line = []
             for split, loader in loaders.items():

@@ -2,6 +2,7 @@
 
     python -m spkr.tools.download --subsets train.100 dev-clean test-clean --dest data
     python -m spkr.tools.download --subsets dev-clean --dest data --md5 dev-clean=42e2...
+    python -m spkr.tools.download --subsets dev-clean --dest data --checksum-file https://.../sha256sum.txt
     python -m spkr.tools.download --hf openslr/librispeech_asr --subsets train.100 dev-clean test-clean \
         --save-to-disk data/hf-librispeech
 """
@@ -13,25 +14,59 @@ import sys
 
 from spkr.corpus.download import (
     KNOWN_MD5,
+    KNOWN_SHA256,
     OPENSLR_BASE_URL,
     ChecksumError,
     DownloadError,
     UnsafeArchiveError,
     download_openslr,
     read_checksum_file,
+    subset_of_file,
 )
 from spkr.corpus.librispeech import expand_subsets, load_hf_split
 
 
-def _parse_assignments(values: list[str] | None, flag: str) -> dict[str, str]:
+def _parse_assignments(
+    values: list[str] | None, flag: str, parser: argparse.ArgumentParser
+) -> dict[str, str]:
+    """``SUBSET=HEX`` / ``FILE.tar.gz=HEX`` flags -> {subset: hex}; anything else is a usage error."""
+    digits = {"--md5": 32, "--sha256": 64}[flag]
     out: dict[str, str] = {}
     for v in values or []:
-        subset, sep, digest = v.partition("=")
-        if not sep or not subset or not digest:
-            raise SystemExit(f"{flag} expects SUBSET=HEX, got {v!r}")
-        for s in expand_subsets(subset):
-            out[s] = digest.strip().lower()
+        name, sep, digest = v.partition("=")
+        digest = digest.strip().lower()
+        if not sep or not name or len(digest) != digits or any(c not in "0123456789abcdef" for c in digest):
+            parser.error(
+                f"{flag} expects SUBSET=HEX (or SUBSET.tar.gz=HEX) with {digits} hex digits, got {v!r}"
+            )
+        try:
+            subsets = expand_subsets(subset_of_file(name))
+        except ValueError as e:
+            parser.error(f"{flag} {v!r}: {e}")
+        if len(subsets) != 1:
+            parser.error(f"{flag} {v!r}: one checksum per tarball, not for the combined name {name!r}")
+        out[subsets[0]] = digest
     return out
+
+
+def expected_checksums(args, parser: argparse.ArgumentParser) -> tuple[dict[str, str], dict[str, str]]:
+    """(md5s, sha256s) to verify: the built-in OpenSLR md5 and torchaudio sha256 sums (unless
+    --no-verify), replaced per subset by those given (--checksum-file, --md5, --sha256)."""
+    md5s: dict[str, str] = {} if args.no_verify else dict(KNOWN_MD5)
+    sha256s: dict[str, str] = {} if args.no_verify else dict(KNOWN_SHA256)
+    given_md5: dict[str, str] = {}
+    given_sha256: dict[str, str] = {}
+    if args.checksum_file:
+        for subset, digest in read_checksum_file(args.checksum_file).items():
+            (given_sha256 if len(digest) == 64 else given_md5)[subset] = digest
+    given_md5.update(_parse_assignments(args.md5, "--md5", parser))
+    given_sha256.update(_parse_assignments(args.sha256, "--sha256", parser))
+    for subset in set(given_md5) | set(given_sha256):
+        md5s.pop(subset, None)
+        sha256s.pop(subset, None)
+    md5s.update(given_md5)
+    sha256s.update(given_sha256)
+    return md5s, sha256s
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", default=OPENSLR_BASE_URL, help="OpenSLR mirror (default: %(default)s)")
     p.add_argument("--md5", action="append", metavar="SUBSET=HEX", help="expected md5 (repeatable)")
     p.add_argument("--sha256", action="append", metavar="SUBSET=HEX", help="expected sha256 (repeatable)")
-    p.add_argument("--checksum-file", help="md5sum/sha256sum-style file (e.g. OpenSLR's md5sum.txt)")
     p.add_argument(
-        "--no-verify", action="store_true", help="do not use the built-in md5 sums (still prints them)"
+        "--checksum-file",
+        metavar="FILE_OR_URL",
+        help="md5sum/sha256sum-style file or http(s) URL, either kind of sum (e.g. "
+        "https://www.openslr.org/resources/12/md5sum.txt); sums given here or with --md5/--sha256 "
+        "replace the built-in ones of their subsets",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not use the built-in md5/sha256 sums (the computed ones are printed)",
     )
     p.add_argument("--keep-archive", action="store_true", help="keep the .tar.gz after extraction")
     p.add_argument("--retries", type=int, default=5)
@@ -77,19 +120,14 @@ def _run_hf(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         if args.hf:
             return _run_hf(args)
         if args.save_to_disk:
             raise SystemExit("--save-to-disk needs --hf")
-        md5s = {} if args.no_verify else dict(KNOWN_MD5)
-        sha256s: dict[str, str] = {}
-        if args.checksum_file:
-            for subset, digest in read_checksum_file(args.checksum_file).items():
-                (sha256s if len(digest) == 64 else md5s)[subset] = digest
-        md5s.update(_parse_assignments(args.md5, "--md5"))
-        sha256s.update(_parse_assignments(args.sha256, "--sha256"))
+        md5s, sha256s = expected_checksums(args, parser)
         dirs = download_openslr(
             args.subsets,
             args.dest,

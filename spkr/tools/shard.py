@@ -8,17 +8,19 @@
 The training combination's dev-clean and test-clean speakers are pooled with its train speakers and
 re-split (spkr.corpus.labels.build_splits) so that valid/test hold only speakers seen in training.
 Re-running skips complete shards; the manifest is written by whichever rank finishes last (or by
-``--merge-only``).
+``--merge-only``). A shard already in ``--out`` that was written under another feature config, feature
+backend, seed, source or write option is never reused: the run stops and says what differs (use a new
+``--out``, or ``--overwrite`` to rewrite those shards).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
+from spkr.config import add_storage_options, json_object
 from spkr.corpus.labels import build_splits, class_weights
 from spkr.corpus.librispeech import (
     Utterance,
@@ -30,7 +32,7 @@ from spkr.corpus.librispeech import (
 )
 from spkr.features import AudioError, FeatureConfig
 from spkr.manifest import ManifestError
-from spkr.shard_writer import WriteOptions, merge_manifest, plan_shards, run_jobs
+from spkr.shard_writer import WriteOptions, merge_manifest, plan_shards, run_identity, run_jobs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,9 +62,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow-missing-transcript", action="store_true", help="audio without transcript is fine")
     p.add_argument("--feature-backend", choices=("auto", "torchaudio", "torch"), default="auto")
     p.add_argument("--n-mels", type=int, default=None, help="override the feature config's n_mels")
-    p.add_argument("--feature-config", default=None, help="JSON object of FeatureConfig overrides")
-    p.add_argument("--storage-options", default=None, help="JSON fsspec options for --out")
+    p.add_argument(
+        "--feature-config", type=json_object, default=None, help="JSON object of FeatureConfig overrides"
+    )
+    add_storage_options(p, help="JSON fsspec options for --out")
     p.add_argument("--merge-only", action="store_true", help="only write the manifest from complete shards")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="rewrite shards in --out that were written under another config/seed/source (else: stop)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -135,8 +144,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
     world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
-    storage_options = json.loads(args.storage_options) if args.storage_options else None
-    overrides = json.loads(args.feature_config) if args.feature_config else {}
+    storage_options = args.storage_options
+    overrides = dict(args.feature_config or {})
     if args.n_mels:
         overrides["n_mels"] = args.n_mels
     try:
@@ -147,11 +156,23 @@ def main(argv=None) -> int:
             raise ValueError(f"{args.source}: no training utterances found for {args.subsets}")
         splits = build_splits(train, dev, test, seed=args.seed)
         weights = class_weights(splits.train, splits.speakers)
+        opts = WriteOptions(
+            on_error=args.on_error,
+            allow_resample=args.resample,
+            allow_downmix=args.downmix,
+            min_seconds=args.min_seconds,
+            require_transcript=not args.allow_missing_transcript,
+            feature_backend=args.feature_backend,
+            overwrite=args.overwrite,
+        )
+        # as typed (not resolved): every rank of a multi-machine run must plan the same identity
+        source = str(args.source).rstrip("/") or "/"
         jobs = plan_shards(
             {"train": splits.train, "valid": splits.valid, "test": splits.test},
             splits.speakers,
             args.shard_size,
             seed=args.seed,
+            identity=run_identity(cfg, opts, args.seed, source),
         )
         corpus = {
             "source": str(args.source),
@@ -165,14 +186,6 @@ def main(argv=None) -> int:
                 "test": len(splits.test),
             },
         }
-        opts = WriteOptions(
-            on_error=args.on_error,
-            allow_resample=args.resample,
-            allow_downmix=args.downmix,
-            min_seconds=args.min_seconds,
-            require_transcript=not args.allow_missing_transcript,
-            feature_backend=args.feature_backend,
-        )
         print(
             f"[shard] {corpus['num_utterances']} utterances, {len(splits.speakers)} speakers, "
             f"{len(jobs)} shards -> {args.out} (rank {rank}/{world}, {args.workers} workers)",
