@@ -132,6 +132,21 @@ def strip_prefixes(state_dict: dict) -> dict:
     return out
 
 
+def weights_fingerprint(state_dict: dict) -> str:
+    """xxh3-128 hex digest of a model state dict: every entry's name, dtype, shape and bytes, in name
+    order, device-independent. Training records it with each evaluation row of metrics.jsonl (the
+    checkpoint written right after holds the same weights), so ``chart_losses`` can prove that a row
+    measured exactly the weights of a checkpoint before reusing it."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def check_dataset(ckpt: dict, manifest, what: str, *, allow_other_dataset: bool = False) -> str | None:
     """Shards fit this checkpoint: the same feature config and label map always (else
     ManifestMismatch), the very dataset it was trained on (manifest.dataset_id) unless
@@ -145,13 +160,70 @@ def check_dataset(ckpt: dict, manifest, what: str, *, allow_other_dataset: bool 
     )
 
 
-def build_model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu"):
-    """(model in eval mode, ModelConfig) from a loaded checkpoint."""
-    from spkr.config import from_dict
-    from spkr.models import build_model
-    from spkr.models.config import ModelConfig
+def inference_config(ckpt: dict, device: str | torch.device = "cpu", backend: str = "auto"):
+    """The checkpoint's ModelConfig with the Mamba backend to run it with on ``device``.
 
+    The backend (model_config "backend": torch | mamba_ssm | auto) only picks the scan kernel; both run
+    the same parameters (spkr.models.mamba), so this is the one place that chooses it for inference,
+    whatever the checkpoint was trained with: ``backend="auto"`` (default) = mamba_ssm's kernels when
+    ``device`` is CUDA and they import, else the pure-torch scan -- a mamba_ssm-trained checkpoint
+    evaluates on CPU, a torch-trained one uses the kernels on a GPU. ``"torch"`` forces the pure-torch
+    scan; ``"mamba_ssm"`` insists on the kernels (BackendUnavailable where they cannot run). The
+    returned ``backend`` is concrete: "torch" | "mamba_ssm"."""
+    import dataclasses
+
+    from spkr.config import from_dict
+    from spkr.models.config import ModelConfig
+    from spkr.models.mamba import check_backend, resolve_backend
+
+    check_backend(backend)
     cfg = from_dict(ModelConfig, ckpt["model_config"], "checkpoint model_config")
+    return dataclasses.replace(cfg, backend=resolve_backend(backend, torch.device(device)))
+
+
+def build_model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu", backend: str = "auto"):
+    """(model in eval mode on ``device``, the ModelConfig it was built with) from a loaded checkpoint,
+    on any device, with the backend :func:`inference_config` picks (``model.backend_name()``)."""
+    from spkr.models import build_model
+
+    cfg = inference_config(ckpt, device, backend)
     model = build_model(cfg, ckpt["feature_config"]["n_mels"], len(ckpt["labels"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), cfg
+
+
+def describe_backend(ckpt: dict, device: str | torch.device) -> str:
+    """One line for logs: the device and Mamba backend a checkpoint runs with there (as built by
+    :func:`build_model_from_checkpoint`) and the backend it was trained with."""
+    cfg = inference_config(ckpt, device)
+    used = "none (transformer)" if cfg.arch == "transformer" else cfg.backend
+    trained = ckpt.get("backend") or ckpt["model_config"].get("backend")
+    return f"device {torch.device(device)}, backend {used} (checkpoint trained with backend {trained})"
+
+
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """The torch.device for a ``--device`` option: None / "auto" = cuda when available, else cpu.
+    A device this machine does not have is a one-line ValueError (CLIs exit with code 2)."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name}: not a device (cpu, cuda, cuda:N, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+            raise ValueError(
+                f"--device {name}: CUDA is not available here (torch {built}, no GPU); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        try:  # a real round trip: a backend torch lacks raises, so does "meta" (no data)
+            torch.zeros(1, device=device).cpu()
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
+            raise ValueError(f"--device {name}: not available here ({first})") from None
+    return device

@@ -258,6 +258,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-pairs", type=int, default=200_000, help="trial pairs cap (0 = all pairs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the trial sample")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="fp32")
+    p.add_argument(
+        "--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available, else cpu)"
+    )
     p.add_argument("--no-verification", action="store_true", help="only loss/accuracy")
     add_storage_options(p)
     p.add_argument("--out", default=None, help="JSON output (default: <checkpoint dir>/eval-<split>.json)")
@@ -284,10 +287,14 @@ def evaluate_checkpoint(
     model=None,
     allow_other_dataset: bool = False,
     warn=lambda msg: print(f"[evaluate] {msg}", file=sys.stderr),
+    device: str | torch.device | None = None,
 ) -> dict:
     """Accuracy (and verification) of a checkpoint on one split of its own training dataset (another
-    one only with ``allow_other_dataset``, with a warning), normalised with the checkpoint's statistics."""
-    from spkr.checkpoint import build_model_from_checkpoint, check_dataset
+    one only with ``allow_other_dataset``, with a warning), normalised with the checkpoint's statistics.
+    Runs on ``device`` (None: cuda when available, else cpu; with ``model`` given: that model's device)
+    with the Mamba backend for that device, whichever one the checkpoint was trained with
+    (:func:`spkr.checkpoint.build_model_from_checkpoint`); the result names both."""
+    from spkr.checkpoint import build_model_from_checkpoint, check_dataset, resolve_device
     from spkr.stream.loader import SpeakerLoader
 
     loader = SpeakerLoader(
@@ -309,9 +316,13 @@ def evaluate_checkpoint(
     if warning:
         warn(warning)
     if model is None:
-        model, _ = build_model_from_checkpoint(ckpt)
-    sums = run_split(model, loader, torch.device("cpu"), amp_dtype, embeddings=verify)
+        device = resolve_device(device)
+        model, _ = build_model_from_checkpoint(ckpt, device)
+    else:
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+    sums = run_split(model, loader, device, amp_dtype, embeddings=verify)
     res = {"split": split, "dataset_id": loader.manifest.dataset_id, "same_dataset": warning is None}
+    res["device"], res["backend"] = str(device), model.backend_name()
     res.update(summarise(sums))
     if verify:
         res["verification"] = verification(sums["emb"], sums["labels"], max_pairs, seed)
@@ -320,12 +331,13 @@ def evaluate_checkpoint(
 
 def main(argv=None) -> int:
     from spkr import storage
-    from spkr.checkpoint import CheckpointError
+    from spkr.checkpoint import CheckpointError, describe_backend, resolve_device
     from spkr.checkpoint import load as load_ckpt
     from spkr.manifest import ManifestError
 
     args = parse_args(argv)
     try:
+        device = resolve_device(args.device)
         torch.set_num_threads(max(1, torch.get_num_threads()))
         ckpt = load_ckpt(args.checkpoint)
         shards = args.shards or ckpt.get("shards")
@@ -345,6 +357,7 @@ def main(argv=None) -> int:
             seed=args.seed,
             amp_dtype=amp,
             allow_other_dataset=args.allow_other_dataset,
+            device=device,
         )
     except (CheckpointError, ManifestError, ValueError, FileNotFoundError, OSError) as e:
         print(f"[evaluate] error: {e}", file=sys.stderr)
@@ -360,6 +373,7 @@ def main(argv=None) -> int:
         v = res["verification"]
         line += f"  EER {100 * v['eer']:.2f}%  minDCF(0.01) {v['min_dcf']:.4f} ({v['trials']} trials)"
     print(line)
+    print(f"[evaluate] {describe_backend(ckpt, device)}")
     print(f"[evaluate] written {out}")
     return 0
 

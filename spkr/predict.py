@@ -22,13 +22,17 @@ import torch
 class Predictor:
     """A loaded checkpoint ready to score waveforms/files."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu", feature_backend: str = "auto"):
-        from spkr.checkpoint import build_model_from_checkpoint
+    def __init__(
+        self, checkpoint: str | Path, device: str | torch.device | None = None, feature_backend: str = "auto"
+    ):
+        """``device``: None = cuda when available, else cpu. The Mamba backend is the one for that
+        device (``self.model.backend_name()``), whichever the checkpoint was trained with."""
+        from spkr.checkpoint import build_model_from_checkpoint, resolve_device
         from spkr.checkpoint import load as load_ckpt
         from spkr.features import FeatureConfig, LogMel
 
+        self.device = resolve_device(device)
         self.ckpt = load_ckpt(checkpoint)
-        self.device = torch.device(device)
         self.model, self.model_cfg = build_model_from_checkpoint(self.ckpt, self.device)
         self.labels: list[str] = list(self.ckpt["labels"])
         self.feature_config = FeatureConfig.from_dict(self.ckpt["feature_config"])
@@ -76,12 +80,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--embed", default=None, help="write the embeddings here (.npy, (N, E) float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object per file instead of text")
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available, else cpu)"
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    from spkr.checkpoint import CheckpointError
+    from spkr.checkpoint import CheckpointError, describe_backend
     from spkr.features import AudioError
 
     args = parse_args(argv)
@@ -102,6 +108,7 @@ def main(argv=None) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             np.save(out, np.stack(embs).astype(np.float32), allow_pickle=False)
             print(f"[predict] embeddings {tuple(np.stack(embs).shape)} written to {out}", file=sys.stderr)
+        print(f"[predict] {len(embs)} file(s): {describe_backend(pred.ckpt, pred.device)}", file=sys.stderr)
     except (AudioError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"[predict] error: {e}", file=sys.stderr)
         return 2

@@ -15,10 +15,13 @@ process, spkr does not turn it on by itself: ``SPKR_HUGEPAGES=1`` makes ``import
 :func:`configure` before anything imports torch) set ``THP_MEM_ALLOC_ENABLE=1`` as a default; exporting
 ``THP_MEM_ALLOC_ENABLE=1`` yourself works too. PyTorch reads the variable once, at its first allocation,
 so it must be set before torch is imported. ``tools/bench_*.py`` print the setting they ran with (:func:`describe`).
+
+:func:`configure` also drops one spurious warning of CPU runs (:func:`quiet_cuda_home_warning`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -26,9 +29,34 @@ THP_ENV = "THP_MEM_ALLOC_ENABLE"
 
 
 def configure() -> None:
-    """With ``SPKR_HUGEPAGES=1``: PyTorch's huge-page allocation for this process and its children."""
+    """Process-level settings, run by ``import spkr``: with ``SPKR_HUGEPAGES=1``, PyTorch's huge-page
+    allocation for this process and its children; always :func:`quiet_cuda_home_warning`."""
     if os.environ.get("SPKR_HUGEPAGES") == "1" and "torch" not in sys.modules:
         os.environ.setdefault(THP_ENV, "1")
+    quiet_cuda_home_warning()
+
+
+CUDA_HOME_WARNING = "No CUDA runtime is found, using CUDA_HOME="
+
+
+class _NoCudaHomeWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(CUDA_HOME_WARNING))
+
+
+def quiet_cuda_home_warning() -> None:
+    """Drop exactly torch's "No CUDA runtime is found, using CUDA_HOME=..." log line (nothing else).
+
+    On a machine without a GPU but with a CUDA toolkit in sight (``nvcc`` on PATH, ``/usr/local/cuda``
+    or ``CUDA_HOME``) and a CUDA build of torch, ``torch.utils.cpp_extension`` logs it when imported,
+    which torch.compile's CPU backend does to find torch's C++ headers (inductor's
+    ``cpp_builder._get_torch_related_args``): every compiled CPU run printed it once per rank. spkr
+    builds no CUDA extension, so the line says nothing about the run; it cannot be avoided at the
+    source (inductor needs that module for CPU code), so a filter on that module's logger drops the
+    one message. Installed without importing torch; idempotent."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaHomeWarning) for f in log.filters):
+        log.addFilter(_NoCudaHomeWarning())
 
 
 def thp_mode() -> str:

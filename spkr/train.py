@@ -1,8 +1,14 @@
 """Train a speaker classifier from log-mel shards — one file, nanoGPT style.
 
-    python -m spkr.train --shards shards/demo --config configs/tiny.toml --out runs/demo
+    torchrun -m spkr.train --shards shards/train.960          # -> runs/train.960, the device's default config
+    python -m spkr.train --shards shards/demo --config tiny --out runs/demo
     torchrun --nproc_per_node 2 -m spkr.train --shards shards/demo --config configs/tiny.toml --out runs/demo
     torchrun --nnodes 2 --nproc_per_node 8 ... -m spkr.train --shards s3://bucket/train.960 ...
+
+Without ``--out`` the run directory is ``runs/<last part of --shards>``, or the next free
+``runs/<name>-N`` when that one already holds a run; without ``--config`` the config is the bundled
+``mamba-ssm`` on CUDA with the mamba_ssm kernels, else ``mamba-torch`` (``--config`` takes a file or a
+bundled config's name: ``tiny``, ``mamba2-torch`` ...).
 
 DDP is on when torchrun's environment is present (RANK/WORLD_SIZE/LOCAL_RANK): nccl on GPUs, gloo on
 CPU. Settings come from the config file's ``[train]`` table (:class:`TrainConfig`), then from the
@@ -10,15 +16,16 @@ command line (one flag per field, ``--batch-size 64``, ``--no-compile``, ``--dty
 
 Loop: AdamW, linear warmup + cosine decay per optimizer step, gradient accumulation (DDP ``no_sync``
 on the non-final micro-steps), class-weighted cross-entropy (the manifest's class weights), gradient
-clipping, autocast (bf16 on CPU and on GPUs that have it, else fp16 + GradScaler), torch.compile.
+clipping, autocast (bf16 on CPU and on GPUs that have it, else fp16 + GradScaler), torch.compile
+(``compile = "auto"``: on CUDA only).
 Every epoch: ``valid`` loss/accuracy (each sample exactly once over the ranks, sums all-reduced once),
 ``<out>/ckpt-epochNNN.pt`` and ``<out>/last.pt``; every ``--ckpt-every`` steps ``<out>/last.pt``. At the
 end: ``test`` loss/accuracy and verification EER/minDCF. Metrics: ``<out>/metrics.jsonl`` (rank 0).
 
 Resume: ``--resume``, or automatically when torchrun restarts the job (TORCHELASTIC_RESTART_COUNT > 0)
-or ``<out>/last.pt`` exists (``--fresh`` ignores it): model, optimizer, schedule, scaler, RNG and every
-rank's loader position are restored, so training continues mid-epoch with exactly the samples not yet
-consumed.
+or an explicit ``--out`` holds ``last.pt`` (``--fresh`` ignores it): model, optimizer, schedule, scaler,
+RNG and every rank's loader position are restored, so training continues mid-epoch with exactly the
+samples not yet consumed.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import datetime
 import json
 import math
 import os
+import re
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -50,6 +59,7 @@ from spkr.checkpoint import (
     save_atomic,
     set_rng_state,
     to_plain,
+    weights_fingerprint,
 )
 from spkr.checkpoint import load as load_checkpoint
 from spkr.config import ConfigError, add_storage_options, from_dict, load_toml, to_dict
@@ -83,7 +93,7 @@ class TrainConfig:
     num_workers: int = 2  # DataLoader workers per rank
     seed: int = 0
     dtype: str = "auto"  # "auto" | "bf16" | "fp16" | "fp32" (autocast dtype; auto = bf16 if supported)
-    compile: bool = True  # torch.compile the training model
+    compile: bool | str = "auto"  # torch.compile the training model: true | false | "auto" (CUDA only)
     ckpt_every: int = 0  # also write last.pt every N optimizer steps (0 = only at epoch ends)
     log_every: int = 10  # steps between metrics lines
     eval_every: int = 1  # validate every N epochs (and after the last)
@@ -92,6 +102,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            raise ValueError(f'compile must be true, false or "auto", got {self.compile!r}')
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -156,6 +168,270 @@ class TrainError(RuntimeError):
     """A problem the user can fix (bad input, incompatible checkpoint); printed without a traceback."""
 
 
+# --------------------------------------------------------------------------- configs, compile, run directory
+
+RUNS_ROOT = Path("runs")  # default run directories: runs/<name of --shards>[-N], relative to the cwd
+RUN_MARKER = "run.json"  # written first into a default run directory: which job claimed it
+
+
+def compile_setting(text: str) -> bool | str:
+    """``type=`` of ``--compile [auto|true|false]``."""
+    v = text.strip().lower()
+    if v == "auto":
+        return "auto"
+    if v in ("true", "on", "yes", "1"):
+        return True
+    if v in ("false", "off", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}")
+
+
+# CPU: torch.compile trains the demo config 1.23x (cold inductor cache) - 1.29x (warm) faster, but the
+# first step comes 191 s later with a cold cache (26 s warm) on 2 cores (tools/bench_train.py; README):
+# it pays back after ~40k training samples with a cold cache. "auto" compiles on CPU from this many.
+CPU_COMPILE_MIN_SAMPLES = 50_000
+
+
+def resolve_compile(
+    setting: bool | str, device: torch.device, planned_samples: int | None = None
+) -> tuple[bool, str]:
+    """(compile or not, why). "auto": on for CUDA; on CPU only when the run trains on at least
+    CPU_COMPILE_MIN_SAMPLES samples (``planned_samples``), where the compile time pays back."""
+    if setting != "auto":
+        return bool(setting), "as configured"
+    if device.type == "cuda":
+        return True, "auto: on for CUDA"
+    if planned_samples is not None and planned_samples >= CPU_COMPILE_MIN_SAMPLES:
+        return True, f"auto: on for CPU, {planned_samples} training samples repay the compile time"
+    return False, (
+        f"auto: off on CPU for {planned_samples if planned_samples is not None else 'an unknown number of'} "
+        f"training samples (a cold compile takes minutes; it pays back from ~{CPU_COMPILE_MIN_SAMPLES})"
+    )
+
+
+def wants_cuda(device_arg: str | None) -> bool:
+    """Whether the run will use CUDA (``--device``, else whether a GPU is visible)."""
+    return torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
+
+
+def bundled_configs_dir() -> Path:
+    """The configs shipped inside the package (spkr/configs/; the repo's top-level ``configs`` is a
+    symlink to it, so an edit there is what an editable install reads)."""
+    return Path(__file__).resolve().parent / "configs"
+
+
+def bundled_configs() -> dict[str, Path]:
+    """{name: path} of the bundled configs (``tiny`` -> .../spkr/configs/tiny.toml)."""
+    d = bundled_configs_dir()
+    return {p.stem: p for p in sorted(d.glob("*.toml"))} if d.is_dir() else {}
+
+
+def resolve_config(spec: str) -> Path:
+    """A ``--config`` value as a file: an existing path as given, else the bundled config of that name
+    (``tiny``, ``mamba2-torch``, ``tiny.toml``). Otherwise a ConfigError listing the bundled names."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    available = bundled_configs()
+    name = spec[: -len(".toml")] if spec.endswith(".toml") else spec
+    if "/" not in spec and os.sep not in spec and name in available:
+        return available[name]
+    what = "is a directory" if path.is_dir() else "no such file"
+    names = ", ".join(available) or "none found"
+    raise ConfigError(
+        f"--config {spec}: {what}, and no bundled config of that name (bundled: {names}, in {bundled_configs_dir()})"
+    )
+
+
+def default_config(device_arg: str | None) -> tuple[str, str]:
+    """(bundled config name, why) used without ``--config``: mamba-ssm where its CUDA kernels run,
+    else the pure-PyTorch Mamba-1 with the same weights, mamba-torch."""
+    if not wants_cuda(device_arg):
+        return "mamba-torch", "default for cpu; mamba-ssm needs CUDA"
+    from spkr.models import mamba_ssm_available
+
+    why = mamba_ssm_available()
+    if why is None:
+        return "mamba-ssm", "default for cuda with the mamba_ssm kernels"
+    return "mamba-torch", f"default for cuda without mamba_ssm: {why}"
+
+
+def config_source(args) -> tuple[Path, str]:
+    """(config file, log line) for ``args``: ``--config`` resolved, else :func:`default_config`."""
+    if args.config is not None:
+        path = resolve_config(args.config)
+        return path, f"config: {args.config}" + ("" if str(path) == args.config else f" ({path})")
+    name, why = default_config(args.device)
+    path = bundled_configs().get(name)
+    if path is None:
+        raise ConfigError(f"default config {name!r} missing from {bundled_configs_dir()}; use --config")
+    return path, f"config: {name} ({why}; {path}; --config NAME|FILE picks another)"
+
+
+def shards_name(shards: str) -> str:
+    """The default run name of a shards location: its last path component (``shards/train.960`` ->
+    ``train.960``, ``s3://bucket/sets/train.960/`` -> ``train.960``, ``s3://bucket`` -> ``bucket``)."""
+    s = str(shards).rstrip("/") or str(shards)
+    if storage.is_url(s):
+        from urllib.parse import urlsplit
+
+        u = urlsplit(s)
+        name = u.path.rstrip("/").rsplit("/", 1)[-1] or u.netloc
+    else:
+        name = Path(os.path.abspath(s or ".")).name  # "." -> the directory's own name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "run"
+
+
+def _job_identity() -> dict:
+    """What a torchrun restart of this job has in common with its first attempt: the rendezvous run id
+    (a fresh uuid per single-node torchrun) and the agent (host, pid) that spawns this worker."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    return {"run_id": run_id, "agent": f"{socket.gethostname()}:{os.getppid()}" if run_id else None}
+
+
+def _same_job(run_dir: Path, me: dict) -> bool:
+    """Whether ``run_dir`` was claimed by an earlier attempt of this torchrun job."""
+    if not me["run_id"]:
+        return False
+    try:
+        marker = json.loads((run_dir / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(marker, dict) or marker.get("run_id") != me["run_id"]:
+        return False
+    # torchrun's default --rdzv-id on several nodes is the literal "none": then the agent must match too
+    return me["run_id"] != "none" or marker.get("agent") == me["agent"]
+
+
+def _runs_of(base: Path) -> list[Path]:
+    """Existing run directories ``base``, ``base-2``, ``base-3`` ... in that order."""
+    pattern = re.compile(re.escape(base.name) + r"(?:-(\d+))?")
+    found = []
+    if base.parent.is_dir():
+        for p in base.parent.iterdir():
+            m = pattern.fullmatch(p.name)
+            if m and p.is_dir() and (m.group(1) is None or int(m.group(1)) >= 2):
+                found.append((int(m.group(1) or 1), p))
+    return [p for _, p in sorted(found)]
+
+
+def _claim(run_dir: Path, marker: dict, take_over: bool = False) -> bool:
+    """Make ``run_dir`` this job's: True if it is new or empty (or ``take_over``) and no other process
+    claimed it first (the marker is created exclusively)."""
+    if run_dir.exists() and not take_over:
+        if not run_dir.is_dir() or any(run_dir.iterdir()):
+            return False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(marker, indent=1) + "\n").encode()
+    if take_over:
+        from spkr.atomic import write_bytes
+
+        write_bytes(run_dir / RUN_MARKER, data)
+        return True
+    try:
+        with open(run_dir / RUN_MARKER, "xb") as f:
+            f.write(data)
+    except FileExistsError:
+        return False
+    return True
+
+
+def decide_run_dir(args, restart: int) -> tuple[Path, bool, list[str]]:
+    """(run directory, resume, log lines); rank 0 decides, the other ranks receive the result.
+
+    ``--out DIR``: that directory; resume with ``--resume`` (an error without ``DIR/last.pt``), after a
+    torchrun restart, or whenever ``DIR/last.pt`` exists, unless ``--fresh``.
+
+    Without ``--out``: ``runs/<name of --shards>`` when it is new or empty, else the next free
+    ``runs/<name>-N`` (a second run never writes into another's directory). ``--resume`` continues
+    the latest of them that has a ``last.pt``. A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0)
+    returns to the directory its first attempt claimed (``run.json`` names the job) and resumes
+    from its ``last.pt`` if one was written.
+    """
+    if args.out is not None:
+        out = Path(args.out)
+        last = out / "last.pt"
+        if args.resume and not last.exists():
+            raise TrainError(f"--resume: no checkpoint at {last}")
+        resume = not args.fresh and (args.resume or restart > 0 or last.exists())
+        if restart > 0 and not last.exists():
+            resume = False  # restarted before the first checkpoint: start over
+        return out, resume, [f"run dir {out}"]
+
+    base = RUNS_ROOT / shards_name(args.shards)
+    me = _job_identity()
+    marker = {"shards": str(args.shards), **me, "time": time.time()}
+    runs = _runs_of(base)
+    if restart > 0:
+        for d in reversed(runs):
+            if _same_job(d, me):
+                resume = (d / "last.pt").exists()
+                return d, resume, [f"run dir {d} (torchrun restart {restart} of the job that started it)"]
+    if args.resume:
+        with_ckpt = [d for d in runs if (d / "last.pt").exists()]
+        if not with_ckpt:
+            raise TrainError(
+                f"--resume: no run directory {base} or {base}-N holds a checkpoint (last.pt); "
+                "--out DIR names the run to resume"
+            )
+        out = with_ckpt[-1]
+        _claim(out, marker, take_over=True)  # a torchrun restart of this job finds it again
+        return out, True, [f"run dir {out} (--resume: the latest run of {base.name} with a checkpoint)"]
+    n = 1
+    while True:
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        if _claim(out, marker):
+            break
+        n += 1
+    args.run_claim = (out, marker)  # released by main() if the run fails before writing anything
+    notes = [f"run dir {out} (default for --shards {args.shards}: runs/<its name>; --out DIR picks another)"]
+    if out != base:
+        notes.append(
+            f"{base} already holds a run, so this one goes to {out} (--resume continues the latest run "
+            "instead, --out DIR picks a directory)"
+        )
+    return out, False, notes
+
+
+def release_unused_run_dir(args) -> None:
+    """Remove the default run directory this process claimed if nothing but its own ``run.json`` was
+    written (the run failed at start, e.g. on the manifest): the next attempt gets that name again."""
+    claim = getattr(args, "run_claim", None)
+    if claim is None:
+        return
+    out, marker = claim
+    args.run_claim = None
+    try:
+        unused = [p.name for p in out.iterdir()] == [RUN_MARKER]
+        if unused and json.loads((out / RUN_MARKER).read_text()) == marker:
+            (out / RUN_MARKER).unlink()
+            out.rmdir()
+    except (OSError, ValueError):
+        pass
+
+
+def agree_on_run_dir(args, restart: int, ddp: bool, master: bool) -> tuple[Path, bool, list[str]]:
+    """:func:`decide_run_dir` on rank 0, broadcast to every rank (they could race each other to the
+    directory otherwise); an error there is raised on every rank."""
+    decision = None
+    if master:
+        try:
+            out, resume, notes = decide_run_dir(args, restart)
+            decision = (str(out), resume, notes, None)
+        except TrainError as e:
+            decision = (None, False, [], str(e))
+        except OSError as e:
+            decision = (None, False, [], f"run directory: {e}")
+    if ddp:
+        box = [decision]
+        dist.broadcast_object_list(box, src=0)
+        decision = box[0]
+    out, resume, notes, error = decision
+    if error is not None:
+        raise TrainError(error)
+    return Path(out), resume, notes
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m spkr.train",
@@ -163,9 +439,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--shards", required=True, help="shards directory or URL (s3://bucket/prefix)")
-    p.add_argument("--config", default=None, help="TOML config with [model] and [train] tables")
-    p.add_argument("--out", default=None, help="run directory (checkpoints, metrics.jsonl)")
-    p.add_argument("--resume", action="store_true", help="resume from <out>/last.pt (error if absent)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="TOML config with [model] and [train] tables: a file, or the name of a bundled config ("
+        + ", ".join(bundled_configs())
+        + "). Default: mamba-ssm on CUDA when mamba_ssm imports, else mamba-torch",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="run directory (checkpoints, metrics.jsonl). Default: runs/<last part of --shards>, or the "
+        "next free runs/<name>-N when that one already holds a run",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume from <out>/last.pt (error if absent); without --out: the latest run of "
+        "runs/<name>[-N] that has a checkpoint",
+    )
     p.add_argument("--fresh", action="store_true", help="start over even if <out>/last.pt exists")
     add_storage_options(p)
     p.add_argument(
@@ -183,12 +475,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0,
         metavar="N",
         help="pause after optimizer step N: write <out>/last.pt and exit unfinished (the schedule is "
-        "unchanged); run again with the same --out to continue exactly where it stopped",
+        "unchanged); run again with the same --out (or with --resume) to continue exactly where it stopped",
     )
     g = p.add_argument_group("[train] overrides (default: the config file, else the value shown)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        if f.name == "compile":  # --compile [auto|true|false], --no-compile
+            g.add_argument(
+                flag, dest=f.name, nargs="?", const=True, type=compile_setting, default=None,
+                metavar="auto|true|false", help='(default "auto": on for CUDA, off on CPU)',
+            )  # fmt: skip
+            g.add_argument("--no-compile", dest=f.name, action="store_const", const=False)
+        elif f.type in ("bool", bool):
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
         elif f.name == "dtype":
             g.add_argument(flag, dest=f.name, choices=("auto", "bf16", "fp16", "fp32"), default=None)
@@ -196,26 +494,31 @@ def parse_args(argv=None) -> argparse.Namespace:
             typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
             g.add_argument(flag, dest=f.name, type=typ, default=None, help=f"(default {f.default})")
     args = p.parse_args(argv)
-    if args.out is None and not args.data_only:
-        p.error("--out is required")
+    if args.config is not None:
+        try:
+            resolve_config(args.config)
+        except ConfigError as e:
+            p.error(str(e))
     return args
 
 
 def load_configs(args):
-    """(ModelConfig, TrainConfig) from --config and the command-line overrides."""
+    """(ModelConfig, TrainConfig) from --config (default: :func:`config_source`) and the command-line
+    overrides."""
     from spkr.models.config import ModelConfig
 
-    data = load_toml(args.config) if args.config else {}
+    path, _ = config_source(args)
+    data = load_toml(path)
     unknown = sorted(set(data) - {"model", "train"})
     if unknown:
-        raise ConfigError(f"{args.config}: unknown table(s) {unknown} (known: ['model', 'train'])")
-    model_cfg = from_dict(ModelConfig, data.get("model"), f"{args.config} [model]")
+        raise ConfigError(f"{path}: unknown table(s) {unknown} (known: ['model', 'train'])")
+    model_cfg = from_dict(ModelConfig, data.get("model"), f"{path} [model]")
     train_dict = dict(data.get("train") or {})
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name)
         if v is not None:
             train_dict[f.name] = v
-    train_cfg = from_dict(TrainConfig, train_dict, f"{args.config or 'command line'} [train]")
+    train_cfg = from_dict(TrainConfig, train_dict, f"{path} [train]")
     return model_cfg, train_cfg
 
 
@@ -228,7 +531,7 @@ def setup_distributed(device_arg: str | None):
         and int(os.environ.get("WORLD_SIZE", 1)) >= 1
         and "MASTER_ADDR" in os.environ
     )
-    use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
+    use_cuda = wants_cuda(device_arg)
     if ddp:
         rank, world, local = (
             int(os.environ["RANK"]),
@@ -264,12 +567,30 @@ def setup_distributed(device_arg: str | None):
     return ddp, rank, world, local, device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+def cpu_has_native_bf16() -> bool:
+    """x86 AVX512-BF16 / AMX-BF16 or the Arm ``bf16`` feature (from /proc/cpuinfo). Elsewhere autocast
+    emulates bf16: the tiny model's fwd+bwd ran 2.3-3x slower than fp32 on an AVX2-only Zen 3."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("flags", "Features"))]
+    except OSError:
+        return False
+    flags = {flag for ln in lines for flag in ln.split(":", 1)[-1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """(autocast dtype, why): "auto" is bf16 where the device computes it natively (CUDA with bf16,
+    CPUs with AVX512-BF16/AMX), fp16 + GradScaler on older GPUs, fp32 on other CPUs."""
+    if name != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name], "as configured"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: the GPU supports bf16"
+        return torch.float16, "auto: the GPU has no bf16"
+    if cpu_has_native_bf16():
+        return torch.bfloat16, "auto: the CPU has native bf16 (AVX512-BF16/AMX)"
+    return torch.float32, "auto: the CPU has no native bf16 (it would be emulated, ~2-3x slower)"
 
 
 def all_reduce_sums(values: list[float], device, ddp: bool) -> list[float]:
@@ -405,6 +726,17 @@ def evaluate_distributed(
     return res
 
 
+def measured(raw_model, manifest, amp_dtype) -> dict:
+    """The fields of a valid/test row of metrics.jsonl that say what it measured: the dataset, the
+    exact weights (``weights_fingerprint`` of the state dict; the checkpoint written next holds the
+    same) and the autocast dtype. ``chart_losses`` reuses a row for a checkpoint only when they match."""
+    return {
+        "dataset_id": manifest.dataset_id,
+        "weights": weights_fingerprint(raw_model.state_dict()),
+        "eval_dtype": str(amp_dtype or torch.float32).replace("torch.", ""),
+    }
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -429,6 +761,7 @@ def main(argv=None) -> int:
     except (TrainError, ConfigError, ManifestError, CheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"[train] error: {e}") from None
     finally:
+        release_unused_run_dir(args)
         if dist.is_available() and dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
@@ -437,25 +770,22 @@ def main(argv=None) -> int:
 def train(args) -> int:
     t_start = time.time()
     model_cfg, cfg = load_configs(args)
+    _, config_note = config_source(args)
     opts = storage.storage_options_from_env(args.storage_options)
     check_shards(args.shards, opts)
-    out = Path(args.out)
-
-    # ------------------------------------------------------------ resume decision (before DDP init)
-    last = out / "last.pt"
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if args.resume and not last.exists():
-        raise TrainError(f"--resume: no checkpoint at {last}")
-    resume = not args.fresh and (args.resume or restart > 0 or last.exists())
-    if restart > 0 and not last.exists():
-        resume = False  # restarted before the first checkpoint: start over
 
     ddp, rank, world, local_rank, device = setup_distributed(args.device)
     master = rank == 0
+    # ------------------------------------------------------------ run directory and resume decision
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    out, resume, run_notes = agree_on_run_dir(args, restart, ddp, master)
+    last = out / "last.pt"
     out.mkdir(parents=True, exist_ok=True)
-    amp_dtype = resolve_dtype(cfg.dtype, device)
+    amp_dtype, dtype_reason = resolve_dtype(cfg.dtype, device)
     use_scaler = amp_dtype == torch.float16
     logger = Logger(out, master, progress=not args.no_progress)
+    for line in (*run_notes, config_note):
+        logger.log(line)
     torch.manual_seed(cfg.seed + rank)
     np.random.seed((cfg.seed + rank) % 2**32)
 
@@ -474,16 +804,16 @@ def train(args) -> int:
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
+    planned = total_steps * cfg.grad_accum * cfg.batch_size * world
+    use_compile, compile_reason = resolve_compile(cfg.compile, device, planned)
 
     # ------------------------------------------------------------ model, optimizer, schedule
     from spkr.models import build_model
 
     raw_model = build_model(model_cfg, n_mels, len(labels)).to(device)
     n_params = sum(p.numel() for p in raw_model.parameters())
-    decay = [p for n, p in raw_model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in raw_model.named_parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        raw_model.param_groups(cfg.weight_decay),  # the model's: norms, biases, A_log, D not decayed
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         fused=device.type == "cuda",
@@ -514,7 +844,13 @@ def train(args) -> int:
                 f"cannot resume {last} mid-epoch with world size {world}: it was written by {ckpt['world_size']} ranks"
             )
         raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:  # e.g. Mamba-1's A_log moved to the no-decay group (issue 13)
+            raise TrainError(
+                f"cannot resume from {last}: its optimizer parameter groups differ from this model's "
+                f"weight-decay groups ({e}); start over with --fresh"
+            ) from None
         scheduler.load_state_dict(ckpt["scheduler"])
         if use_scaler and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
@@ -531,7 +867,7 @@ def train(args) -> int:
         del ckpt
 
     model = raw_model
-    if cfg.compile:
+    if use_compile:
         model = torch.compile(model, dynamic=True)  # crops and eval vary T: one graph, no recompiles
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -541,8 +877,8 @@ def train(args) -> int:
     dropped = train_loader.dropped
     logger.log(
         f"world size {world} ({'DDP ' + dist.get_backend() if ddp else 'single process'}), device {device}, "
-        f"backend {raw_model.backend_name()}, compile {'on' if cfg.compile else 'off'}, "
-        f"dtype {str(amp_dtype).replace('torch.', '')}{' + GradScaler' if use_scaler else ''}, "
+        f"backend {raw_model.backend_name()}, compile {'on' if use_compile else 'off'} ({compile_reason}), "
+        f"dtype {str(amp_dtype).replace('torch.', '')}{' + GradScaler' if use_scaler else ''} ({dtype_reason}), "
         f"{n_params / 1e6:.2f}M params, {len(labels)} classes"
     )
     logger.log(
@@ -559,7 +895,7 @@ def train(args) -> int:
                 "shards": str(args.shards),
                 "world_size": world,
                 "backend": raw_model.backend_name(),
-                "compile": cfg.compile,
+                "compile": use_compile,
                 "dtype": str(amp_dtype).replace("torch.", ""),
                 "dropped": dropped,
                 "params": n_params,
@@ -724,7 +1060,10 @@ def train(args) -> int:
         ):
             valid_loader.set_epoch(epoch)
             res = evaluate_distributed(raw_model, valid_loader, device, amp_dtype, ddp)
-            logger.metrics({"kind": "valid", "time": time.time(), "epoch": epoch, "step": step, **res})
+            row = {"kind": "valid", "time": time.time(), "epoch": epoch, "step": step, **res}
+            if master:  # what was measured: the checkpoint written below holds these very weights
+                row.update(measured(raw_model, manifest, amp_dtype))
+            logger.metrics(row)
             logger.log(
                 f"epoch {epoch} valid: loss {res['loss']:.4f} acc {100 * res['acc']:.2f}% ({res['n']} samples)"
             )
@@ -738,7 +1077,8 @@ def train(args) -> int:
         epoch, batches_done = next_epoch, next_done
 
     if paused and not stop:
-        logger.log(f"paused after step {step} (--stop-at-step): run again with --out {out} to continue")
+        again = f"--out {out}" if args.out is not None else f"--out {out} (or --resume)"
+        logger.log(f"paused after step {step} (--stop-at-step): run again with {again} to continue")
         logger.close()
         return 0
 
@@ -748,6 +1088,7 @@ def train(args) -> int:
     emb, labs = res.pop("emb"), res.pop("labels")
     row = {"kind": "test", "time": time.time(), "epoch": epoch, "step": step, **res}
     if master:
+        row.update(measured(raw_model, manifest, amp_dtype))
         try:
             row["verification"] = verification(emb, labs, cfg.verify_pairs, cfg.seed)
         except ValueError as e:

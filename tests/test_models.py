@@ -201,3 +201,59 @@ def test_no_graph_breaks_in_model():
     mel, lengths = torch.randn(2, 24, N_MELS), torch.tensor([24, 9])
     explain = torch._dynamo.explain(model)(mel, lengths, torch.tensor([0, 1]))
     assert explain.graph_break_count == 0, explain.break_reasons
+
+
+@pytest.mark.parametrize("config", sorted(p.stem for p in (ROOT / "configs").glob("*.toml")))
+def test_param_groups_decay_only_projection_weights(config):
+    """Issue 13: the model owns its AdamW groups. Every trainable parameter is in exactly one group;
+    norms, biases and Mamba's A_log / D / dt_bias (Mamba-1's A_log is 2-D) are not decayed, projection
+    and conv weights are; an AdamW step with zero gradients leaves the no-decay ones unchanged and
+    shrinks the decayed ones by (1 - lr * weight_decay)."""
+    import copy
+
+    from spkr.models.classifier import RMSNorm
+
+    cfg = ModelConfig.from_toml(ROOT / "configs" / f"{config}.toml")
+    if cfg.arch != "transformer":
+        cfg = dataclasses.replace(cfg, backend="torch")  # mamba_ssm needs CUDA; same parameters
+    torch.manual_seed(0)
+    model = build_model(cfg, N_MELS, N_CLASSES)
+    lr, wd = 0.1, 0.5
+    groups = model.param_groups(wd)
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, wd]
+    decay = next(g for g in groups if g["weight_decay"] == wd)
+    keep = next(g for g in groups if g["weight_decay"] == 0.0)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert len(grouped) == len(set(grouped))  # in one group only ...
+    assert set(grouped) == {id(p) for p in model.parameters()}  # ... and every parameter in one
+    names = dict(model.named_parameters())
+    assert all(names[n] is p for g in groups for n, p in zip(g["param_names"], g["params"]))
+    no_decay = set(keep["param_names"])
+    for name, p in names.items():
+        last = name.rsplit(".", 1)[-1]
+        if last in ("A_log", "D", "dt_bias") or last.endswith("bias") or p.dim() < 2:
+            assert name in no_decay, name
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.LayerNorm, RMSNorm)):
+            assert all(f"{mod_name}.{n}" in no_decay for n, _ in mod.named_parameters()), mod_name
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv1d)):
+            assert f"{mod_name}.weight" in decay["param_names"], mod_name
+    if cfg.arch == "mamba":  # the bug: a 2-D A_log was decayed by a p.dim() >= 2 split
+        a_logs = [n for n in no_decay if n.endswith("A_log")]
+        assert a_logs and all(names[n].dim() == 2 for n in a_logs)
+    if cfg.arch == "transformer":
+        assert any(n.endswith("self_attn.in_proj_weight") for n in decay["param_names"])
+    # a deep copy (EMA / SWA) loses the _no_weight_decay markers but not the grouping
+    twin = copy.deepcopy(model).param_groups(wd)
+    assert [g["param_names"] for g in twin] == [g["param_names"] for g in groups]
+
+    before = {n: p.detach().clone() for n, p in names.items()}
+    opt = torch.optim.AdamW(groups, lr=lr)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in names.items():
+        if n in no_decay:
+            assert torch.equal(p.detach(), before[n]), f"{n} was decayed"
+        else:
+            assert torch.allclose(p.detach(), before[n] * (1 - lr * wd)), f"{n} was not decayed"

@@ -327,3 +327,40 @@ def test_other_split_is_refused_and_evaluation_uses_the_checkpoint_statistics(
         res = json.loads(out.read_text())
         outs.append((res["loss"], res["acc"], res["n"]))
     assert outs[0] == outs[1]
+
+
+def test_auto_dtype_follows_the_device_capability(monkeypatch):
+    """bf16 autocast only where the CPU computes bf16 natively; fp32 where it would be emulated (a
+    CPU of the other kind is simulated by the capability probe: both exist, only one is here)."""
+    import spkr.train as tr
+
+    cpu = torch.device("cpu")
+    assert tr.resolve_dtype("fp32", cpu)[0] == torch.float32
+    assert tr.resolve_dtype("bf16", cpu)[0] == torch.bfloat16
+    native = tr.cpu_has_native_bf16()
+    flags = open("/proc/cpuinfo").read()
+    assert native == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
+    assert tr.resolve_dtype("auto", cpu)[0] == (torch.bfloat16 if native else torch.float32)
+    for has, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda has=has: has)
+        dtype, why = tr.resolve_dtype("auto", cpu)
+        assert dtype == want and "auto" in why
+
+
+@pytest.mark.slow
+def test_training_uses_the_models_weight_decay_groups(tmp_path_factory):
+    """Issue 13: the optimizer of a real run is built from model.param_groups: its saved state has the
+    named groups, Mamba-1's 2-D A_log (and D, norms, biases) in the weight_decay 0 group."""
+    from spkr.checkpoint import load
+    from tests.test_evaluate import tiny_run
+
+    info = tiny_run(tmp_path_factory.getbasetemp())
+    ckpt = load(Path(info["run"]) / "last.pt")
+    groups = ckpt["optimizer"]["param_groups"]
+    wd = ckpt["train_config"]["weight_decay"]
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, wd] and wd > 0
+    no_decay = next(g for g in groups if g["weight_decay"] == 0.0)["param_names"]
+    decay = next(g for g in groups if g["weight_decay"] == wd)["param_names"]
+    assert any(n.endswith("A_log") and ckpt["model"][n].dim() == 2 for n in no_decay)
+    assert all(n.rsplit(".", 1)[-1] not in ("A_log", "D") and not n.endswith("bias") for n in decay)
+    assert "embedding.weight" in decay and sorted(no_decay + decay) == sorted(ckpt["model"])

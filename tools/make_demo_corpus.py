@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Synthesise spkr's bundled demo corpus: a small multi-speaker corpus in the LibriSpeech layout.
 
-    python tools/make_demo_corpus.py --out data/demo --speakers 16 --utts 24 --seed 0
+    python tools/make_demo_corpus.py --out data/demo --speakers 16 --utts 40 --seed 0   # the bundled one
 
 writes (replacing any previous ``<out>/LibriSpeech``)::
 
@@ -392,14 +392,18 @@ class Job:
     key: str
 
 
-def plan(n_speakers: int, utts: int, seed: int, n_heldout: int) -> tuple[list[Job], dict]:
+def plan(
+    n_speakers: int, utts: int, seed: int, n_heldout: int, n_test: int | None = None
+) -> tuple[list[Job], dict]:
+    """``n_heldout`` speakers in dev-clean and ``n_test`` (default the same) in test-clean."""
+    n_test = n_heldout if n_test is None else n_test
     voices = VOICES[:n_speakers]
     rng = np.random.default_rng([seed, 7])
     # dev/test speakers: drawn among the recorded (non-espeak) voices when possible
     order = [int(i) for i in rng.permutation(n_speakers)]
     recorded = [i for i in order if voices[i].engine != "espeak"]
     others = [i for i in order if voices[i].engine == "espeak"]
-    held = (recorded + others)[: 2 * n_heldout]
+    held = (recorded + others)[: n_heldout + n_test]
     subset_of = {i: "train-clean-100" for i in range(n_speakers)}
     for j, i in enumerate(held):
         subset_of[i] = "dev-clean" if j < n_heldout else "test-clean"
@@ -470,12 +474,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--speakers", type=int, default=16, help=f"number of speakers, 4..{len(VOICES)} (default 16)"
     )
-    ap.add_argument("--utts", type=int, default=24, help="utterances per speaker (default 24)")
+    ap.add_argument("--utts", type=int, default=40, help="utterances per speaker (default 40)")
     ap.add_argument(
         "--heldout",
         type=int,
         default=None,
         help="speakers in dev-clean and in test-clean each (default speakers//8)",
+    )
+    ap.add_argument(
+        "--heldout-test",
+        type=int,
+        default=None,
+        help="speakers in test-clean (default: 2 x --heldout); the re-split's test size is theirs x --utts",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel synthesis processes")
@@ -485,11 +495,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.utts < 2:
         ap.error("--utts must be >= 2")
     n_held = args.heldout if args.heldout is not None else max(1, args.speakers // 8)
-    if 2 * n_held >= args.speakers:
-        ap.error("--heldout too large: train-clean-100 would have no speakers")
+    n_test = args.heldout_test if args.heldout_test is not None else 2 * n_held
+    if n_held + n_test >= args.speakers:
+        ap.error("--heldout/--heldout-test too large: train-clean-100 would have no speakers")
 
     check_tools(VOICES[: args.speakers])
-    jobs, speakers = plan(args.speakers, args.utts, args.seed, n_held)
+    jobs, speakers = plan(args.speakers, args.utts, args.seed, n_held, n_test)
     out = Path(args.out)
     final = out / "LibriSpeech"
     out.mkdir(parents=True, exist_ok=True)

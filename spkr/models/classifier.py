@@ -234,6 +234,11 @@ class SpeakerClassifier(nn.Module):
         else:
             self.head = nn.Linear(cfg.embedding_dim, n_classes)
 
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups: 2-D+ weights (projections, convs, heads) decayed with
+        ``weight_decay``; norms, biases, Mamba's A_log / D / dt_bias not decayed (:func:`param_groups`)."""
+        return param_groups(self, weight_decay)
+
     def backend_name(self) -> str:
         """ "transformer", or the SSM backend used for this model's device: "torch" | "mamba_ssm"."""
         if self.cfg.arch == "transformer":
@@ -263,6 +268,50 @@ class SpeakerClassifier(nn.Module):
         if isinstance(self.head, AAMHead):
             return self.head(emb, labels)
         return self.head(emb)
+
+
+NO_DECAY_MODULES = (
+    nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, RMSNorm, nn.Embedding,
+)  # fmt: skip
+SSM_NO_DECAY = ("A_log", "D", "dt_bias")  # what Mamba1/Mamba2 mark with _no_weight_decay
+
+
+def no_weight_decay(module: nn.Module) -> set[int]:
+    """ids of the parameters of ``module`` that must not be weight-decayed: those marked
+    ``p._no_weight_decay = True`` (Mamba's A_log, D, dt_bias), every parameter of a norm or an
+    embedding (positional tables included), every bias and every other parameter with fewer than
+    2 dims. The SSM parameters of Mamba1/Mamba2 are also recognised by name, because a
+    ``copy.deepcopy`` of a model (EMA, SWA copies) drops the marker attributes."""
+    ids = set()
+    for m in module.modules():
+        own = dict(m.named_parameters(recurse=False))
+        for name, p in own.items():
+            if (
+                getattr(p, "_no_weight_decay", False)
+                or isinstance(m, NO_DECAY_MODULES)
+                or (isinstance(m, (Mamba1, Mamba2)) and name in SSM_NO_DECAY)
+                or name.endswith("bias")
+                or p.dim() < 2
+            ):
+                ids.add(id(p))
+    return ids
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer parameter groups of ``module``: [{"params": decayed, "weight_decay": weight_decay},
+    {"params": the :func:`no_weight_decay` ones, "weight_decay": 0.0}] over the trainable parameters,
+    each exactly once (shared parameters included once), in ``named_parameters`` order; empty groups
+    are left out. Each group also carries torch's optional "param_names" (saved with the optimizer state)."""
+    skip = no_weight_decay(module)
+    decay: dict[str, list] = {"params": [], "param_names": []}
+    keep: dict[str, list] = {"params": [], "param_names": []}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            group = keep if id(p) in skip else decay
+            group["params"].append(p)
+            group["param_names"].append(name)
+    groups = [{**decay, "weight_decay": weight_decay}, {**keep, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def build_model(cfg: ModelConfig, n_mels: int, n_classes: int) -> SpeakerClassifier:

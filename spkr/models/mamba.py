@@ -5,7 +5,11 @@ Mamba-2: in_proj, conv1d, dt_bias, A_log, D, norm, out_proj) so weights can be c
 
 Backends: ``"torch"`` always uses :mod:`spkr.models.ssm`; ``"mamba_ssm"`` requires the package (checked
 at construction, clear error) and CUDA tensors; ``"auto"`` uses mamba_ssm only when it imports *and* the
-input is on CUDA. ``mamba_ssm`` is imported lazily, never at module import.
+input is on CUDA. ``mamba_ssm`` is imported lazily, never at module import. The backend chooses only the
+scan kernel: both run the very same parameters of the same module (the mamba_ssm calls below take
+``dt_proj.weight`` / ``dt_proj.bias``, ``A_log``, ``D``, ``dt_bias`` exactly as the torch path does), so
+a state dict trained with one backend loads and runs with the other (spkr.checkpoint picks the backend
+for the inference device).
 
 Shapes: u (b, l, d_model) -> (b, l, d_model); the blocks are causal along l.
 """
@@ -19,11 +23,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from spkr.config import ConfigError
 from spkr.models import ssm
 
 
-class BackendUnavailable(RuntimeError):
-    """backend='mamba_ssm' was requested but cannot be used here."""
+class BackendUnavailable(ConfigError, RuntimeError):
+    """backend='mamba_ssm' was requested but cannot be used here (a ConfigError, so CLIs report it in
+    one line)."""
 
 
 @functools.lru_cache(maxsize=1)
