@@ -3,18 +3,27 @@
     python tools/bench_loader.py [--samples 1200] [--batch-size 32] [--workers 2] [--dir DIR]
 
 Writes LibriSpeech-like features (log-normal lengths, mean ~1230 frames, 80 mels, float16) three
-ways into a temp dir, then measures samples/s and MB/s per worker (one process, page cache warm) for:
+ways into a temp dir, then measures samples/s and MB/s per worker (one process, one thread, page
+cache warm, methods interleaved round by round, best of --repeats) for:
 
-  * raw read       the shard bytes read sequentially (I/O limit)
-  * lean parse     tar headers walked + npy arrays viewed, nothing else (parse limit)
+  * raw read       the shard bytes read sequentially; makes no batches (I/O limit)
+  * lean parse     tar headers walked, arrays viewed with np.frombuffer in the read buffer, no checks
   * spkr           SpeakerLoader: plan, checked parse, bucketing, normalise, pad, collate
-  * wds .pth       webdataset's usual pipeline: WebDataset(urls).decode().to_tuple() + batching,
-                   samples stored as torch.save'd tensors (``.pth``)
+  * wds .pth       WebDataset(urls).decode() of torch.save'd tensors (what its users do)
+  * wds .npy       WebDataset over spkr's own shards, np.load of each ``.mel.npy``
   * per-file .pt   the original scripts: one file per utterance, torch.load(weights_only=True)
 
-plus the steady-state spkr rate with DataLoader workers (float32 and float16 batches), padding with
-bucketing vs random batching (plan only, 28k LibriSpeech-like lengths) and the loader's RSS when the
-shard count grows 10x.
+Every method except raw read yields the SAME batches as spkr: spkr's epoch plan (same keys per
+batch, same order, no crops), the manifest's mean/std applied in one fused float32 pass
+(``torch.addcmul(shift, x, inv_std)``, as spkr's collate); each baseline's batches are compared with
+spkr's (keys, mel, lengths, labels) before it is timed, and a mismatch is an error. Only the
+read/decode path differs. Baselines other than per-file read the whole epoch before batching (no
+bucketing pool to manage, which favours them). Bucketing is reported on its own: padding and the time
+of the same collate on file-order vs spkr's bucketed batches.
+
+Also: the per-sample checksum cost, the steady-state spkr rate with DataLoader workers (float32 and
+float16 batches), padding with bucketing vs random batching (plan only, 28k LibriSpeech-like
+lengths) and the loader's RSS when the shard count grows 10x.
 """
 
 from __future__ import annotations
@@ -70,12 +79,14 @@ def write_all(root: Path, n: int, per_shard: int, seed: int = 0):
     rd = ShardReader(str(spkr_dir))
     (root / "pth").mkdir()
     (root / "files").mkdir()
-    urls = []
+    urls, keys = [], []
     for si, info in enumerate(m.split("train").shards):
         url = root / "pth" / f"shard-{si:06d}.tar"
         urls.append(str(url))
         with tarfile.open(url, "w") as tf:
+            keys.append([])
             for r in rd.read_shard(info):
+                keys[-1].append(r.key)
                 t = torch.from_numpy(np.array(r.feats))
                 buf = io.BytesIO()
                 torch.save(t, buf)
@@ -84,18 +95,38 @@ def write_all(root: Path, n: int, per_shard: int, seed: int = 0):
                     ti.size = len(payload)
                     tf.addfile(ti, io.BytesIO(payload))
                 torch.save({"mel": t, "label": r.label}, root / "files" / f"{r.key}.pt")
-    return spkr_dir, m, urls
+    return spkr_dir, m, urls, keys
 
 
-def pad_collate(feats, labels, mean, inv_std):
-    lens = torch.tensor([f.shape[0] for f in feats])
+class Batches:
+    """spkr's epoch plan (epoch 0, in-process) as what every baseline must produce: per batch the
+    (shard, index) positions and the keys, plus the normalisation exactly as spkr's collate has it."""
+
+    def __init__(self, spkr_dir, m, keys, batch):
+        ld = SpeakerLoader(str(spkr_dir), "train", batch, rank=0, world_size=1, num_workers=0)
+        self.positions = [tuple(a.tolist() for a in ld.plan.locate(b)) for b in ld.plan.batches()]
+        self.keys = [[keys[s][i] for s, i in zip(*p)] for p in self.positions]
+        mean = np.asarray(m.stats["mean"], np.float32)
+        inv_std = 1.0 / np.maximum(np.asarray(m.stats["std"], np.float32), 1e-5)
+        self.inv_std = torch.from_numpy(inv_std.astype(np.float32))
+        self.shift = -torch.from_numpy(mean) * self.inv_std
+
+
+def collate(feats, labels, keys, plan):
+    """spkr's float32 collate: zero the tail, copy (float16 -> float32), normalise in one fused pass."""
+    lens = np.array([f.shape[0] for f in feats], dtype=np.int64)
     mel = torch.empty(len(feats), int(lens.max()), N_MELS)
     for i, f in enumerate(feats):
         mel[i, f.shape[0] :] = 0
         row = mel[i, : f.shape[0]]
         row.copy_(f)
-        row.sub_(mean).mul_(inv_std)
-    return mel, lens, torch.tensor(labels)
+        torch.addcmul(plan.shift, row, plan.inv_std, out=row)
+    return {
+        "mel": mel,
+        "lengths": torch.from_numpy(lens),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "keys": list(keys),
+    }
 
 
 def timed(fn):
@@ -103,6 +134,25 @@ def timed(fn):
     n, nbytes = fn()
     dt = time.perf_counter() - t0
     return {"samples_s": n / dt, "MB_s": nbytes / dt / 1e6, "seconds": dt}
+
+
+def consume(gen, nbytes):
+    """A timed run: produce every batch of the epoch, count its samples."""
+
+    def run():
+        return sum(len(b["keys"]) for b in gen()), nbytes
+
+    return run
+
+
+def check(name, gen, ref):
+    """``gen``'s batches must equal spkr's (``ref``): keys, mel, lengths and labels, in plan order."""
+    n = 0
+    for a, b in zip(ref(), gen(), strict=True):
+        if a["keys"] != b["keys"] or not all(torch.equal(a[k], b[k]) for k in ("mel", "lengths", "labels")):
+            raise SystemExit(f"{name}: batch {n} differs from spkr's (keys, mel, lengths or labels)")
+        n += 1
+    return n
 
 
 def bench_raw(spkr_dir, m):
@@ -117,51 +167,57 @@ def bench_raw(spkr_dir, m):
     return run
 
 
-def bench_lean(spkr_dir, m, batch=None):
-    """Headers walked, npy arrays viewed, no checks; with ``batch``: plus the same padded,
-    normalised float32 batches as spkr (the floor for producing those batches)."""
-    mean = torch.tensor(m.stats["mean"])
-    inv = 1 / torch.tensor(m.stats["std"]).clamp_min(1e-5)
+def lean_read(spkr_dir, m):
+    """Per shard, in file order: (key, label, float16 tensor viewing the read buffer). Each shard is
+    read into an uninitialised buffer (np.empty + readinto), tar headers walked, no checks."""
+    out = []
+    for s in m.split("train").shards:
+        blob = np.empty(s.bytes, np.uint8)
+        mv = memoryview(blob)
+        with open(spkr_dir / s.name, "rb", buffering=0) as f:
+            got = 0
+            while got < len(blob) and (k := f.readinto(mv[got:])):
+                got += k
+        samples, label, pos = [], None, 0
+        while pos + 512 <= len(blob) and blob[pos] != 0:
+            hdr = mv[pos : pos + 512].tobytes()
+            size = int(hdr[124:136].rstrip(b"\0 ") or b"0", 8)
+            name = hdr[:100].rstrip(b"\0")
+            data = pos + 512
+            if name.endswith(b".cls"):
+                label = int(mv[data : data + size].tobytes())
+            elif name.endswith(b".mel.npy"):
+                hlen = int.from_bytes(mv[data + 8 : data + 10], "little")
+                npy = mv[data + 10 : data + 10 + hlen].tobytes().decode("latin1")
+                rows = int(npy.split("'shape': (")[1].split(",")[0])
+                a = np.frombuffer(blob, np.float16, rows * N_MELS, data + 10 + hlen)
+                samples.append((name[:-8].decode(), label, torch.from_numpy(a.reshape(rows, N_MELS))))
+            pos = data + (size + 511) // 512 * 512
+        out.append(samples)
+    return out
 
-    def run():
-        n = total = 0
-        buf = []
-        for s in m.split("train").shards:
-            blob = bytearray(s.bytes)
-            with open(spkr_dir / s.name, "rb", buffering=0) as f:
-                f.readinto(blob)
-            total += len(blob)
-            pos = 0
-            while pos + 512 <= len(blob) and blob[pos] != 0:
-                size = int(bytes(blob[pos + 124 : pos + 136]).rstrip(b"\0 ") or b"0", 8)
-                name = bytes(blob[pos : pos + 100]).rstrip(b"\0")
-                data = pos + 512
-                if name.endswith(b".npy"):
-                    hlen = int.from_bytes(blob[data + 8 : data + 10], "little")
-                    hdr = bytes(blob[data + 10 : data + 10 + hlen]).decode("latin1")
-                    rows = int(hdr.split("'shape': (")[1].split(",")[0])
-                    a = np.frombuffer(blob, np.float16, rows * N_MELS, data + 10 + hlen)
-                    n += 1
-                    if batch:
-                        buf.append(torch.from_numpy(a.reshape(rows, N_MELS)))
-                        if len(buf) == batch:
-                            pad_collate(buf, [0] * len(buf), mean, inv)
-                            buf = []
-                pos = data + (size + 511) // 512 * 512
-        if buf:
-            pad_collate(buf, [0] * len(buf), mean, inv)
-        return n, total
 
-    return run
+def gen_lean(spkr_dir, m, plan):
+    def gen():
+        shards = lean_read(spkr_dir, m)
+        for ss, ii in plan.positions:
+            items = [shards[s][i] for s, i in zip(ss, ii)]
+            yield collate([x for _, _, x in items], [y for _, y, _ in items], [k for k, _, _ in items], plan)
+
+    return gen
+
+
+def gen_spkr(spkr_dir, batch, workers=0, **kw):
+    def gen():
+        yield from SpeakerLoader(
+            str(spkr_dir), "train", batch, rank=0, world_size=1, num_workers=workers, **kw
+        )
+
+    return gen
 
 
 def bench_spkr(spkr_dir, m, batch, workers, **kw):
-    def run():
-        ld = SpeakerLoader(str(spkr_dir), "train", batch, rank=0, world_size=1, num_workers=workers, **kw)
-        n = sum(len(b["keys"]) for b in ld)
-        return n, sum(s.bytes for s in m.split("train").shards)
-
-    return run
+    return consume(gen_spkr(spkr_dir, batch, workers, **kw), sum(s.bytes for s in m.split("train").shards))
 
 
 def workers_rate(spkr_dir, batch, workers, dtype, **kw):
@@ -179,44 +235,71 @@ def workers_rate(spkr_dir, batch, workers, dtype, **kw):
     return n / (time.perf_counter() - t0)
 
 
-def bench_wds(urls, m, batch):
+def gen_from(samples, plan):
+    """The plan's batches from a key -> (tensor, label) dict of every decoded sample."""
+    for keys in plan.keys:
+        items = [samples[k] for k in keys]
+        yield collate([x for x, _ in items], [y for _, y in items], keys, plan)
+
+
+def gen_wds_pth(urls, plan):
     import webdataset as wds
 
-    mean = torch.tensor(m.stats["mean"])
-    inv = 1 / torch.tensor(m.stats["std"]).clamp_min(1e-5)
+    def gen():
+        ds = (
+            wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+            .decode()
+            .to_tuple("__key__", "pth", "cls")
+        )
+        yield from gen_from({k: (x, y) for k, x, y in ds}, plan)
 
-    def run():
-        ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode().to_tuple("pth", "cls")
-        n, buf = 0, []
-        for x, y in ds:
-            buf.append((x, y))
-            if len(buf) == batch:
-                pad_collate([a for a, _ in buf], [b for _, b in buf], mean, inv)
-                n += len(buf)
-                buf = []
-        if buf:
-            pad_collate([a for a, _ in buf], [b for _, b in buf], mean, inv)
-            n += len(buf)
-        return n, sum(os.path.getsize(u) for u in urls)
-
-    return run
+    return gen
 
 
-def bench_files(root, m, batch):
-    files = sorted((root / "files").glob("*.pt"))
-    mean = torch.tensor(m.stats["mean"])
-    inv = 1 / torch.tensor(m.stats["std"]).clamp_min(1e-5)
+def gen_wds_npy(urls, plan):
+    import webdataset as wds
 
-    def run():
-        order = np.random.default_rng(0).permutation(len(files))
-        n = 0
-        for k in range(0, len(order), batch):
-            items = [torch.load(files[i], weights_only=True) for i in order[k : k + batch]]
-            pad_collate([d["mel"] for d in items], [d["label"] for d in items], mean, inv)
-            n += len(items)
-        return n, sum(f.stat().st_size for f in files)
+    def gen():
+        ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).to_tuple("__key__", "mel.npy", "cls")
+        yield from gen_from({k: (torch.from_numpy(np.load(io.BytesIO(x))), int(y)) for k, x, y in ds}, plan)
 
-    return run
+    return gen
+
+
+def gen_files(root, plan):
+    def gen():
+        for keys in plan.keys:
+            items = [torch.load(root / "files" / f"{k}.pt", weights_only=True) for k in keys]
+            yield collate([d["mel"] for d in items], [d["label"] for d in items], keys, plan)
+
+    return gen
+
+
+def bucketing(spkr_dir, m, plan, batch, repeats):
+    """Padding and time of the same collate on file-order batches (consecutive samples, what a plain
+    webdataset pipeline batches) vs spkr's bucketed batches, over the benchmark's data."""
+    shards = lean_read(spkr_dir, m)
+    flat = [x for sh in shards for x in sh]
+    by_pos = [[shards[s][i] for s, i in zip(*p)] for p in plan.positions]
+    file_order = [flat[k : k + batch] for k in range(0, len(flat), batch)]
+
+    def pad(batches):
+        real = sum(x.shape[0] for b in batches for _, _, x in b)
+        return 1 - real / sum(max(x.shape[0] for _, _, x in b) * len(b) for b in batches)
+
+    def run(batches):
+        def go():
+            for b in batches:
+                collate([x for _, _, x in b], [y for _, y, _ in b], [k for k, _, _ in b], plan)
+            return len(flat), 0
+
+        return go
+
+    best = {"file": math.inf, "bucketed": math.inf}
+    for _ in range(repeats * 2):  # alternating: noise hits both alike
+        best["file"] = min(best["file"], timed(run(file_order))["seconds"])
+        best["bucketed"] = min(best["bucketed"], timed(run(by_pos))["seconds"])
+    return pad(file_order), pad(by_pos), best
 
 
 def padding(batch):
@@ -275,7 +358,7 @@ def main(argv=None):
     root.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        spkr_dir, m, urls = write_all(root, args.samples, args.per_shard)
+        spkr_dir, m, urls, keys = write_all(root, args.samples, args.per_shard)
         nbytes = sum(s.bytes for s in m.split("train").shards)
         print(
             f"data: {args.samples} samples, {len(urls)} shards, {nbytes / 1e6:.0f} MB, mean "
@@ -283,24 +366,39 @@ def main(argv=None):
             f"(written in {time.perf_counter() - t0:.0f}s)"
         )
         B = args.batch_size
-        rows = {}
-        methods = (
-            ("raw read (limit)", bench_raw(spkr_dir, m)),
-            ("lean parse, views only", bench_lean(spkr_dir, m)),
-            ("lean parse + collate", bench_lean(spkr_dir, m, B)),
-            ("spkr SpeakerLoader", bench_spkr(spkr_dir, m, B, 0)),
-            ("wds .pth .decode()", bench_wds(urls, m, B)),
-            ("per-file torch.load", bench_files(root, m, B)),
+        plan = Batches(spkr_dir, m, keys, B)
+        spkr_urls = [str(spkr_dir / s.name) for s in m.split("train").shards]
+        pth_bytes = sum(os.path.getsize(u) for u in urls)
+        file_bytes = sum(f.stat().st_size for f in (root / "files").glob("*.pt"))
+        ref = gen_spkr(spkr_dir, B)
+        gens = {
+            "lean parse + np.frombuffer": (gen_lean(spkr_dir, m, plan), nbytes),
+            "spkr SpeakerLoader": (ref, nbytes),
+            "wds .pth .decode()": (gen_wds_pth(urls, plan), pth_bytes),
+            "wds .npy + np.load": (gen_wds_npy(spkr_urls, plan), nbytes),
+            "per-file torch.load": (gen_files(root, plan), file_bytes),
+        }
+        for name, (gen, _) in gens.items():  # same batches as spkr, or no number at all
+            n_batches = check(name, gen, ref)
+        print(
+            f"batches: {n_batches} per epoch; every baseline's equal to spkr's (keys, mel, lengths, labels)"
         )
-        # each method back to back, as it would run alone in a DataLoader worker: warm-up, then the
-        # best of --repeats (machine noise only ever adds time)
-        for name, fn in methods:
+        methods = {"raw read (limit, no batches)": bench_raw(spkr_dir, m)}
+        methods.update({name: consume(gen, size) for name, (gen, size) in gens.items()})
+        # interleaved: one run of every method per round, best of --repeats rounds (machine noise,
+        # e.g. another benchmark on the shared CPU, only ever adds time and hits all methods alike)
+        for fn in methods.values():
             fn()  # warm (page cache, imports, allocator)
-            rows[name] = min((timed(fn) for _ in range(args.repeats)), key=lambda r: r["seconds"])
-        print(f"\nper worker (1 process, 1 thread; {runtime.describe()}), batch {B}:")
-        print(f"  {'method':<26}{'samples/s':>12}{'MB/s':>10}")
+        rows = {name: None for name in methods}
+        for _ in range(args.repeats):
+            for name, fn in methods.items():
+                r = timed(fn)
+                if rows[name] is None or r["seconds"] < rows[name]["seconds"]:
+                    rows[name] = r
+        print(f"\nper worker (1 process, 1 thread; {runtime.describe()}), batch {B}, the same batches:")
+        print(f"  {'method':<30}{'samples/s':>12}{'MB/s':>10}")
         for name, r in rows.items():
-            print(f"  {name:<26}{r['samples_s']:>12.0f}{r['MB_s']:>10.0f}")
+            print(f"  {name:<30}{r['samples_s']:>12.0f}{r['MB_s']:>10.0f}")
         print(f"  spkr, {args.workers} DataLoader workers (epochs 2-3, after start-up), samples/s in total:")
         for dtype in ("float32", "float16"):
             rate = workers_rate(spkr_dir, B, args.workers, dtype)
@@ -309,8 +407,9 @@ def main(argv=None):
             )
         spkr = rows["spkr SpeakerLoader"]["samples_s"]
         r_wds = spkr / rows["wds .pth .decode()"]["samples_s"]
-        r_lean = spkr / rows["lean parse + collate"]["samples_s"]
-        r_views = spkr / rows["lean parse, views only"]["samples_s"]
+        r_npy = spkr / rows["wds .npy + np.load"]["samples_s"]
+        r_lean = spkr / rows["lean parse + np.frombuffer"]["samples_s"]
+        r_raw = spkr / rows["raw read (limit, no batches)"]["samples_s"]
         r_files = spkr / rows["per-file torch.load"]["samples_s"]
         # checksum cost: the same loader with and without, runs alternating (noise hits both alike)
         cost = {}
@@ -335,15 +434,23 @@ def main(argv=None):
             + ", ".join(f"{mode} read {c:.1%}" for mode, c in cost.items())
             + f" of loader throughput   (target < 10%) {'OK' if max(cost.values()) < 0.10 else 'MISS'}"
         )
-        print("\nratios:")
+        print("\nratios (all on the same batches as spkr):")
         print(
             f"  spkr / wds .pth pipeline     = {r_wds:.1f}x   (target >= 3x)  {'OK' if r_wds >= 3 else 'MISS'}"
         )
         print(
             f"  spkr / lean tar-parse limit  = {r_lean:.0%}   (target >= 50%) {'OK' if r_lean >= 0.5 else 'MISS'}"
-            f"  [same batches; vs views-only parse, which makes no batches: {r_views:.0%}]"
         )
+        print(f"  spkr / wds .npy + np.load    = {r_npy:.1f}x")
         print(f"  spkr / per-file torch.load   = {r_files:.1f}x")
+        print(f"  spkr / raw read              = {r_raw:.0%}   (I/O limit: reads bytes, makes no batches)")
+        p_file, p_buck, ct = bucketing(spkr_dir, m, plan, B, args.repeats)
+        print(
+            f"\nbucketing, on this data (batch {B}): padding {p_file:.1%} in file order (consecutive "
+            f"samples, as a plain webdataset pipeline batches) vs {p_buck:.1%} in spkr's buckets; the same "
+            f"collate takes {ct['file'] * 1e3:.0f} ms vs {ct['bucketed'] * 1e3:.0f} ms per epoch "
+            f"({ct['file'] / ct['bucketed']:.2f}x, {1 - ct['bucketed'] / ct['file']:.0%} saved by bucketing)"
+        )
         pad = padding(B)
         print(
             f"\npadding (28.1k LibriSpeech-like lengths, batch {B}): random batching {pad['random']:.1%}, "

@@ -4,13 +4,15 @@
 
 1. one Mamba-1 layer fwd+bwd at T = 256, 1024, 4096 (batch 8, d_model 128), per frame: our chunked
    fast path (eager and torch.compile), mambapy's parallel scan (pscan=True, same weights: the peer),
-   our sequential reference, mambapy's sequential loop (mamba-minimal style; T <= 1024) and our
+   our sequential reference, mambapy's sequential loop (mamba-minimal style; T=256 only) and our
    Mamba-2 (SSD chunked) for information;
 2. linearity: cost at T=4096 / T=1024 (ideal 4x) of the layers and of the Mamba-1 scan alone;
 3. whole classifiers at T=4096: Mamba-1 and Mamba-2 (bidirectional) vs a Transformer of similar size;
 4. torch.compile recompiles for a few different T with dynamic=None (default) vs dynamic=True.
-Times are medians of a few repeats after a warm-up (the slow references: one run); only the ratios are
-meant to be compared. ``--quick`` skips the references and torch.compile.
+Every side of a comparison is timed alike: one warm-up call, then the median of ``--repeats`` calls. The
+warm-up call of each baseline in [1] is also checked to compute the same output and gradients (of the
+input and of every parameter) as the fast path, for the same weights and input. Only the ratios are meant
+to be compared. ``--quick`` skips the references and torch.compile.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from spkr.models import ModelConfig, build_model  # noqa: E402
 from spkr.models.mamba import Mamba1, Mamba2  # noqa: E402
 
 
-def timeit(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
+def timeit(fn, repeats: int, check=None) -> float:
+    """Median time of ``repeats`` calls of ``fn`` after one warm-up call; ``check`` gets its result."""
+    result = fn()
+    if check is not None:
+        check(result)
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -45,13 +49,33 @@ def timeit(fn, repeats: int, warmup: int = 1) -> float:
 
 
 def fwd_bwd(module, *inputs, **kwargs):
+    """One fwd+bwd; returns the output and the gradients of the input leaves and parameters, by name."""
+    leaves = {f"input{i}": t for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad}
+    # torch.compile's wrapper prefixes the names: strip it so that gradients can be compared by name
+    leaves |= {n.removeprefix("_orig_mod."): p for n, p in module.named_parameters()}
+
     def run():
-        for p in module.parameters():
-            p.grad = None
+        for t in leaves.values():
+            t.grad = None
         out = module(*inputs, **kwargs)
         out.float().sum().backward()
+        return out.detach(), {n: t.grad for n, t in leaves.items()}
 
     return run
+
+
+def same_as(want, what: str, rtol: float = 1e-3):
+    """A check for ``timeit``: the result (output, gradients) equals ``want`` up to float32 rounding."""
+
+    def check(got):
+        pairs = [("output", got[0], want[0])] + [(n, g, want[1][n]) for n, g in got[1].items()]
+        assert got[1].keys() == want[1].keys(), f"{what}: different parameters"
+        for name, g, w in pairs:
+            # tolerance relative to the tensor's scale: sums over b*T frames in different orders
+            ok = torch.allclose(g, w, rtol=rtol, atol=rtol * w.abs().max().item())
+            assert ok, f"{what}: {name} differs from the fast path, max |diff| {(g - w).abs().max():.3g}"
+
+    return check
 
 
 def linearity(run_short, run_long, rounds: int) -> tuple[float, float]:
@@ -122,24 +146,32 @@ def main() -> None:
     first_compile = {}
     for T in Ts:
         u = torch.randn(b, T, dm, requires_grad=True)
-        rows.setdefault("ours chunked (eager)", {})[T] = timeit(fwd_bwd(ours, u), R)
+        # the fast path's output and gradients (from its warm-up call), which every baseline must match
+        want = []
+        rows.setdefault("ours chunked (eager)", {})[T] = timeit(fwd_bwd(ours, u), R, want.extend)
         if comp is not None:
             t0 = time.perf_counter()
             fwd_bwd(comp, u)()
             first_compile[T] = time.perf_counter() - t0
-            rows.setdefault("ours chunked (torch.compile)", {})[T] = timeit(fwd_bwd(comp, u), R)
+            check = same_as(want, f"torch.compile T={T}")
+            rows.setdefault("ours chunked (torch.compile)", {})[T] = timeit(fwd_bwd(comp, u), R, check)
         if peer is not None:
-            rows.setdefault("mambapy pscan=True (the peer)", {})[T] = timeit(fwd_bwd(peer, u), R)
+            check = same_as(want, f"mambapy pscan T={T}")
+            rows.setdefault("mambapy pscan=True (the peer)", {})[T] = timeit(fwd_bwd(peer, u), R, check)
         if not args.quick:
-            rows.setdefault("ours sequential reference (1 run)", {})[T] = timeit(
-                fwd_bwd(ours, u, scan="ref"), 1, warmup=0
+            check = same_as(want, f"sequential reference T={T}")
+            rows.setdefault("ours sequential reference", {})[T] = timeit(
+                fwd_bwd(ours, u, scan="ref"), R, check
             )
-            if peer_seq is not None and T <= 1024:  # its backward is quadratic in T: minutes at 4096
-                rows.setdefault("mambapy pscan=False, mamba-minimal loop (1 run)", {})[T] = timeit(
-                    fwd_bwd(peer_seq, u), 1, warmup=0
+            # its backward is quadratic in T: ~3 min per run at T=1024 here, so only T=256 (all sides alike)
+            if peer_seq is not None and T <= 256:
+                check = same_as(want, f"mamba-minimal loop T={T}")
+                rows.setdefault("mambapy pscan=False, mamba-minimal loop", {})[T] = timeit(
+                    fwd_bwd(peer_seq, u), R, check
                 )
-        rows.setdefault("ours Mamba-2 SSD chunked (eager)", {})[T] = timeit(fwd_bwd(m2, u), R)
-        del u
+        # a different layer (not the same work, not checked): for information
+        rows.setdefault("ours Mamba-2 SSD chunked (eager, info)", {})[T] = timeit(fwd_bwd(m2, u), R)
+        del u, want
     fast = rows["ours chunked (eager)"]
     print(f"[1] one layer fwd+bwd, batch {b}, d_model {dm}: microseconds per frame (batch x T), and time")
     print("    relative to our eager fast path at the same T")
@@ -157,18 +189,22 @@ def main() -> None:
         print(
             f"    => speed-up vs mambapy pscan at T=1024:        {peer_t[1024] / fast[1024]:6.2f}x   (target >= 2)"
         )
-    ref_t = rows.get("ours sequential reference (1 run)")
+    ref_t = rows.get("ours sequential reference")
     if ref_t:
         ups = ", ".join(f"T={T}: {ref_t[T] / fast[T]:.2f}x" for T in Ts)
         print(f"    => speed-up vs our sequential reference:       {ups}   (target >= 20)")
-    seq_t = rows.get("mambapy pscan=False, mamba-minimal loop (1 run)")
+    seq_t = rows.get("mambapy pscan=False, mamba-minimal loop")
     if seq_t:
         ups = ", ".join(f"T={T}: {seq_t[T] / fast[T]:.0f}x" for T in seq_t)
-        print(f"    => speed-up vs the mamba-minimal-style loop:   {ups}")
+        print(
+            f"    => speed-up vs the mamba-minimal-style loop:   {ups}   (T=1024, 4096 dropped: minutes per run)"
+        )
     comp_t = rows.get("ours chunked (torch.compile)")
     if comp_t:
         ups = ", ".join(f"T={T}: {fast[T] / comp_t[T]:.2f}x" for T in Ts)
         print(f"    => compiled vs eager fast path:                {ups}")
+    print("    (every side: 1 warm-up + median of the repeats; baselines checked equal to the fast path,")
+    print("    output and gradients, on their warm-up call)")
     if peer_t:
         print(f"    => mambapy pscan cost T=4096 / T=1024:         {peer_t[4096] / peer_t[1024]:6.2f}x")
 
