@@ -10,6 +10,7 @@ import pytest
 
 from spkr.manifest import Manifest
 from spkr.stream import reader as reader_mod
+from spkr.stream import sources as sources_mod
 from spkr.stream.reader import ShardError, ShardReader, decode_member
 
 from .shardkit import custom_shard, good_members, make_shards, npy_bytes
@@ -61,7 +62,7 @@ def test_transient_errors_are_retried_from_offset(shards, monkeypatch):
     m = Manifest.load(str(shards))
     info = m.split("train").shards[0]
     ref = ShardReader(str(shards), n_mels=N_MELS).read_shard(info)
-    real = reader_mod._LocalSource.read_into
+    real = sources_mod._LocalSource.read_into
     calls = {"n": 0}
 
     def flaky(self, pos, mv):
@@ -74,7 +75,7 @@ def test_transient_errors_are_retried_from_offset(shards, monkeypatch):
             return real(self, pos, mv[: len(mv) // 2])  # partial: continue from the offset reached
         return real(self, pos, mv)
 
-    monkeypatch.setattr(reader_mod._LocalSource, "read_into", flaky)
+    monkeypatch.setattr(sources_mod._LocalSource, "read_into", flaky)
     sleeps = []
     # the buffered path (what remote shards use), with the local source standing in for a flaky remote
     rd = ShardReader(str(shards), n_mels=N_MELS, chunk_size=4096, sleep=sleeps.append, use_mmap=False)
@@ -92,7 +93,7 @@ def test_retries_are_bounded(shards, monkeypatch):
     def broken(self, pos, mv):
         raise TimeoutError("read timed out")
 
-    monkeypatch.setattr(reader_mod._LocalSource, "read_into", broken)
+    monkeypatch.setattr(sources_mod._LocalSource, "read_into", broken)
     rd = ShardReader(str(shards), n_mels=N_MELS, retries=3, sleep=lambda s: None, use_mmap=False)
     with pytest.raises(ShardError, match=r"train/shard-000000.tar at byte \d+: read failed after 3 retries"):
         rd.read_shard(info)

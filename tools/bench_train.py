@@ -10,7 +10,10 @@ include compilation). "first step" is the wall time from launching the command t
 optimizer step (imports, loaders, model build and, with compile, compilation). Variants name the mode,
 dtype and, for compile, the inductor cache: ``compile-fp32-cold`` runs with an empty
 ``TORCHINDUCTOR_CACHE_DIR`` (what a new machine sees), ``compile-fp32-warm`` again with the cache the
-cold run filled.
+cold run filled. Every variant trains the same model on the same batches (same seed, epoch plan and
+steps); that the compiled model computes what the eager one does is checked in
+tests/test_models.py::test_tiny_config_compiles_and_matches_eager, not here (compiled dropout draws
+other masks, so per-step losses are not comparable).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ columns, C or Fortran order, exact size). Anything else — ``.pth``, ``.pkl``, 
 extension, links, directories, pax/GNU headers — is refused with :class:`ShardError` and never
 deserialised. Shard names that could reach outside ``base`` are refused (:meth:`ShardReader.url`).
 
-Retries: every shard byte comes through one fetch loop (``spkr.stream.sources.fetch_into``, under
+Retries: every shard byte comes through one fetch loop (``spkr.storage.fill``, under
 the ``spkr.storage.RetryPolicy`` that also reads ``manifest.json`` and the sidecars). A transient
 error (dropped or refused connection, timeout, HTTP 5xx/429, short response) closes the source,
 waits ``backoff * 2**(k-1)`` seconds (k-th retry in a row, at most 10 s) and reopens at the exact byte
@@ -52,7 +52,6 @@ import numpy as np
 from spkr import storage
 from spkr.manifest import MEMBER_EXTS, ShardInfo, sample_checksum, shard_name_problem
 from spkr.stream import sources
-from spkr.stream.sources import _FileSource, _FsspecSource, _LocalSource  # noqa: F401
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)  # a tar end-of-archive block
@@ -243,7 +242,7 @@ def decode_member(ext: str, payload, *, shard: str = "?", member: str = "?", n_m
 
 
 # --------------------------------------------------------------------------- byte sources
-# _LocalSource, _FsspecSource, _FileSource and the fetch loop live in spkr.stream.sources.
+# _LocalSource, _FsspecSource, _FileSource live in spkr.stream.sources; the fetch loop is storage.fill.
 
 
 class _Stream:
@@ -452,14 +451,14 @@ class ShardReader:
     def _fetch_into(self, shard: ShardInfo, pos: int, mv: memoryview, end: int | None = None) -> int:
         """Fill ``mv`` with the shard's bytes from ``pos`` on (fewer only at the end of the file),
         reading on towards ``end``: every shard byte comes through here, i.e. through the one fetch
-        loop :func:`spkr.stream.sources.fetch_into` under this reader's retry policy (``retries``
+        loop :func:`spkr.storage.fill` under this reader's retry policy (``retries``
         consecutive failures without progress, ``backoff``; see the module docstring). One fetch at a
         time per reader: the read-ahead thread and the parser share the open source."""
         url = self.url(shard)
         policy = storage.RetryPolicy(self.retries, self.backoff, sleep=self.sleep)
         try:
             with self._lock:
-                return sources.fetch_into(
+                return storage.fill(
                     lambda: self._source(shard),
                     pos,
                     mv,

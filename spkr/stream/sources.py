@@ -15,18 +15,17 @@ the reads follow each other, every byte that arrived before a dropped connection
 :class:`_FileSource` (a seekable file object: fsspec's ``filecache`` copy with ``cache_dir``, whose
 download restarts from byte 0 if it breaks).
 
-:func:`fetch_into` is the only place shard bytes are fetched: the retrying loop of
-:func:`spkr.storage.fill` under a :class:`spkr.storage.RetryPolicy` (the same policy and loop that
-read ``manifest.json`` and the sidecars): a transient failure closes the source and resumes at the
-exact byte reached; the budget counts consecutive failures without progress; after it,
-:class:`spkr.storage.ReadFailed` names the URL and the offset. The caller (``ShardReader``) turns that
-into a ``ShardError`` naming the shard.
+:class:`~spkr.stream.reader.ShardReader` fetches every shard byte from these sources through
+:func:`spkr.storage.fill`, the one retrying read loop (the same policy and loop that read
+``manifest.json`` and the sidecars): a transient failure closes the source and resumes at the exact
+byte reached; the budget counts consecutive failures without progress; after it,
+:class:`spkr.storage.ReadFailed` names the URL and the offset, which the reader turns into a
+``ShardError`` naming the shard.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 from spkr import storage
 
@@ -86,24 +85,4 @@ def open_source(
     return _FsspecSource(fs, fs._strip_protocol(url), size, timeout=timeout)
 
 
-def fetch_into(
-    source: Callable[[], object],
-    pos: int,
-    mv: memoryview,
-    policy: storage.RetryPolicy,
-    *,
-    url: str,
-    end: int | None = None,
-    drop: Callable[[], None] | None = None,
-    stats=None,
-) -> int:
-    """Fill ``mv`` with the shard's bytes from ``pos`` on (fewer only at the end of the file).
-
-    ``source()`` returns the shard's open source (opening it when needed; called again after a
-    failure, after ``drop()`` closed it); ``end``: the stream goes on up to this byte (a remote source
-    requests that range once); ``stats.retries`` / ``stats.bytes`` are counted. Transient failures are
-    retried under ``policy`` from the exact byte reached; see :func:`spkr.storage.fill`."""
-    return storage.fill(source, pos, mv, policy, url=url, end=end, drop=drop, stats=stats)
-
-
-__all__ = ["fetch_into", "open_source"]
+__all__ = ["open_source"]
