@@ -63,8 +63,9 @@ from spkr.checkpoint import (
 )
 from spkr.checkpoint import load as load_checkpoint
 from spkr.config import ConfigError, add_storage_options, from_dict, load_toml, to_dict
-from spkr.evaluate import autocast_ctx, run_split, summarise, verification
+from spkr.evaluate import autocast_ctx, run_split, summarise
 from spkr.manifest import ManifestError
+from spkr.scoring import verification
 
 
 @dataclass

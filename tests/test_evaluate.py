@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spkr.evaluate import compute_eer, compute_min_dcf, cosine_scores, make_trials, verification
+from spkr.scoring import compute_eer, compute_min_dcf, cosine_scores, make_trials, verification
 from tests.test_train_e2e import TINY_MODEL
 
 
