@@ -1,4 +1,7 @@
-"""Checkpoints: plain containers of tensors/numbers/strings, written atomically, read with weights_only.
+"""Checkpoints: the file FORMAT — plain containers of tensors/numbers/strings, written atomically
+(:mod:`spkr.atomic`: temp file + fsync + rename), read with weights_only. What a training run puts in
+and takes out is :mod:`spkr.run.checkpoint`'s; this module owns the table below, loading, the RNG
+state encoding, the dataset check and building a model from a checkpoint on any device.
 
 A checkpoint (``<run>/last.pt``, ``<run>/ckpt-epoch001.pt``, ...) is one ``torch.save`` of a dict::
 
@@ -14,6 +17,13 @@ A checkpoint (``<run>/last.pt``, ``<run>/ckpt-epoch001.pt``, ...) is one ``torch
     dataset_id     the training shards' manifest dataset_id: resume, evaluate and chart_losses refuse
                    other shards; stats are the normalisation every later use of the model applies
     model_config (dict), train_config (dict), shards (str), backend, torch_version
+    verification_thresholds   (protocol open only, optional) the decision thresholds spkr.predict uses,
+                   calibrated (spkr.scoring.calibrate_thresholds) at the last validation on the role-valid
+                   verification split's trials scored as a gallery scores them (enrollment means vs.
+                   utterances, raw cosine): {"eer_threshold", "min_dcf_threshold", "p_target", "eer",
+                   "min_dcf", "trials", "target_trials", "nontarget_trials", "split", "weights" (the
+                   weights_fingerprint they were measured on: spkr.predict uses them only when it equals
+                   this checkpoint's), "epoch", "step"}
 
 Nothing else (no classes, no functions), so ``torch.load(path, weights_only=True)`` reads it and a
 file carrying any other pickle payload is refused before anything in it runs.
@@ -92,6 +102,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
 
 
 def rng_state() -> dict:
+    """This process's torch / CUDA / numpy / Python RNG states as tensors and numbers (weights_only-safe)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     return {
@@ -110,6 +121,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore the RNG states of :func:`rng_state` (CUDA only with the same device count)."""
     torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
     if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -119,17 +131,6 @@ def set_rng_state(state: dict) -> None:
     )
     py = state["python"].tolist()
     random.setstate((py[0], tuple(py[1:]), state.get("python_gauss")))
-
-
-def strip_prefixes(state_dict: dict) -> dict:
-    """Remove DDP's "module." and torch.compile's "_orig_mod." prefixes."""
-    out = {}
-    for k, v in state_dict.items():
-        for p in ("module.", "_orig_mod."):
-            while k.startswith(p):
-                k = k[len(p) :]
-        out[k] = v
-    return out
 
 
 def weights_fingerprint(state_dict: dict) -> str:

@@ -1,6 +1,6 @@
 """One small config loader for every stage: TOML file -> plain dict -> dataclass, strictly.
 
-Each stage owns its dataclass (``spkr.models.config.ModelConfig``, ``spkr.train.TrainConfig`` ...);
+Each stage owns its dataclass (``spkr.models.config.ModelConfig``, ``spkr.run.configs.TrainConfig`` ...);
 this module only knows how to fill a dataclass from a mapping and say clearly what is wrong.
 """
 

@@ -1,82 +1,52 @@
 """python -m spkr.evaluate — classification loss/accuracy and speaker verification (EER, minDCF).
 
     python -m spkr.evaluate --checkpoint runs/demo/last.pt --shards shards/demo [--split test]
+    python -m spkr.evaluate --checkpoint runs/open/last.pt --shards shards/demo-open \
+        [--split test-verify] [--as-norm [--cohort-size 0] [--top-k 300] [--cohort-per-speaker 10]]
 
-Classification: cross-entropy (unweighted) and top-1 accuracy over every sample of the split.
-Verification: an embedding per utterance (``model.embed``), trial pairs (all pairs, or a seeded
-sample of target and non-target pairs when there are more than ``--max-pairs``), cosine scores,
-equal error rate and the normalised minimum detection cost (p_target 0.01, c_miss = c_fa = 1).
-The metrics are pure numpy. Results go to ``--out`` (default ``<checkpoint dir>/eval-<split>.json``).
+``--split`` defaults to the split whose role is ``test`` (``test``, or ``test-verify`` on an ``open``
+shard set, docs/protocols.md). Batches come from :func:`spkr.run.evaluation.eval_loader`, the loader
+training validates with, normalised with the checkpoint's statistics; each utterance is embedded once.
+
+Classification split: cross-entropy (unweighted) and top-1 accuracy over every sample; verification
+on trial pairs made from the labels (all pairs, or a seeded sample of target and non-target pairs when
+there are more than ``--max-pairs``).
+
+Verification split (labels are not class ids: no loss/accuracy): an embedding per utterance
+(``model.embed``), the manifest's trial list (sha256 checked, every key must be an utterance of the
+split), cosine scores -> equal error rate and normalised minDCF at p_target 0.01 and 0.05
+(:mod:`spkr.scoring`); ``--as-norm`` adds the same metrics AS-norm'ed against a cohort of training
+speakers' mean embeddings (at most ``--cohort-per-speaker`` original utterances each from the split of
+role ``train``; ``--cohort-size`` > 0 keeps that many speakers); ``identification``: top-1 accuracy of
+the split's test utterances against a gallery of each speaker's mean enrollment embedding.
+
+Precision: ``--dtype auto`` (default) is training's policy, :func:`spkr.run.distributed.resolve_dtype`,
+logged with its reason. Results go to ``--out`` (default ``<checkpoint dir>/eval-<split>.json``):
+split, kind, dataset_id, same_dataset, device, backend, dtype, n, [loss, acc], [verification],
+checkpoint, shards, step. Errors the user can fix: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
+from spkr.run.cli import cli_main
+from spkr.run.distributed import DTYPE_CHOICES, DistEnv, describe_dtype, dtype_name, resolve_dtype
+from spkr.run.evaluation import (
+    COHORT_PER_SPEAKER,
+    embed_cohort,
+    eval_loader,
+    evaluate_distributed,
+    run_split,
+    summarise,
+    verify_split,
+)
 from spkr.scoring import verification
-
-# --------------------------------------------------------------------------- model evaluation
-
-
-def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def run_split(model, loader, device, amp_dtype=None, embeddings: bool = False) -> dict:
-    """One pass of an (unwrapped) model over a loader: sums of loss, correct, count, and optionally
-    embeddings/labels/keys. Does no collective ops (ranks may have different batch counts)."""
-    was_training = model.training
-    model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    embs, labs, keys = [], [], []
-    has_head = hasattr(model, "head") and hasattr(model, "embed")
-    try:
-        for batch in loader:
-            mel = batch["mel"].to(device, non_blocking=True).float()
-            lengths = batch["lengths"].to(device)
-            labels = batch["labels"].to(device)
-            with autocast_ctx(device, amp_dtype):
-                if embeddings and has_head:
-                    emb = model.embed(mel, lengths)
-                    logits = model.head(emb)  # eval: dropout off, no margin -> same as forward
-                else:
-                    logits = model(mel, lengths)
-                    emb = model.embed(mel, lengths) if embeddings else None
-            logits = logits.float()
-            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(-1) == labels).sum())
-            count += int(labels.numel())
-            if embeddings:
-                embs.append(emb.float().cpu().numpy())
-                labs.append(labels.cpu().numpy())
-                keys.extend(batch["keys"])
-    finally:
-        model.train(was_training)
-    out = {"loss_sum": loss_sum, "correct": correct, "count": count}
-    if embeddings:
-        out["emb"] = np.concatenate(embs) if embs else np.zeros((0, 0), np.float32)
-        out["labels"] = np.concatenate(labs) if labs else np.zeros(0, np.int64)
-        out["keys"] = keys
-    return out
-
-
-def summarise(sums: dict) -> dict:
-    n = max(int(sums["count"]), 1)
-    return {"loss": sums["loss_sum"] / n, "acc": sums["correct"] / n, "n": int(sums["count"])}
-
-
-# --------------------------------------------------------------------------- CLI
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -85,16 +55,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m spkr.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
     p.add_argument("--shards", default=None, help="shards directory or URL (default: the one trained on)")
-    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--split", default=None, help="split to evaluate (default: the one of role test)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--max-pairs", type=int, default=200_000, help="trial pairs cap (0 = all pairs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the trial sample")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="fp32")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="autocast dtype (default auto: training's policy, bf16 only where the device has it natively)",
+    )
     p.add_argument(
         "--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available, else cpu)"
     )
-    p.add_argument("--no-verification", action="store_true", help="only loss/accuracy")
+    p.add_argument("--no-verification", action="store_true", help="classification splits: only loss/accuracy")
+    g = p.add_argument_group("verification splits (protocol open)")
+    g.add_argument("--as-norm", action="store_true", help="also AS-norm'ed scores (training-speaker cohort)")
+    g.add_argument("--cohort-size", type=int, default=0, help="cohort speakers (0 = every training speaker)")
+    g.add_argument("--top-k", type=int, default=300, help="AS-norm: top cohort scores per side")
+    g.add_argument(
+        "--cohort-per-speaker",
+        type=int,
+        default=COHORT_PER_SPEAKER,
+        help=f"original training utterances embedded per cohort speaker (default {COHORT_PER_SPEAKER})",
+    )
     add_storage_options(p)
     p.add_argument("--out", default=None, help="JSON output (default: <checkpoint dir>/eval-<split>.json)")
     p.add_argument(
@@ -108,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate_checkpoint(
     ckpt: dict,
     shards: str,
-    split: str,
+    split: str | None = None,
     *,
     batch_size: int = 64,
     num_workers: int = 0,
@@ -121,31 +106,34 @@ def evaluate_checkpoint(
     allow_other_dataset: bool = False,
     warn=lambda msg: print(f"[evaluate] {msg}", file=sys.stderr),
     device: str | torch.device | None = None,
+    as_norm: bool = False,
+    cohort_size: int = 0,
+    top_k: int = 300,
+    cohort_per_speaker: int = COHORT_PER_SPEAKER,
 ) -> dict:
-    """Accuracy (and verification) of a checkpoint on one split of its own training dataset (another
-    one only with ``allow_other_dataset``, with a warning), normalised with the checkpoint's statistics.
+    """Metrics of a checkpoint on one split (None: the split of role ``test``) of its own training
+    dataset (another one only with ``allow_other_dataset``, with a warning), normalised with the
+    checkpoint's statistics: loss/accuracy (+ label-pair verification) on a classification split,
+    trial-list verification (+ AS-norm with ``as_norm``) on a verification split (module docstring).
     Runs on ``device`` (None: cuda when available, else cpu; with ``model`` given: that model's device)
     with the Mamba backend for that device, whichever one the checkpoint was trained with
-    (:func:`spkr.checkpoint.build_model_from_checkpoint`); the result names both."""
+    (:func:`spkr.checkpoint.build_model_from_checkpoint`), under autocast ``amp_dtype`` (None = fp32);
+    the result names all three."""
     from spkr.checkpoint import build_model_from_checkpoint, check_dataset, resolve_device
-    from spkr.stream.loader import SpeakerLoader
+    from spkr.shards.format import Manifest
 
-    loader = SpeakerLoader(
-        shards,
-        split,
-        batch_size,
-        train=False,
-        seed=0,
-        rank=0,
-        world_size=1,
-        num_workers=num_workers,
-        crop_frames=None,
-        normalize=True,
-        dtype="float16",  # half the shared-memory pages per batch; cast to float32 on the device
-        storage_options=storage_options,
-        stats=ckpt["stats"],  # the model's training normalisation, whatever the shards' own say
-    )
-    warning = check_dataset(ckpt, loader.manifest, "the checkpoint", allow_other_dataset=allow_other_dataset)
+    manifest = Manifest.load(shards, storage_options)
+    split = split or default_split(manifest)
+    kind = manifest.split_kind(split)
+    if as_norm and kind != "verification":
+        raise ValueError(f"--as-norm scores trial lists: split '{split}' is a {kind} split")
+    if as_norm and (cohort_per_speaker < 1 or cohort_size < 0 or top_k < 2):
+        raise ValueError("--cohort-per-speaker must be >= 1, --cohort-size >= 0, --top-k >= 2")
+    loader = eval_loader(
+        shards, split, batch_size, num_workers=num_workers, storage_options=storage_options,
+        stats=ckpt["stats"], manifest=manifest,
+    )  # fmt: skip
+    warning = check_dataset(ckpt, manifest, "the checkpoint", allow_other_dataset=allow_other_dataset)
     if warning:
         warn(warning)
     if model is None:
@@ -153,62 +141,80 @@ def evaluate_checkpoint(
         model, _ = build_model_from_checkpoint(ckpt, device)
     else:
         device = torch.device(device) if device is not None else next(model.parameters()).device
+    res = {"split": split, "kind": kind, "dataset_id": manifest.dataset_id, "same_dataset": warning is None}
+    res.update(device=str(device), backend=model.backend_name(), dtype=dtype_name(amp_dtype))
+    if kind == "verification":
+        env = DistEnv(False, 0, 1, 0, torch.device(device))
+        cohort = None
+        if as_norm:
+            train_loader = eval_loader(
+                shards, manifest.splits_with_role("train")[0], batch_size, num_workers=num_workers,
+                storage_options=storage_options, stats=ckpt["stats"], manifest=manifest,
+            )  # fmt: skip
+            cohort = embed_cohort(model, train_loader, env, amp_dtype, cohort_per_speaker, cohort_size)
+        emb = evaluate_distributed(model, loader, env, amp_dtype, embeddings=True, classify=False)
+        res["n"] = emb["n"]
+        res["verification"] = verify_split(
+            emb, manifest, split, storage_options=storage_options, cohort=cohort, top_k=top_k
+        )
+        return res
     sums = run_split(model, loader, device, amp_dtype, embeddings=verify)
-    res = {"split": split, "dataset_id": loader.manifest.dataset_id, "same_dataset": warning is None}
-    res["device"], res["backend"] = str(device), model.backend_name()
     res.update(summarise(sums))
     if verify:
-        res["verification"] = verification(sums["emb"], sums["labels"], max_pairs, seed)
+        try:
+            res["verification"] = verification(sums["emb"], sums["labels"], max_pairs, seed)
+        except ValueError as e:  # e.g. one utterance per speaker: no target pair
+            res["verification"] = {"error": str(e)}
     return res
 
 
-def main(argv=None) -> int:
-    from spkr import storage
-    from spkr.checkpoint import CheckpointError, describe_backend, resolve_device
-    from spkr.checkpoint import load as load_ckpt
-    from spkr.manifest import ManifestError
-
-    args = parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-        ckpt = load_ckpt(args.checkpoint)
-        shards = args.shards or ckpt.get("shards")
-        if not shards:
-            raise ValueError("no --shards given and the checkpoint does not name its shards")
-        opts = storage.storage_options_from_env(args.storage_options)
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
-        res = evaluate_checkpoint(
-            ckpt,
-            shards,
-            args.split,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            storage_options=opts,
-            verify=not args.no_verification,
-            max_pairs=args.max_pairs,
-            seed=args.seed,
-            amp_dtype=amp,
-            allow_other_dataset=args.allow_other_dataset,
-            device=device,
+def default_split(manifest) -> str:
+    """The split of role ``test`` (``test``; ``test-verify`` on an ``open`` shard set)."""
+    splits = manifest.splits_with_role("test")
+    if not splits:
+        raise ValueError(
+            f"{manifest.url}: no split of role test (splits: {manifest.split_names}); give --split"
         )
-    except (CheckpointError, ManifestError, ValueError, FileNotFoundError, OSError) as e:
-        print(f"[evaluate] error: {e}", file=sys.stderr)
-        return 2
+    return splits[0]
+
+
+def run(args) -> int:
+    """The command: load, evaluate, write the JSON, print the summary."""
+    from spkr import storage
+    from spkr.checkpoint import describe_backend, resolve_device
+    from spkr.checkpoint import load as load_ckpt
+    from spkr.run.metrics import eval_line
+
+    device = resolve_device(args.device)
+    amp_dtype, why = resolve_dtype(args.dtype, device)
+    print(f"[evaluate] {describe_dtype(amp_dtype, why)}", file=sys.stderr)
+    ckpt = load_ckpt(args.checkpoint)
+    shards = args.shards or ckpt.get("shards")
+    if not shards:
+        raise ValueError("no --shards given and the checkpoint does not name its shards")
+    res = evaluate_checkpoint(
+        ckpt, shards, args.split, batch_size=args.batch_size, num_workers=args.num_workers,
+        storage_options=storage.storage_options_from_env(args.storage_options), verify=not args.no_verification,
+        max_pairs=args.max_pairs, seed=args.seed, amp_dtype=amp_dtype,
+        allow_other_dataset=args.allow_other_dataset, device=device, as_norm=args.as_norm,
+        cohort_size=args.cohort_size, top_k=args.top_k, cohort_per_speaker=args.cohort_per_speaker,
+    )  # fmt: skip
     res.update({"checkpoint": str(args.checkpoint), "shards": str(shards), "step": ckpt.get("step")})
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{args.split}.json"
+    split = res["split"]
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
-    line = (
-        f"[evaluate] {args.split}: loss {res['loss']:.4f}  acc {100 * res['acc']:.2f}% ({res['n']} samples)"
-    )
-    if "verification" in res:
-        v = res["verification"]
-        line += f"  EER {100 * v['eer']:.2f}%  minDCF(0.01) {v['min_dcf']:.4f} ({v['trials']} trials)"
+    line = f"[evaluate] {eval_line(split, res)}"
+    if "trials" in res.get("verification", {}):
+        line += f" ({res['verification']['trials']} trials)"
     print(line)
     print(f"[evaluate] {describe_backend(ckpt, device)}")
     print(f"[evaluate] written {out}")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli_main("evaluate", run, parse_args(argv))
 
 
 if __name__ == "__main__":

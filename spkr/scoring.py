@@ -1,18 +1,44 @@
-"""Speaker-verification scoring, pure numpy: trial pairs, cosine scores, EER and minDCF.
+"""Speaker-verification scoring, pure numpy: trials, cosine scores, AS-norm, EER, minDCF, thresholds.
 
     i, j, target = make_trials(labels, max_pairs=200_000, seed=0)   # seeded, every pair when few
     scores = cosine_scores(embeddings, i, j)                         # (n_trials,) in [-1, 1]
     eer, threshold = compute_eer(scores, target)
+    (dcf01, thr01), (dcf05, thr05) = compute_min_dcfs(scores, target)  # p_target 0.01 and 0.05
+
+    trials = read_trials("shards/open/trials/test-verify.txt")       # a trial list (format below)
+    scores = score_trials(trials, {key: embedding}, cohort=cohort_means)  # cosine, AS-norm with a cohort
+    metrics = verification_metrics(scores, trials.target)            # EER + minDCF at 0.01 and 0.05
+    calibration = calibrate_thresholds(valid_scores, valid_target)   # thresholds to store in a checkpoint
 
 Conventions: a trial is accepted iff its score >= threshold; ``targets`` are booleans (same speaker);
 EER is the operating point where miss and false-alarm rates are equal; minDCF is the normalised
 minimum detection cost (c_miss = c_fa = 1) at a prior ``p_target``. Nothing here knows about models,
 shards or torch: the evaluation stage computes embeddings and hands them over.
+
+**Trial list format** (text, UTF-8, VoxCeleb style), one trial per line::
+
+    <1|0> <enroll_key> <test_key>
+
+``1`` = target (same speaker), ``0`` = non-target; the keys are sample keys (the shards' ``__key__``,
+e.g. ``1272-128104-0000``) or any other names the embeddings are looked up by; fields are separated
+by whitespace, so keys contain none. Lines that are empty or start with ``#`` are comments. A key
+never meets itself and a pair occurs once (in either order). :func:`read_trials` / :func:`parse_trials`
+reject anything else naming the file and line.
+
+**AS-norm** (adaptive symmetric score normalisation): each side of a trial is scored against a cohort
+(e.g. the training speakers' mean embeddings, :func:`speaker_means`); the mean and standard deviation
+of its ``top_k`` highest cohort scores normalise the raw score, and the two sides are averaged:
+``0.5 * ((s - mu_e) / sd_e + (s - mu_t) / sd_t)``.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -36,16 +62,30 @@ def _error_rates(scores, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return fnr, fpr, np.r_[np.inf, thr]
 
 
-def compute_eer(scores, targets) -> tuple[float, float]:
-    """Equal error rate (linear interpolation where miss and false-alarm rates cross) and its threshold."""
-    fnr, fpr, thr = _error_rates(scores, targets)
+def _eer_point(fnr: np.ndarray, fpr: np.ndarray) -> tuple[float, int]:
+    """(EER, index of its operating point) from :func:`_error_rates` (linear interpolation where miss
+    and false-alarm rates cross)."""
     d = fnr - fpr  # decreasing from 1 to -1
     k = int(np.argmax(d <= 1e-12))
     if abs(d[k]) <= 1e-12 or k == 0:
-        return float(fnr[k]), float(thr[k])
+        return float(fnr[k]), k
     a = d[k - 1] / (d[k - 1] - d[k])
-    eer = fnr[k - 1] + a * (fnr[k] - fnr[k - 1])
-    return float(eer), float(thr[k])
+    return float(fnr[k - 1] + a * (fnr[k] - fnr[k - 1])), k
+
+
+def _min_dcf_point(fnr, fpr, p_target: float, c_miss: float = 1.0, c_fa: float = 1.0) -> tuple[float, int]:
+    """(normalised minDCF, index of its operating point) from :func:`_error_rates`."""
+    dcf = c_miss * p_target * fnr + c_fa * (1.0 - p_target) * fpr
+    dcf /= min(c_miss * p_target, c_fa * (1.0 - p_target))
+    k = int(np.argmin(dcf))
+    return float(dcf[k]), k
+
+
+def compute_eer(scores, targets) -> tuple[float, float]:
+    """Equal error rate (linear interpolation where miss and false-alarm rates cross) and its threshold."""
+    fnr, fpr, thr = _error_rates(scores, targets)
+    eer, k = _eer_point(fnr, fpr)
+    return eer, float(thr[k])
 
 
 def compute_min_dcf(
@@ -54,10 +94,74 @@ def compute_min_dcf(
     """Normalised minimum detection cost min_t (c_miss p fnr + c_fa (1-p) fpr) / min(c_miss p, c_fa (1-p))
     and its threshold."""
     fnr, fpr, thr = _error_rates(scores, targets)
-    dcf = c_miss * p_target * fnr + c_fa * (1.0 - p_target) * fpr
-    dcf /= min(c_miss * p_target, c_fa * (1.0 - p_target))
-    k = int(np.argmin(dcf))
-    return float(dcf[k]), float(thr[k])
+    dcf, k = _min_dcf_point(fnr, fpr, p_target, c_miss, c_fa)
+    return dcf, float(thr[k])
+
+
+DCF_P_TARGETS = (0.01, 0.05)
+
+
+def compute_min_dcfs(scores, targets, p_targets=DCF_P_TARGETS) -> list[tuple[float, float]]:
+    """[(minDCF, threshold)] at each prior of ``p_targets`` (default 0.01 and 0.05, c_miss = c_fa = 1),
+    from one sort of the scores; each equals ``compute_min_dcf(scores, targets, p)``."""
+    fnr, fpr, thr = _error_rates(scores, targets)
+    out = []
+    for p in p_targets:
+        dcf, k = _min_dcf_point(fnr, fpr, p)
+        out.append((dcf, float(thr[k])))
+    return out
+
+
+def verification_metrics(scores, targets, p_targets=DCF_P_TARGETS) -> dict:
+    """EER and minDCF at each prior of ``p_targets`` (keys ``min_dcf_0.01``, ``min_dcf_0.05`` ... and
+    ``..._threshold``) of scored trials, with the trial counts."""
+    targets = np.asarray(targets).astype(bool)
+    fnr, fpr, thr = _error_rates(scores, targets)
+    eer, k = _eer_point(fnr, fpr)
+    out = {"eer": eer, "eer_threshold": float(thr[k])}
+    for p in p_targets:
+        dcf, k = _min_dcf_point(fnr, fpr, p)
+        out[f"min_dcf_{p:g}"], out[f"min_dcf_{p:g}_threshold"] = dcf, float(thr[k])
+    out.update(_trial_counts(targets))
+    return out
+
+
+def _trial_counts(targets: np.ndarray) -> dict:
+    return {
+        "trials": int(len(targets)),
+        "target_trials": int(targets.sum()),
+        "nontarget_trials": int((~targets).sum()),
+    }
+
+
+def calibrate_thresholds(scores, targets, p_target: float = 0.01) -> dict:
+    """Decision thresholds calibrated on (validation) trial scores, to store with a model: the EER
+    operating point and the minDCF(``p_target``) one. Each threshold is the midpoint between the
+    lowest accepted and the highest rejected score there (same error rates on these trials, margin on
+    both sides for new ones); above the top score when rejecting everything is best, the lowest score
+    when accepting everything is. Plain floats/ints/strings (fits a weights_only checkpoint)."""
+    targets = np.asarray(targets).astype(bool)
+    fnr, fpr, thr = _error_rates(scores, targets)
+    eer, k_eer = _eer_point(fnr, fpr)
+    dcf, k_dcf = _min_dcf_point(fnr, fpr, p_target)
+    return {
+        "eer_threshold": _midpoint_threshold(thr, k_eer),
+        "min_dcf_threshold": _midpoint_threshold(thr, k_dcf),
+        "p_target": float(p_target),
+        "eer": eer,
+        "min_dcf": dcf,
+        **_trial_counts(targets),
+    }
+
+
+def _midpoint_threshold(thr: np.ndarray, k: int) -> float:
+    """A threshold that accepts exactly the scores >= thr[k] of ``thr`` = [inf, distinct scores in
+    decreasing order], halfway to the next lower score."""
+    if k == 0:  # reject all: just above the highest score
+        return float(np.nextafter(thr[1], np.inf))
+    if k == len(thr) - 1:  # accept all
+        return float(thr[k])
+    return float((thr[k] + thr[k + 1]) / 2)
 
 
 def make_trials(labels, max_pairs: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -150,16 +254,23 @@ def _sample_nontarget_pairs(order, start, count, n_pairs: int, rng) -> tuple[lis
     return ni, nj
 
 
-def cosine_scores(emb: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+def l2_normalize(emb) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float64; all-zero rows stay zero)."""
     e = np.asarray(emb, dtype=np.float64)
-    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    return e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+
+
+def cosine_scores(emb: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Cosine similarity of embedding rows ``i[n]`` and ``j[n]`` for every trial n."""
+    e = l2_normalize(emb)
     return np.einsum("nd,nd->n", e[i], e[j])
 
 
 def verification(
     emb: np.ndarray, labels, max_pairs: int = 200_000, seed: int = 0, p_target: float = 0.01
 ) -> dict:
-    """EER / minDCF of cosine scoring over trial pairs of these embeddings."""
+    """EER / minDCF (at ``p_target``: ``min_dcf``, ``min_dcf_threshold``; and at every prior of
+    DCF_P_TARGETS: ``min_dcf_0.01`` ...) of cosine scoring over trial pairs of these embeddings."""
     n_speakers = len(np.unique(np.asarray(labels)))
     if n_speakers < 2:
         raise ValueError(
@@ -168,15 +279,223 @@ def verification(
         )
     i, j, tar = make_trials(labels, max_pairs, seed)
     scores = cosine_scores(emb, i, j)
-    eer, eer_thr = compute_eer(scores, tar)
-    dcf, dcf_thr = compute_min_dcf(scores, tar, p_target=p_target)
-    return {
-        "eer": eer,
-        "eer_threshold": eer_thr,
-        "min_dcf": dcf,
-        "min_dcf_threshold": dcf_thr,
-        "p_target": p_target,
-        "trials": int(len(tar)),
-        "target_trials": int(tar.sum()),
-        "nontarget_trials": int((~tar).sum()),
-    }
+    res = verification_metrics(scores, tar, sorted({p_target, *DCF_P_TARGETS}))
+    res["min_dcf"], res["min_dcf_threshold"] = (
+        res[f"min_dcf_{p_target:g}"],
+        res[f"min_dcf_{p_target:g}_threshold"],
+    )
+    res["p_target"] = p_target
+    return res
+
+
+# --------------------------------------------------------------------------- trial lists
+
+
+class TrialListError(ValueError):
+    """A trial list that does not follow the format (names the file and line)."""
+
+
+@dataclass(frozen=True)
+class TrialList:
+    """Trials ``(target[n], enroll[n], test[n])``: target flags (bool) and the two sides' keys."""
+
+    target: np.ndarray
+    enroll: tuple[str, ...]
+    test: tuple[str, ...]
+    source: str = "trial list"  # the file it was read from, for error messages
+    lines: tuple[int, ...] = ()  # each trial's line in that file (empty: made in memory)
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def keys(self) -> list[str]:
+        """Every key the trials use, sorted."""
+        return sorted(set(self.enroll) | set(self.test))
+
+
+def make_trial_list(target, enroll, test, source: str = "trial list") -> TrialList:
+    """A checked TrialList: at least one trial, flags 0/1 (or bools), keys non-empty without
+    whitespace, no key paired with itself, no pair twice (in either order). Errors name ``source`` and the trial (0-based)."""
+    target = np.asarray(target)
+    enroll, test = tuple(enroll), tuple(test)
+    if not (len(target) == len(enroll) == len(test)):
+        raise TrialListError(
+            f"{source}: {len(target)} flags, {len(enroll)} enroll keys, {len(test)} test keys"
+        )
+    if target.ndim != 1 or not np.isin(target, (0, 1)).all():
+        raise TrialListError(f"{source}: target flags must be a 1-D array of 0/1 or booleans")
+    if len(target) == 0:
+        raise TrialListError(f"{source}: no trials")
+    seen: dict[tuple[str, str], str] = {}
+    for n, (a, b) in enumerate(zip(enroll, test)):
+        problem = _trial_problem(a, b, seen, f"trial {n}")
+        if problem:
+            raise TrialListError(f"{source}: trial {n}: {problem}")
+    return TrialList(target.astype(bool), enroll, test, source)
+
+
+def _trial_problem(a, b, seen: dict, where: str) -> str | None:
+    """What is wrong with the trial (a, b) at ``where`` given the pairs ``seen`` so far (which it
+    joins, mapped to ``where``)."""
+    for key in (a, b):
+        if not isinstance(key, str) or key.split() != [key]:
+            return f"key {key!r} is not a non-empty string without whitespace"
+    if a == b:
+        return f"key {a} is paired with itself"
+    pair = (a, b) if a < b else (b, a)
+    if pair in seen:
+        return f"pair {a} {b} repeats {seen[pair]}"
+    seen[pair] = where
+    return None
+
+
+def parse_trials(text: str | bytes, source: str = "trial list") -> TrialList:
+    """A TrialList from the text of a trial list (format in the module docstring); errors name
+    ``source`` (the file or URL) and the 1-based line."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TrialListError(f"{source}: not UTF-8 text ({e})") from None
+    flags: list[bool] = []
+    enroll: list[str] = []
+    test: list[str] = []
+    lines: list[int] = []
+    seen: dict[tuple[str, str], str] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) != 3:
+            raise TrialListError(
+                f"{source}:{lineno}: expected '<1|0> <enroll_key> <test_key>', got {len(fields)} "
+                f"field(s): {line.strip()[:120]!r}"
+            )
+        if fields[0] not in ("0", "1"):
+            raise TrialListError(f"{source}:{lineno}: target flag {fields[0]!r} is not 1 or 0")
+        problem = _trial_problem(fields[1], fields[2], seen, f"line {lineno}")
+        if problem:
+            raise TrialListError(f"{source}:{lineno}: {problem}")
+        flags.append(fields[0] == "1")
+        enroll.append(fields[1])
+        test.append(fields[2])
+        lines.append(lineno)
+    if not flags:
+        raise TrialListError(f"{source}: no trials (every line is empty or a comment)")
+    return TrialList(np.array(flags, dtype=bool), tuple(enroll), tuple(test), source, tuple(lines))
+
+
+def format_trials(trials: TrialList, header: str | None = None) -> str:
+    """The text of a trial list; ``header`` (may span lines) is written first as ``#`` comments."""
+    head = "".join(f"# {line}\n" for line in header.splitlines()) if header else ""
+    rows = (f"{int(t)} {a} {b}\n" for t, a, b in zip(trials.target, trials.enroll, trials.test))
+    return head + "".join(rows)
+
+
+def read_trials(path: str | os.PathLike, known_keys=None) -> TrialList:
+    """Read a local trial list; with ``known_keys`` (the keys there are embeddings for), a key that
+    is not one of them is an error naming it and its line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise TrialListError(f"{path}: cannot read trial list ({e.strerror or e})") from None
+    trials = parse_trials(data, str(path))
+    if known_keys is not None:
+        check_trial_keys(trials, known_keys)
+    return trials
+
+
+def check_trial_keys(trials: TrialList, known_keys) -> None:
+    """TrialListError naming the first trial (its file and line when read from one) whose key is not
+    in ``known_keys`` (a set or mapping), and how many of the list's keys are unknown."""
+    known = known_keys if isinstance(known_keys, (AbstractSet, Mapping)) else set(known_keys)
+    keys = trials.keys()
+    unknown = [k for k in keys if k not in known]
+    if not unknown:
+        return
+    n = next(
+        n for n, (a, b) in enumerate(zip(trials.enroll, trials.test)) if a not in known or b not in known
+    )
+    key = trials.enroll[n] if trials.enroll[n] not in known else trials.test[n]
+    where = f"{trials.source}:{trials.lines[n]}" if trials.lines else f"{trials.source}: trial {n}"
+    raise TrialListError(
+        f"{where}: unknown key {key} ({len(unknown)} of the list's {len(keys)} keys have no "
+        f"embedding, e.g. {', '.join(unknown[:3])})"
+    )
+
+
+def write_trials(path: str | os.PathLike, trials: TrialList, header: str | None = None) -> None:
+    """Write a trial list atomically (checked first: a list this module cannot read is never written)."""
+    from spkr import atomic
+
+    trials = make_trial_list(trials.target, trials.enroll, trials.test, str(path))
+    atomic.write_bytes(path, format_trials(trials, header).encode("utf-8"))
+
+
+# --------------------------------------------------------------------------- scoring trial lists, AS-norm
+
+
+def speaker_means(emb, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct labels, (n_speakers, E) unit-norm mean of each speaker's L2-normalised
+    embeddings): a speaker model, or a cohort for AS-norm from training speakers."""
+    labels = np.asarray(labels)
+    e = l2_normalize(emb)
+    if len(labels) != len(e):
+        raise ValueError(f"speaker_means: {len(e)} embeddings but {len(labels)} labels")
+    names, inverse = np.unique(labels, return_inverse=True)
+    sums = np.zeros((len(names), e.shape[1]))
+    np.add.at(sums, inverse, e)
+    return names, l2_normalize(sums)
+
+
+def top_k_statistics(cohort_scores, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) of each row's ``top_k`` highest scores (every score when the row is shorter)."""
+    s = np.asarray(cohort_scores, dtype=np.float64)
+    k = min(top_k, s.shape[1])
+    top = np.partition(s, s.shape[1] - k, axis=1)[:, s.shape[1] - k :] if k < s.shape[1] else s
+    return top.mean(axis=1), top.std(axis=1)
+
+
+def cohort_statistics(emb, cohort, top_k: int = 300, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """AS-norm statistics of embeddings: :func:`top_k_statistics` of their cosine scores against the
+    cohort rows, ``chunk`` embeddings at a time (memory chunk x C)."""
+    cohort = l2_normalize(cohort)
+    if cohort.ndim != 2 or len(cohort) < 2:
+        raise ValueError(f"AS-norm needs a cohort of at least 2 embeddings (got shape {cohort.shape})")
+    if top_k < 2:
+        raise ValueError(f"AS-norm top_k must be >= 2 (got {top_k})")
+    e = l2_normalize(emb)
+    if e.ndim != 2 or e.shape[1] != cohort.shape[1]:
+        raise ValueError(f"embeddings of shape {e.shape} but a cohort of dim {cohort.shape[1]}")
+    mean, std = np.empty(len(e)), np.empty(len(e))
+    for a in range(0, len(e), chunk):
+        mean[a : a + chunk], std[a : a + chunk] = top_k_statistics(e[a : a + chunk] @ cohort.T, top_k)
+    return mean, std
+
+
+def as_norm(scores, enroll_mean, enroll_std, test_mean, test_std) -> np.ndarray:
+    """Adaptive symmetric normalisation of raw trial scores with each side's cohort statistics."""
+    s = np.asarray(scores, dtype=np.float64)
+    e = (s - enroll_mean) / np.maximum(enroll_std, 1e-8)
+    t = (s - test_mean) / np.maximum(test_std, 1e-8)
+    return 0.5 * (e + t)
+
+
+def score_trials(trials: TrialList, embeddings, cohort=None, top_k: int = 300) -> np.ndarray:
+    """Scores of a trial list: cosine of the two sides' embeddings (``embeddings``: a mapping
+    key -> (E,) vector), AS-norm'ed against ``cohort`` ((C, E), e.g. training speakers' means)
+    when given. A key without an embedding is a TrialListError naming it."""
+    check_trial_keys(trials, embeddings)
+    keys = trials.keys()
+    index = {k: n for n, k in enumerate(keys)}
+    e = l2_normalize(np.stack([np.asarray(embeddings[k]) for k in keys]))
+    ei = np.fromiter((index[k] for k in trials.enroll), np.int64, len(trials))
+    ti = np.fromiter((index[k] for k in trials.test), np.int64, len(trials))
+    scores = np.concatenate(
+        [np.einsum("nd,nd->n", e[ei[a : a + 65536]], e[ti[a : a + 65536]]) for a in range(0, len(ei), 65536)]
+    )
+    if cohort is None:
+        return scores
+    mean, std = cohort_statistics(e, cohort, top_k)
+    return as_norm(scores, mean[ei], std[ei], mean[ti], std[ti])

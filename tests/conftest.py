@@ -64,3 +64,19 @@ def demo_flacs() -> list[Path]:
     files = sorted((DEMO_ROOT / "LibriSpeech").rglob("*.flac"))
     assert files, f"bundled demo corpus missing under {DEMO_ROOT}"
     return files
+
+
+@pytest.fixture(scope="session")
+def open_shards(tmp_path_factory) -> Path:
+    """Shards of the small demo corpus (tests/runkit.small_corpus) with ``--protocol open``:
+    train/valid (10 training speakers), valid-verify (2 unseen speakers), test-verify (4), trial lists."""
+    from spkr.tools.shard import main as shard_main
+    from tests.runkit import small_corpus
+
+    base = tmp_path_factory.getbasetemp()
+    out = base / "demo_open_shards"
+    if not (out / "manifest.json").exists():
+        corpus = small_corpus(base / "demo_corpus")
+        argv = ["--source", str(corpus), "--subsets", "train.100", "--out", str(out), "--protocol", "open"]
+        assert shard_main(argv + ["--workers", "2", "--no-progress"]) == 0
+    return out

@@ -1,5 +1,5 @@
 """Synthetic spkr shards for stream tests: ``make_shards(tmp, counts=[7, 11, 13])`` writes tar shards
-with ``spkr.shard_writer.write_shard`` (random float16 features of chosen lengths) and a manifest."""
+with ``spkr.shards.writer.write_shard`` (random float16 features of chosen lengths) and a manifest."""
 
 from __future__ import annotations
 
@@ -36,8 +36,10 @@ def make_shards(
     tests can check normalisation. Returns ``out``.
     """
     from spkr.features import FeatureConfig
-    from spkr.manifest import RunningStats, shard_name
-    from spkr.shard_writer import Sample, write_shard
+    from spkr.shards.codec import Sample
+    from spkr.shards.format import shard_name
+    from spkr.shards.stats import RunningStats
+    from spkr.shards.writer import write_shard
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +71,7 @@ def make_shards(
 
 def write_manifest(out: str | Path, infos_by_split: dict, cfg, n_classes: int, stats: dict) -> dict:
     """``<out>/manifest.json`` for these shards, assembled by the real writer (build_manifest)."""
-    from spkr.shard_writer import build_manifest, write_bytes_atomic
+    from spkr.shards.writer import build_manifest, write_bytes_atomic
 
     data = build_manifest(
         infos_by_split,
@@ -90,29 +92,27 @@ def all_keys(out: str | Path, split: str = "train") -> list[str]:
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
-    import io
+    from spkr.shards.codec import encode_npy
 
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
+    return encode_npy(a)
 
 
 def good_members(key: str, label: int, feats: np.ndarray) -> list[tuple[str, bytes]]:
-    return [
-        (f"{key}.cls", str(label).encode()),
-        (f"{key}.json", json.dumps({"frames": int(feats.shape[0])}).encode()),
-        (f"{key}.mel.npy", npy_bytes(feats)),
-    ]
+    """The members the writer would write for this sample (``{"frames": n}`` as its JSON)."""
+    from spkr.shards.codec import Sample, encode_sample
+
+    return encode_sample(Sample(key, label, {"frames": int(feats.shape[0])}, feats))
 
 
 def custom_shard(base: str | Path, name: str, samples: list[tuple[str, int, int, list[tuple[str, bytes]]]]):
     """A hand-made tar ``<base>/<name>`` whose samples are (key, label, frames, [(member, payload)...]),
-    members written as given (to build corrupt shards); returns the matching ``ShardInfo``."""
-    import hashlib
+    members written as given (to build corrupt shards) with the writer's tar headers; returns the
+    matching ``ShardInfo``."""
     import io
     import tarfile
 
-    from spkr.manifest import ShardInfo, sample_checksum
+    from spkr.shards.codec import digest_tar, tar_member_info
+    from spkr.shards.format import ShardInfo
 
     path = Path(base) / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,19 +121,16 @@ def custom_shard(base: str | Path, name: str, samples: list[tuple[str, int, int,
         for _key, _label, _frames, members in samples:
             offsets.append(tf.offset)
             for mname, payload in members:
-                info = tarfile.TarInfo(mname)
-                info.size, info.mtime, info.mode = len(payload), 0, 0o644
-                tf.addfile(info, io.BytesIO(payload))
-    blob = path.read_bytes()
-    ends = offsets[1:] + [len(blob)]
+                tf.addfile(tar_member_info(mname, len(payload)), io.BytesIO(payload))
+    sha256, size, checksums = digest_tar(str(path), offsets)
     return ShardInfo(
         name=name,
         num_samples=len(samples),
-        bytes=len(blob),
-        sha256=hashlib.sha256(blob).hexdigest(),
+        bytes=size,
+        sha256=sha256,
         keys=[s[0] for s in samples],
         frames=[s[2] for s in samples],
         labels=[s[1] for s in samples],
         offsets=offsets,
-        checksums=[sample_checksum(blob[x:y]) for x, y in zip(offsets, ends)],
+        checksums=checksums,
     )

@@ -13,7 +13,7 @@ import torch
 
 from spkr import atomic
 from spkr import checkpoint as ck
-from spkr.shard_writer import write_bytes_atomic
+from spkr.shards.writer import write_bytes_atomic
 from spkr.tools import shard as shard_tool
 
 MASKS = [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)]

@@ -18,7 +18,7 @@ import torch
 from spkr.checkpoint import build_model_from_checkpoint, load, resolve_device, save_atomic
 from spkr.config import from_dict
 from spkr.models import BackendUnavailable, ModelConfig, build_model, mamba_ssm_available
-from tests.test_train_e2e import _env
+from tests.runkit import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -153,7 +153,8 @@ def test_mamba_ssm_checkpoint_evaluates_on_cpu(gpu_run, tmp_path, capsys):
         assert res["verification"][k] == pytest.approx(ref["verification"][k], abs=1e-6), k
 
     out = tmp_path / "eval.json"
-    assert eval_main(["--checkpoint", str(gpu_run["ckpt"]), "--device", "cpu", "--out", str(out)]) == 0
+    argv = ["--checkpoint", str(gpu_run["ckpt"]), "--device", "cpu", "--out", str(out), "--dtype", "fp32"]
+    assert eval_main(argv) == 0  # fp32: the reference's precision
     text = capsys.readouterr().out
     assert "device cpu, backend torch (checkpoint trained with backend mamba_ssm)" in text
     written = json.loads(out.read_text())
@@ -189,7 +190,7 @@ def test_mamba_ssm_run_charts_on_cpu(gpu_run, capsys):
     from spkr.tools.chart_losses import main as chart_main
 
     run = gpu_run["run"]
-    assert chart_main(["--run", str(run), "--splits", "valid", "--device", "cpu"]) == 0
+    assert chart_main(["--run", str(run), "--splits", "valid", "--device", "cpu", "--dtype", "fp32"]) == 0
     assert "device cpu, backend torch (checkpoint trained with backend mamba_ssm)" in capsys.readouterr().out
     (point,) = json.loads((run / "losses.json").read_text())["splits"]["valid"]
     ckpt = load(run / "ckpt-epoch000.pt")
@@ -220,7 +221,7 @@ def test_torch_checkpoint_runs_with_mamba_ssm_kernels_on_cuda(gpu_run):
     assert torch.allclose(out, ref, rtol=2e-3, atol=2e-3), (out - ref).abs().max()
 
 
-def test_training_mamba_ssm_backend_on_cpu_is_a_clear_error(tmp_path):
+def test_training_mamba_ssm_backend_on_cpu_is_a_clear_error(tmp_path, capsys):
     """Training explicitly with backend mamba_ssm where it cannot run stays an error: one line, no traceback."""
     if torch.cuda.is_available() and mamba_ssm_available() is None:
         pytest.skip("mamba_ssm runs here")
@@ -230,10 +231,9 @@ def test_training_mamba_ssm_backend_on_cpu_is_a_clear_error(tmp_path):
     shards = make_shards(tmp_path / "shards", splits={"train": [4], "valid": [2], "test": [2]}, n_mels=N_MELS)
     config = str(CONFIGS / "mamba-ssm.toml")
     args = ["--shards", str(shards), "--config", config, "--out", str(tmp_path / "r"), "--device", "cpu"]
-    with pytest.raises(SystemExit) as e:
-        train_main(args + ["--no-progress", "--no-compile", "--epochs", "1"])
-    msg = str(e.value.code)
-    assert msg.startswith("[train] error: backend='mamba_ssm'") and "\n" not in msg, msg
+    assert train_main(args + ["--no-progress", "--no-compile", "--epochs", "1"]) == 2
+    msg = capsys.readouterr().err.strip().splitlines()[-1]
+    assert msg.startswith("[train] error: backend='mamba_ssm'") and "Traceback" not in msg, msg
 
 
 # ------------------------------------------------------------------------------------------ --device
@@ -259,11 +259,11 @@ def test_unavailable_device_is_a_one_line_error(tmp_path, capsys):
     from spkr.evaluate import main as eval_main
     from spkr.predict import main as predict_main
     from spkr.tools.chart_losses import main as chart_main
-    from tests.test_predict import _untrained_checkpoint
+    from tests.runkit import untrained_checkpoint
 
     run = tmp_path / "run"
     run.mkdir()
-    ckpt = _untrained_checkpoint(run / "ckpt-epoch000.pt")
+    ckpt = untrained_checkpoint(run / "ckpt-epoch000.pt")
     wav = _wav(tmp_path / "a.wav")
     for what, main, argv in [
         ("evaluate", eval_main, ["--checkpoint", str(ckpt), "--shards", str(tmp_path)]),
@@ -279,7 +279,7 @@ def test_unavailable_device_is_a_one_line_error(tmp_path, capsys):
     # and as a real command line
     r = subprocess.run(
         [sys.executable, "-m", "spkr.predict", str(wav), "--checkpoint", str(ckpt), "--device", "cuda"],
-        capture_output=True, text=True, env=_env(), cwd=tmp_path,
+        capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path,
     )  # fmt: skip
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("[predict] error: --device cuda:") and r.stderr.count("\n") == 1, r.stderr
@@ -298,7 +298,7 @@ def test_no_cuda_home_warning_from_cpp_extension(tmp_path):
     """torch.compile's CPU backend imports torch.utils.cpp_extension, which logs "No CUDA runtime is
     found, using CUDA_HOME=..." when a CUDA toolkit is in sight (CUDA_HOME here, /usr/local/bin/nvcc on
     this machine). torch alone prints it; any process that imported spkr does not."""
-    env = _env(CUDA_HOME=str(tmp_path))
+    env = subprocess_env(CUDA_HOME=str(tmp_path))
     code = "import torch.utils.cpp_extension"
     bare = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert bare.returncode == 0 and CUDA_WARNING in bare.stderr, bare.stderr
@@ -317,8 +317,8 @@ def test_no_cuda_home_warning_from_cpp_extension(tmp_path):
 def test_compiled_cpu_training_cli_prints_no_cuda_warning(tmp_path):
     """The real case: ``python -m spkr.train`` with torch.compile on CPU (inductor imports
     cpp_extension for its C++ headers) used to print the warning once per rank."""
+    from tests.runkit import TINY_MODEL
     from tests.shardkit import make_shards
-    from tests.test_train_e2e import TINY_MODEL
 
     shards = make_shards(tmp_path / "shards", splits={"train": [4], "valid": [2], "test": [2]}, n_mels=N_MELS)
     (tmp_path / "tiny.toml").write_text(TINY_MODEL)
@@ -327,7 +327,9 @@ def test_compiled_cpu_training_cli_prints_no_cuda_warning(tmp_path):
         "--out", str(tmp_path / "run"), "--device", "cpu", "--compile", "true", "--dtype", "fp32",
         "--epochs", "1", "--batch-size", "4", "--verify-pairs", "0", "--no-progress",
     ]  # fmt: skip
-    r = subprocess.run(cmd, env=_env(CUDA_HOME=str(tmp_path)), capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run(
+        cmd, env=subprocess_env(CUDA_HOME=str(tmp_path)), capture_output=True, text=True, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "compile on" in r.stderr + r.stdout
     assert CUDA_WARNING not in r.stderr + r.stdout, r.stderr

@@ -9,6 +9,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -124,3 +125,104 @@ def test_readable_by_corpus_reader():
     assert len(utts) == len(list(LS.rglob("*.flac")))
     assert all(u.transcript for u in utts)
     assert {u.subset for u in utts} == set(SUBSETS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tools/make_demo_corpus.py: the plan (fast, no synthesis) and, marked slow, a few renders
+
+
+def _tool():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("make_demo_corpus", REPO / "tools" / "make_demo_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["make_demo_corpus"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _plan_tree(speakers: dict) -> dict:
+    return {spk: (s["subset"], s["voice"].label, tuple(s["chapters"])) for spk, s in speakers.items()}
+
+
+def test_default_plan_is_the_bundled_corpus():
+    """The defaults (as data/demo/README.md says it was made) plan exactly the bundled tree."""
+    tool = _tool()
+    jobs, speakers = tool.plan(16, 40, 0, 2, 4)
+    rows = _speakers_txt()
+    assert {str(spk): (s[0], s[1]) for spk, s in _plan_tree(speakers).items()} == {
+        sid: (r["subset"], r["name"]) for sid, r in rows.items()
+    }
+    on_disk = {p.stem for p in LS.rglob("*.flac")}
+    assert {j.key for j in jobs} == on_disk
+    for j in jobs:
+        assert (LS / j.subset / str(j.speaker) / str(j.chapter) / f"{j.key}.flac").is_file()
+
+
+def test_other_voice_set_shares_no_voice_with_the_default():
+    tool = _tool()
+    default, other = tool.VOICE_SETS["default"], tool.VOICE_SETS["other"]
+    assert len(other.voices) == 36 and len({v.label for v in other.voices}) == 36
+    assert not {v.label for v in default.voices} & {v.label for v in other.voices}
+    # a recorded person at most once (a shifted copy beside another would be confused with it)
+    recorded = [(v.engine, v.name) for v in other.voices if v.engine != "espeak"]
+    assert len(recorded) == len(set(recorded)) and all(
+        v.pitch_cents for v in other.voices if v.engine != "espeak"
+    )
+    _, speakers = tool.plan(36, 40, 0, 4, 8, voice_set="other")
+    assert sorted(speakers) == list(range(2001, 2037))
+    by_subset: dict[str, set] = defaultdict(set)
+    for s in speakers.values():
+        by_subset[s["subset"]].add(s["voice"].engine == "espeak")
+    assert all(kinds == {True, False} for kinds in by_subset.values()), by_subset  # both kinds everywhere
+
+
+def test_min_chapters_two_gives_every_speaker_two_sessions():
+    tool = _tool()
+    jobs1, one = tool.plan(16, 40, 0, 2, 4)
+    jobs2, two = tool.plan(16, 40, 0, 2, 4, min_chapters=2)
+    assert all(len(s["chapters"]) == 2 for s in two.values())
+    assert sum(len(s["chapters"]) == 1 for s in one.values()) == 8  # the bundled demo: 8 of 16
+    for spk, s in one.items():  # speakers that drew two chapters anyway keep them and their sentences
+        if len(s["chapters"]) == 2:
+            assert two[spk]["chapters"] == s["chapters"]
+            assert [j.key for j in jobs1 if j.speaker == spk] == [j.key for j in jobs2 if j.speaker == spk]
+    per_speaker = defaultdict(set)
+    for j in jobs2:
+        per_speaker[j.speaker].add(j.key)
+    assert {len(k) for k in per_speaker.values()} == {40}
+    with pytest.raises(ValueError, match="min_chapters"):
+        tool.plan(16, 40, 0, 2, 4, min_chapters=3)
+
+
+def test_cli_bounds_speakers_by_the_voice_set(capsys):
+    tool = _tool()
+    with pytest.raises(SystemExit) as e:
+        tool.main(["--voice-set", "other", "--speakers", "37", "--out", "unused"])
+    assert e.value.code == 2 and "4..36" in capsys.readouterr().err
+
+
+def _have_tts() -> bool:
+    import shutil
+
+    return all(shutil.which(b) for b in ("espeak-ng", "flite", "text2wave", "sox"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_tts(), reason="speech synthesis tools missing")
+def test_default_render_reproduces_bundled_audio(tmp_path):
+    """Rendering with the defaults gives the bundled samples (flite and espeak-ng speakers), and an
+    'other' voice renders (its sox pitch shift runs)."""
+    tool = _tool()
+    jobs, _ = tool.plan(16, 40, 0, 2, 4)
+    for job in [j for j in jobs if j.voice.engine in ("flite", "espeak")][::150]:
+        key, pcm, text = tool.render(job, 0, tmp_path)
+        chapter = LS / job.subset / str(job.speaker) / str(job.chapter)
+        bundled, sr = sf.read(str(chapter / f"{key}.flac"), dtype="int16")
+        assert sr == 16000 and np.array_equal(pcm, bundled), key
+        transcript = (chapter / f"{job.speaker}-{job.chapter}.trans.txt").read_text(encoding="utf-8")
+        assert f"{key} {text}\n" in transcript
+    other_jobs, _ = tool.plan(8, 2, 0, 1, 1, voice_set="other")
+    key, pcm, _ = tool.render(other_jobs[0], 0, tmp_path)
+    assert key.startswith("2001-") and 0.5 <= len(pcm) / 16000 <= 4.0 and abs(pcm).max() > 100

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from spkr.run.distributed import dtype_name, resolve_dtype
 from spkr.scoring import compute_eer, compute_min_dcf, cosine_scores, make_trials, verification
-from tests.test_train_e2e import TINY_MODEL
+from tests.runkit import tiny_run
 
 
 def test_eer_and_min_dcf_hand_computed():
@@ -116,43 +118,6 @@ def test_cosine_verification_on_clustered_embeddings():
     assert v["eer"] == 0.0 and v["min_dcf"] == 0.0 and v["trials"] == 40 * 39 // 2
 
 
-# the e2e tests' tiny model, deterministic (no dropout) and with a plain softmax head
-TINY_RUN_MODEL = (
-    TINY_MODEL.replace("dropout = 0.1", "dropout = 0.0") + 'backend = "torch"\nhead = "softmax"\n'
-)
-
-
-def tiny_run(base: Path) -> dict:
-    """A real run directory, built once per session in ~2 s: synthetic shards, the tiny Mamba-1 above
-    trained in-process (fp32, eager) for 3 epochs, validated every 2nd epoch (so epoch 0 has no valid
-    row), twice into the same directory: seed 1, then --fresh with seed 0. metrics.jsonl so holds rows
-    of both runs with the same epochs, steps and dataset_id, but only the second run's weights are in
-    the checkpoints. Returns {"run", "shards", "rows" (the second run's metrics rows)}."""
-    from spkr.train import main as train_main
-    from tests.shardkit import make_shards
-
-    run, info_file = base / "tiny_run", base / "tiny_run.json"
-    if info_file.exists():
-        return json.loads(info_file.read_text())
-    splits = {"train": [16, 16], "valid": [10], "test": [8]}
-    shards = make_shards(base / "tiny_run_shards", splits=splits, n_mels=16, n_classes=3, mean_frames=30, seed=5)  # fmt: skip
-    cfg = base / "tiny_run.toml"
-    cfg.write_text(TINY_RUN_MODEL)
-    args = [
-        "--shards", str(shards), "--config", str(cfg), "--out", str(run), "--no-progress", "--no-compile",
-        "--dtype", "fp32", "--epochs", "3", "--eval-every", "2", "--batch-size", "4", "--eval-batch-size", "3",
-        "--warmup-steps", "2", "--lr", "1e-2", "--crop-frames", "0", "--num-workers", "0", "--log-every", "1",
-        "--verify-pairs", "0",
-    ]  # fmt: skip
-    assert train_main(args + ["--seed", "1"]) == 0
-    n_first = len((run / "metrics.jsonl").read_text().splitlines())
-    assert train_main(args + ["--seed", "0", "--fresh"]) == 0
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    info = {"run": str(run), "shards": str(shards), "rows": rows[n_first:], "stale": rows[:n_first]}
-    info_file.write_text(json.dumps(info))
-    return info
-
-
 @pytest.mark.slow  # trains (in-process, ~2 s); the whole test takes ~10-20 s
 def test_chart_losses_reuses_what_training_measured(tmp_path_factory, tmp_path):
     """Issue 11: chart_losses takes a point from metrics.jsonl only when the row proves it measured that
@@ -171,7 +136,8 @@ def test_chart_losses_reuses_what_training_measured(tmp_path_factory, tmp_path):
     assert all(stale[k]["epoch"] == rows[k]["epoch"] for k in rows)
     assert all(stale[k]["dataset_id"] == rows[k]["dataset_id"] for k in rows)
 
-    assert cl.main(["--run", str(run), "--splits", "valid", "test"]) == 0
+    fp32 = ["--dtype", "fp32"]  # training's precision here: evaluated points comparable with its rows
+    assert cl.main(["--run", str(run), "--splits", "valid", "test", *fp32]) == 0
     assert cl.COUNTS == {"checkpoints": 3, "reused": 3, "evaluated": 1}
     losses = json.loads((run / "losses.json").read_text())
     valid, test = losses["splits"]["valid"], losses["splits"]["test"]
@@ -188,18 +154,24 @@ def test_chart_losses_reuses_what_training_measured(tmp_path_factory, tmp_path):
     assert losses["train"] and (run / "losses.png").stat().st_size > 1000
 
     # a fresh evaluation of every checkpoint gives the reused values (other batches: equal up to rounding)
-    assert cl.main(["--run", str(run), "--splits", "valid", "test", "--no-reuse"]) == 0
+    # in the precision training measured them with (fp32; chart_losses' default is the auto policy)
+    assert cl.main(["--run", str(run), "--splits", "valid", "test", "--no-reuse", *fp32]) == 0
     assert cl.COUNTS == {"checkpoints": 3, "reused": 0, "evaluated": 4}
     fresh = json.loads((run / "losses.json").read_text())["splits"]
     for split, points in (("valid", valid), ("test", test)):
         assert [r["epoch"] for r in fresh[split]] == [r["epoch"] for r in points]
         for a, b in zip(points, fresh[split]):
             assert b["source"] == "evaluated" and a["n"] == b["n"] and a["acc"] == b["acc"]
+            assert a["dtype"] == b["dtype"] == "float32"
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (split, a, b)
 
     # --test-epochs all: the two earlier checkpoints are evaluated on test too, nothing else
+    # (default --dtype auto: training's precision policy for this CPU, as spkr.evaluate)
     assert cl.main(["--run", str(run), "--splits", "test", "--test-epochs", "all"]) == 0
     assert cl.COUNTS == {"checkpoints": 3, "reused": 1, "evaluated": 2}
+    auto = dtype_name(resolve_dtype("auto", torch.device("cpu"))[0])
+    test = json.loads((run / "losses.json").read_text())["splits"]["test"]
+    assert [r["dtype"] for r in test] == [auto, auto, "float32"]  # the last one: training's fp32 row
 
     # other shards (allowed with a warning): another dataset_id (other training keys), valid of the same
     # size: what training measured is not what is charted, so nothing is reused

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 
 from spkr.features import FeatureConfig
-from spkr.manifest import Manifest, ManifestError, RunningStats, ShardInfo
+from spkr.shards.codec import ShardError, decode_member
+from spkr.shards.format import Manifest, ManifestError, ShardInfo
+from spkr.shards.stats import RunningStats
 from spkr.stream import SpeakerLoader
-from spkr.stream.reader import ShardError, ShardReader, decode_member
+from spkr.stream.reader import ShardReader
 
 from .shardkit import custom_shard, good_members, make_shards, npy_bytes, write_manifest
 
@@ -160,7 +162,7 @@ def test_reader_refuses_escaping_names_built_by_hand(shards, tmp_path, use_mmap,
 
 def test_sidecar_is_validated(shards, tmp_path):
     side_path = shards / "train" / "shard-000000.tar.json"
-    side = {**_data(side_path), "split": "train"}  # as shard_writer.write_job's sidecars say
+    side = {**_data(side_path), "split": "train"}  # as spkr.shards.writer.write_job's sidecars say
     where = "train/shard-000000.tar.json"
     assert ShardInfo.from_dict(side, where).name == "train/shard-000000.tar"
     for edit, why in [
@@ -290,6 +292,9 @@ MALFORMED = [
 ]
 
 
+SHARD_FIELDS = ("label ", "key", "frames", "offsets", "bytes", "num_samples", "checksums")
+
+
 @pytest.mark.parametrize("what,edit,why", MALFORMED, ids=[m[0] for m in MALFORMED])
 def test_malformed_fields_are_manifest_errors(shards, tmp_path, what, edit, why):
     data = _data(shards / "manifest.json")
@@ -299,7 +304,7 @@ def test_malformed_fields_are_manifest_errors(shards, tmp_path, what, edit, why)
         Manifest(data, url=url)
     msg = str(e.value)
     assert msg.startswith(url) and why in msg, msg
-    if what.startswith(("label ", "key", "frames", "offsets", "bytes", "num_samples", "checksums")):
+    if what.startswith(SHARD_FIELDS):
         assert "train/shard-000000.tar" in msg, msg
 
 
@@ -505,3 +510,20 @@ def test_decode_member_limits_directly():
     for bad in (b"-1", b"+1", b"", b"1 2", "\u0663".encode(), b"9" * 19):
         with pytest.raises(ShardError, match="bad .cls payload"):
             decode_member("cls", bad, shard="s", member="k.cls")
+
+
+SHARD_ENTRY_CASES = [m for m in MALFORMED if m[0].startswith(SHARD_FIELDS)]
+
+
+@pytest.mark.parametrize("what,edit,why", SHARD_ENTRY_CASES, ids=[m[0] for m in SHARD_ENTRY_CASES])
+def test_malformed_shard_entries_parsed_from_the_file(shards, tmp_path, what, edit, why):
+    """The same errors when the manifest is read from its file (Manifest.load packs the per-sample
+    lists while parsing: only what packs exactly, the rest is validated as a list)."""
+    data = _data(shards / "manifest.json")
+    edit(data)
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError) as e:
+        Manifest.load(str(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith(str(tmp_path / "manifest.json")) and why in msg, msg
+    assert "train/shard-000000.tar" in msg, msg

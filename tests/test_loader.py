@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from spkr.manifest import Manifest
+from spkr.shards.format import Manifest
 from spkr.stream import SpeakerLoader
 from spkr.stream.reader import ShardReader
 

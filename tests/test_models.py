@@ -257,3 +257,60 @@ def test_param_groups_decay_only_projection_weights(config):
             assert torch.equal(p.detach(), before[n]), f"{n} was decayed"
         else:
             assert torch.allclose(p.detach(), before[n] * (1 - lr * wd)), f"{n} was not decayed"
+
+
+# state dict of small(arch="mamba", bidirectional=True) as the code before the fast Mamba-1 scan wrote it
+# (per encoder layer; spkr/models changes must keep loading such checkpoints)
+MAMBA1_LAYER_KEYS = {
+    "norm.weight": (16,),
+    **{
+        f"{direction}.{name}": shape
+        for direction in ("fwd", "bwd")
+        for name, shape in {
+            "A_log": (32, 4),
+            "D": (32,),
+            "in_proj.weight": (64, 16),
+            "conv1d.weight": (32, 1, 4),
+            "conv1d.bias": (32,),
+            "x_proj.weight": (9, 32),
+            "dt_proj.weight": (32, 1),
+            "dt_proj.bias": (32,),
+            "out_proj.weight": (16, 32),
+        }.items()
+    },
+}
+
+
+def test_mamba1_checkpoint_layout_unchanged_and_fast_scan_matches_reference(tmp_path, monkeypatch):
+    """A saved Mamba-1 state dict has the old names and shapes, reloads (weights_only, strict) into a
+    new model with identical outputs, and the fast scan gives the logits and gradients of the
+    sequential reference scan (what the previous implementations were checked against)."""
+    from spkr.models import ssm
+
+    torch.manual_seed(0)
+    cfg = small(arch="mamba", bidirectional=True, pooling="attentive_stats", subsample=2)
+    model = build_model(cfg, N_MELS, N_CLASSES)
+    layer_keys = {
+        k.split(".", 3)[3]: tuple(v.shape)
+        for k, v in model.state_dict().items()
+        if k.startswith("encoder.layers.0.")
+    }
+    assert layer_keys == MAMBA1_LAYER_KEYS
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    torch.manual_seed(1)
+    reloaded = build_model(cfg, N_MELS, N_CLASSES)
+    reloaded.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    mel, lengths, labels = torch.randn(3, 37, N_MELS), torch.tensor([37, 20, 5]), torch.tensor([0, 3, 6])
+
+    def logits_and_grads(m):
+        out = m(mel, lengths, labels)
+        grads = torch.autograd.grad(out.square().sum(), list(m.parameters()))
+        return out.detach(), grads
+
+    fast, fast_grads = logits_and_grads(model)
+    assert torch.equal(reloaded(mel, lengths, labels), model(mel, lengths, labels))
+    monkeypatch.setattr(ssm, "selective_scan_chunked", lambda *a, chunk_size: ssm.selective_scan_ref(*a))
+    ref, ref_grads = logits_and_grads(model)
+    assert torch.allclose(fast, ref, atol=1e-4, rtol=1e-4), (fast - ref).abs().max()
+    for (name, _), g, r in zip(model.named_parameters(), fast_grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-4 * max(1.0, r.abs().max().item()), rtol=1e-3), name

@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from spkr import storage
-from spkr.manifest import Manifest, ManifestError
-from spkr.shard_writer import ShardJob, sidecar_matches
+from spkr.shards.codec import ShardError
+from spkr.shards.format import Manifest, ManifestError
+from spkr.shards.writer import ShardJob, sidecar_matches
 from spkr.stream import SpeakerLoader
-from spkr.stream.reader import ShardError, ShardReader
+from spkr.stream.reader import ShardReader
 
 from .netkit import BUCKET, PREFIX, CuttingProxy, free_port, moto_s3, s3_options, serve_http
 from .shardkit import all_keys, make_shards

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from spkr.predict import Predictor, main
+from tests.runkit import untrained_checkpoint
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from tests.test_train_e2e import demo_shards, killed_run
+    from tests.runkit import demo_shards, killed_run
 
     base = tmp_path_factory.getbasetemp()
     info = killed_run(base)
@@ -62,35 +63,10 @@ def test_predict_rejects_non_audio_cleanly(trained, tmp_path, capsys):
     assert main([str(tmp_path / "missing.wav"), "--checkpoint", str(ckpt)]) == 2
 
 
-def _untrained_checkpoint(path: Path) -> Path:
-    """A real checkpoint of a small, untrained model (input checks need no training)."""
-    import torch
-
-    from spkr.checkpoint import FORMAT, VERSION, save_atomic
-    from spkr.config import to_dict
-    from spkr.features import FeatureConfig
-    from spkr.models import build_model
-    from spkr.models.config import ModelConfig
-
-    torch.manual_seed(0)
-    fc = FeatureConfig(n_mels=16)
-    cfg = ModelConfig(
-        d_model=16, n_layers=1, d_state=4, frontend_channels=[16], embedding_dim=16, subsample=2
-    )
-    model = build_model(cfg, fc.n_mels, 3)
-    ckpt = {
-        "format": FORMAT, "version": VERSION, "model": model.state_dict(), "model_config": to_dict(cfg),
-        "labels": ["7", "8", "9"], "feature_config": fc.to_dict(),
-        "stats": {"mean": [0.0] * fc.n_mels, "std": [1.0] * fc.n_mels},
-    }  # fmt: skip
-    save_atomic(ckpt, path)
-    return path
-
-
 def test_predict_rejects_too_short_clips_cleanly(tmp_path, capsys):
     import soundfile as sf
 
-    ckpt = _untrained_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = untrained_checkpoint(tmp_path / "ckpt.pt")
     rng = np.random.default_rng(0)
 
     def clip(name: str, n: int, sr: int = 16000) -> str:
@@ -113,3 +89,95 @@ def test_predict_rejects_too_short_clips_cleanly(tmp_path, capsys):
     assert main([clip("ok.wav", 400), "--checkpoint", str(ckpt), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["file"].endswith("ok.wav") and len(out["top"]) == 3
+
+
+# --------------------------------------------------------------------------- --db: enrolled speakers
+
+
+def _with_thresholds(path: Path, weights: str | None = None) -> Path:
+    """The checkpoint with ``verification_thresholds`` (as training stores them) for ``weights``
+    (default: its own weights)."""
+    from spkr.checkpoint import load, save_atomic, weights_fingerprint
+
+    ckpt = load(path)
+    thr = {"eer_threshold": 0.5, "min_dcf_threshold": 0.999, "p_target": 0.01, "eer": 0.1, "min_dcf": 0.2}
+    where = {"split": "valid-verify", "weights": weights or weights_fingerprint(ckpt["model"]), "epoch": 3}
+    ckpt["verification_thresholds"] = {**thr, "trials": 10, **where, "step": 42}
+    save_atomic(ckpt, path)
+    return path
+
+
+def test_predictor_embed_fingerprint_and_dim(tmp_path, demo_flacs):
+    from spkr.checkpoint import weights_fingerprint
+
+    pred = Predictor(untrained_checkpoint(tmp_path / "ckpt.pt"), "cpu")
+    emb = pred.embed(demo_flacs[0])
+    assert emb.shape == (pred.embedding_dim,) == (16,) and emb.dtype == np.float32
+    np.testing.assert_array_equal(emb, pred(demo_flacs[0])[1])  # the same embedding, without the head
+    assert pred.weights_fingerprint == weights_fingerprint(pred.ckpt["model"])
+
+
+def test_predict_db_answers_enrolled_speakers_with_a_decision(tmp_path, demo_flacs, capsys):
+    from spkr.enroll import main as enroll_main
+
+    ckpt = _with_thresholds(untrained_checkpoint(tmp_path / "ckpt.pt"))
+    db = tmp_path / "speakers.npz"
+    alice = [str(f) for f in demo_flacs if f.name.startswith("1003-")][:3]
+    bob = [str(f) for f in demo_flacs if f.name.startswith("1004-")][:1]
+    assert enroll_main(["--checkpoint", str(ckpt), "--speaker", "alice", *alice, "--db", str(db)]) == 0
+    assert enroll_main(["--checkpoint", str(ckpt), "--speaker", "bob", *bob, "--db", str(db)]) == 0
+    capsys.readouterr()
+
+    base = [bob[0], "--checkpoint", str(ckpt), "--db", str(db), "--json"]
+    assert main(base) == 0  # bob's own enrollment utterance: score 1 -> accept at 0.5
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert [t["speaker"] for t in out["top"]] == ["bob", "alice"]
+    assert out["top"][0]["score"] == pytest.approx(1.0, abs=1e-5) and out["decision"] == "accept"
+    assert out["threshold"] == 0.5 and "eer, calibrated on valid-verify at step 42" in captured.err
+    assert main(base + ["--operating-point", "min-dcf", "--top-k", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["threshold"] == 0.999 and len(out["top"]) == 1
+    assert main(base + ["--threshold", "1.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["decision"] == "reject"
+
+    # thresholds of other weights (or none): scores without a decision, and a note saying why
+    _with_thresholds(ckpt, weights="0" * 32)
+    assert main(base) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["decision"] is None
+    assert (
+        "no accept/reject decision: the checkpoint's thresholds were calibrated on other weights"
+        in captured.err
+    )
+    assert main(base[:-1]) == 0
+    assert capsys.readouterr().out.startswith(f"{bob[0]}: bob 1.0000, alice ")
+
+
+def test_predict_db_bad_inputs_exit_2(tmp_path, demo_flacs, capsys):
+    import soundfile as sf
+
+    from spkr.enroll import main as enroll_main
+
+    ckpt = untrained_checkpoint(tmp_path / "ckpt.pt")
+    other = untrained_checkpoint(tmp_path / "other.pt", seed=1)
+    db = tmp_path / "speakers.npz"
+    assert (
+        enroll_main(["--checkpoint", str(other), "--speaker", "alice", str(demo_flacs[0]), "--db", str(db)])
+        == 0
+    )
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 16000)
+    capsys.readouterr()
+    cases = [
+        ([str(demo_flacs[1]), "--checkpoint", str(ckpt), "--db", str(db)], "enrolled with another model"),
+        ([str(empty), "--checkpoint", str(other), "--db", str(db)], "empty.wav: audio file has no samples"),
+        (
+            [str(demo_flacs[1]), "--checkpoint", str(other), "--db", str(tmp_path / "no.npz")],
+            "no such gallery",
+        ),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err

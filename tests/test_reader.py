@@ -8,10 +8,11 @@ import pickle
 import numpy as np
 import pytest
 
-from spkr.manifest import Manifest
-from spkr.stream import reader as reader_mod
+from spkr.shards import codec
+from spkr.shards.codec import ShardError, decode_member
+from spkr.shards.format import Manifest
 from spkr.stream import sources as sources_mod
-from spkr.stream.reader import ShardError, ShardReader, decode_member
+from spkr.stream.reader import ShardReader
 
 from .shardkit import custom_shard, good_members, make_shards, npy_bytes
 
@@ -179,7 +180,7 @@ def test_byte_sum_equals_sum():
     blocks += [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in rng.integers(0, 514, 300)]
     blocks += [rng.integers(200, 256, 512, dtype=np.uint8).tobytes() for _ in range(100)]  # sums > 65521
     blocks += [os.urandom(600), b"\xff" * 1024]  # longer: falls back to sum()
-    assert [reader_mod.byte_sum(b) for b in blocks] == [sum(b) for b in blocks]
+    assert [codec.byte_sum(b) for b in blocks] == [sum(b) for b in blocks]
 
 
 @pytest.mark.parametrize("ext", ["pth", "pkl", "pickle"])

@@ -122,7 +122,7 @@ def test_webdataset_reads_s3_after_register(s3_server, local_shards):
     import numpy as np
     import webdataset as wds
 
-    from spkr.stream.reader import decode_npy
+    from spkr.shards.codec import decode_npy
 
     register_webdataset_fsspec(s3_options(s3_server))
     urls = [f"s3://{BUCKET}/{PREFIX}/train/shard-{i:06d}.tar" for i in range(3)]

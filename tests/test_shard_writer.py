@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from spkr import shard_writer
 from spkr.features import FeatureConfig, LogMel, compute_logmel, load_audio
-from spkr.manifest import Manifest, ManifestError
+from spkr.shards import writer as shard_writer
+from spkr.shards.format import Manifest, ManifestError
 from spkr.tools import shard as shard_tool
 
 from .conftest import write_corpus

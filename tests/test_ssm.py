@@ -49,13 +49,18 @@ def test_mamba1_chunked_matches_reference(l, chunk):
 
 
 @pytest.mark.parametrize("segment", [16, 24, 256])
-def test_mamba1_chunked_many_blocks_and_batch(monkeypatch, segment):
-    # several (batch item, channel group, time segment) blocks in the custom op: the state (and, in the
-    # backward pass, the adjoint) carried across segments; 24 -> 3 chunks of 8 per segment, last one short
+@pytest.mark.parametrize("per_block", ["7 channels", "2 batch items"])
+def test_mamba1_chunked_many_blocks_and_batch(monkeypatch, segment, per_block):
+    # several (batch items, channel group, time segment) blocks in the custom op, sharing reused
+    # buffers: the state (and, in the backward pass, the adjoint) carried across segments, the last
+    # one short; blocks of 7 of 40 channels (the last of 5), or of 2 of 3 batch items
     args = _mamba1_inputs(3, 203, 40, 4, dt_shift=-2.0)
     y_ref, g_ref = _grads(ssm.selective_scan_ref, args)
     monkeypatch.setattr(ssm, "SEGMENT", segment)
-    monkeypatch.setattr(ssm, "BLOCK_ELEMENTS", min(segment, 203) * 4 * 7)  # channel groups of 7 (of 40)
+    seg_n = min(segment, 203) * 4  # elements per channel of a block's (seg, n) state
+    monkeypatch.setattr(ssm, "BLOCK_ELEMENTS", seg_n * (7 if per_block == "7 channels" else 2 * 40))
+    blocks = list(ssm._blocks(3, 40, 4, min(segment, 203)))
+    assert len(blocks) == (18 if per_block == "7 channels" else 2)  # 3 items x 6 groups / items {0, 1}, {2}
     y, g = _grads(ssm.selective_scan_chunked, args)
     _close(y, y_ref, what="y")
     for name, a, b in zip("x dt A B C D".split(), g, g_ref):
@@ -63,13 +68,18 @@ def test_mamba1_chunked_many_blocks_and_batch(monkeypatch, segment):
 
 
 def test_mamba1_extreme_decay_stays_finite():
-    # |dt*A| up to ~1e3 per step: the naive exp(-cumsum) factorisation would overflow to inf/nan
-    x, dt, A, B, C, D = (t.detach() for t in _mamba1_inputs(2, 40, 4, 3))
-    dt = dt * 50 + 5
-    A = A * 20
-    y = ssm.selective_scan_chunked(x, dt, A, B, C, D)
-    assert torch.isfinite(y).all()
-    _close(y, ssm.selective_scan_ref(x, dt, A, B, C, D), atol=1e-3, what="extreme decay")
+    # |dt*A| up to ~1e3 per step (decays underflow to 0): a cumsum/exp factorisation would overflow to
+    # inf/nan; the chunked recurrence only multiplies decays in (0, 1]. Gradients too.
+    x, dt, A, B, C, D = _mamba1_inputs(2, 40, 4, 3)
+    dt = (dt * 50 + 5).detach().requires_grad_()
+    A = (A * 20).detach().requires_grad_()
+    args = [x, dt, A, B, C, D]
+    y_ref, g_ref = _grads(ssm.selective_scan_ref, args)
+    y, g = _grads(ssm.selective_scan_chunked, args)
+    assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in g)
+    _close(y, y_ref, atol=1e-3, what="extreme decay")
+    for name, a, b in zip("x dt A B C D".split(), g, g_ref):
+        _close(a, b, atol=1e-3 * max(1.0, b.abs().max().item()), rtol=1e-4, what=f"extreme decay grad {name}")
 
 
 def test_mamba1_under_bf16_autocast_is_float32_inside():
@@ -78,6 +88,33 @@ def test_mamba1_under_bf16_autocast_is_float32_inside():
         y = ssm.selective_scan_chunked(x, dt, A, B, C, D)
     assert y.dtype == torch.float32
     _close(y, ssm.selective_scan_ref(x, dt, A, B, C, D), what="autocast")
+
+
+def test_mamba1_bf16_inputs_get_gradients_rounded_once():
+    # bf16 inputs are upcast inside the op; each gradient is computed in float32 (D skip included)
+    # and rounded to bf16 once -- exactly what autograd gives for float32 math behind .float() casts
+    args = [t.detach() for t in _mamba1_inputs(2, 30, 6, 4)]
+    low = [
+        t.bfloat16().requires_grad_() if i in (0, 3, 4) else t.requires_grad_() for i, t in enumerate(args)
+    ]
+    y, g = _grads(ssm.selective_scan_chunked, low)
+    y_ref, g_ref = _grads(
+        lambda x, dt, A, B, C, D: ssm.selective_scan_ref(x.float(), dt, A, B.float(), C.float(), D), low
+    )
+    assert y.dtype == torch.float32 and [t.dtype for t in g] == [t.dtype for t in low]
+    _close(y, y_ref, what="y")
+    for name, a, b in zip("x dt A B C D".split(), g, g_ref):
+        tol = 1e-3 * max(1.0, b.abs().max().item())
+        _close(a.float(), b.float(), atol=tol, rtol=1e-2, what=f"bf16 grad {name}")
+
+
+def test_mamba1_without_D_matches_reference():
+    x, dt, A, B, C, _ = _mamba1_inputs(2, 19, 5, 3)
+    y_ref, g_ref = _grads(ssm.selective_scan_ref, [x, dt, A, B, C])
+    y, g = _grads(ssm.selective_scan_chunked, [x, dt, A, B, C])
+    _close(y, y_ref, what="y")
+    for name, a, b in zip("x dt A B C".split(), g, g_ref):
+        _close(a, b, atol=1e-3 * max(1.0, b.abs().max().item()), rtol=1e-4, what=f"grad {name}")
 
 
 def _mamba2_inputs(b, l, h, p, n, seed=0):

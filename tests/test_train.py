@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -15,9 +16,21 @@ import torch
 
 from spkr import checkpoint as ck
 from spkr.config import ConfigError
-from spkr.train import TrainConfig, load_configs, lr_factor, main, parse_args, spec_augment
+from spkr.run.configs import TrainConfig, load_configs
+from spkr.run.trainer import lr_factor, spec_augment
+from spkr.train import main, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def fails(argv: list[str], pattern: str, capsys) -> None:
+    """``spkr.train`` refuses ``argv`` the CLI way: exit status 2, one ``[train] error:`` line matching
+    ``pattern`` on stderr, no traceback."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith("[train] error: "))
+    assert re.search(pattern, line) and "Traceback" not in err, err
 
 
 # --------------------------------------------------------------------------- schedule
@@ -87,12 +100,15 @@ def test_config_file_and_cli_overrides(tmp_path):
     assert (t.dtype, t.compile) == ("fp32", False)
 
 
-def test_unknown_train_key_is_a_config_error(tmp_path):
+def test_unknown_train_key_is_a_config_error(tmp_path, capsys):
     cfg = write_cfg(tmp_path, "epochs = 3\nlearning_rate = 0.01\n")
     with pytest.raises(ConfigError, match="learning_rate"):
         load_configs(parse_args(["--shards", "x", "--out", "y", "--config", str(cfg)]))
-    with pytest.raises(SystemExit, match="unknown key.*learning_rate"):
-        main(["--shards", str(tmp_path), "--out", str(tmp_path / "run"), "--config", str(cfg)])
+    fails(
+        ["--shards", str(tmp_path), "--out", str(tmp_path / "run"), "--config", str(cfg)],
+        "unknown key.*learning_rate",
+        capsys,
+    )
 
 
 def test_bad_values_are_config_errors(tmp_path):
@@ -114,23 +130,35 @@ def test_repo_configs_train_tables_load():
 # --------------------------------------------------------------------------- bad input
 
 
-def test_missing_and_empty_shards_dir(tmp_path):
+def test_missing_and_empty_shards_dir(tmp_path, capsys):
     cfg = str(REPO / "configs" / "tiny.toml")
-    with pytest.raises(SystemExit, match="not found"):
-        main(["--shards", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), "--config", cfg])
+    fails(
+        ["--shards", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), "--config", cfg],
+        "not found",
+        capsys,
+    )
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="empty"):
-        main(["--shards", str(tmp_path / "empty"), "--out", str(tmp_path / "run"), "--config", cfg])
+    fails(
+        ["--shards", str(tmp_path / "empty"), "--out", str(tmp_path / "run"), "--config", cfg],
+        "empty",
+        capsys,
+    )
     (tmp_path / "nomanifest" / "train").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="manifest"):
-        main(["--shards", str(tmp_path / "nomanifest"), "--out", str(tmp_path / "run"), "--config", cfg])
+    fails(
+        ["--shards", str(tmp_path / "nomanifest"), "--out", str(tmp_path / "run"), "--config", cfg],
+        "manifest",
+        capsys,
+    )
 
 
-def test_resume_without_checkpoint_is_an_error(tmp_path):
+def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "manifest.json").write_text("{}")
-    with pytest.raises(SystemExit, match="no checkpoint"):
-        main(["--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "run"), "--resume"])
+    fails(
+        ["--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "run"), "--resume"],
+        "no checkpoint",
+        capsys,
+    )
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -214,7 +242,7 @@ def _altered_shards(src: Path, dst: Path, edit) -> Path:
     """A copy of the shards whose manifest is edited, then made coherent again (fingerprint and
     dataset_id recomputed), as a shard set made that way would be."""
     from spkr.features import FeatureConfig
-    from spkr.manifest import dataset_id
+    from spkr.shards.format import dataset_id
 
     shutil.copytree(src, dst)
     m = json.loads((dst / "manifest.json").read_text())
@@ -227,8 +255,8 @@ def _altered_shards(src: Path, dst: Path, edit) -> Path:
 
 
 @pytest.mark.slow
-def test_resume_refuses_other_labels_or_features(tmp_path, tmp_path_factory):
-    from tests.test_train_e2e import demo_shards, killed_run
+def test_resume_refuses_other_labels_or_features(tmp_path, tmp_path_factory, capsys):
+    from tests.runkit import demo_shards, killed_run
 
     base = tmp_path_factory.getbasetemp()
     info = killed_run(base)
@@ -249,8 +277,11 @@ def test_resume_refuses_other_labels_or_features(tmp_path, tmp_path_factory):
         run = tmp_path / f"run-{name}"
         run.mkdir()
         shutil.copy(Path(info["run"]) / "last.pt", run / "last.pt")
-        with pytest.raises(SystemExit, match=pattern):
-            main(["--shards", str(alt), "--out", str(run), "--config", cfg, "--resume", "--no-compile"])
+        fails(
+            ["--shards", str(alt), "--out", str(run), "--config", cfg, "--resume", "--no-compile"],
+            pattern,
+            capsys,
+        )
         # evaluate names the mismatch too
         from spkr.evaluate import main as eval_main
 
@@ -271,11 +302,11 @@ def test_other_split_is_refused_and_evaluation_uses_the_checkpoint_statistics(
     evaluate, chart_losses and a mid-epoch loader state now refuse it (evaluate/chart_losses warn with
     --allow-other-dataset); evaluation normalises with the checkpoint's statistics, whatever the shards say."""
     from spkr.evaluate import main as eval_main
-    from spkr.manifest import Manifest
+    from spkr.shards.format import Manifest
     from spkr.stream import SpeakerLoader
     from spkr.tools.chart_losses import main as chart_main
     from spkr.tools.shard import main as shard_main
-    from tests.test_train_e2e import demo_shards, killed_run
+    from tests.runkit import demo_shards, killed_run
 
     base = tmp_path_factory.getbasetemp()
     info = killed_run(base)
@@ -293,8 +324,11 @@ def test_other_split_is_refused_and_evaluation_uses_the_checkpoint_statistics(
     run.mkdir()
     shutil.copy(Path(info["run"]) / "last.pt", run / "last.pt")
     cfg = str(REPO / "configs" / "tiny.toml")
-    with pytest.raises(SystemExit, match=r"cannot resume .* not the dataset of checkpoint"):
-        main(["--shards", str(reseeded), "--out", str(run), "--config", cfg, "--resume", "--no-compile"])
+    fails(
+        ["--shards", str(reseeded), "--out", str(run), "--config", cfg, "--resume", "--no-compile"],
+        r"cannot resume .* not the dataset of checkpoint",
+        capsys,
+    )
     ckpt = str(run / "last.pt")
     capsys.readouterr()
     assert eval_main(["--checkpoint", ckpt, "--shards", str(reseeded), "--out", str(run / "e.json")]) == 2
@@ -332,19 +366,21 @@ def test_other_split_is_refused_and_evaluation_uses_the_checkpoint_statistics(
 def test_auto_dtype_follows_the_device_capability(monkeypatch):
     """bf16 autocast only where the CPU computes bf16 natively; fp32 where it would be emulated (a
     CPU of the other kind is simulated by the capability probe: both exist, only one is here)."""
-    import spkr.train as tr
+    import spkr.run.distributed as rd
 
     cpu = torch.device("cpu")
-    assert tr.resolve_dtype("fp32", cpu)[0] == torch.float32
-    assert tr.resolve_dtype("bf16", cpu)[0] == torch.bfloat16
-    native = tr.cpu_has_native_bf16()
+    assert rd.resolve_dtype("fp32", cpu)[0] == torch.float32
+    assert rd.resolve_dtype("bf16", cpu)[0] == torch.bfloat16
+    native = rd.cpu_has_native_bf16()
     flags = open("/proc/cpuinfo").read()
     assert native == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
-    assert tr.resolve_dtype("auto", cpu)[0] == (torch.bfloat16 if native else torch.float32)
+    assert rd.resolve_dtype("auto", cpu)[0] == (torch.bfloat16 if native else torch.float32)
     for has, want in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda has=has: has)
-        dtype, why = tr.resolve_dtype("auto", cpu)
+        monkeypatch.setattr(rd, "cpu_has_native_bf16", lambda has=has: has)
+        dtype, why = rd.resolve_dtype("auto", cpu)
         assert dtype == want and "auto" in why
+    with pytest.raises(ValueError, match="dtype must be one of auto, bf16, fp16, fp32"):
+        rd.resolve_dtype("int8", cpu)
 
 
 @pytest.mark.slow
@@ -352,7 +388,7 @@ def test_training_uses_the_models_weight_decay_groups(tmp_path_factory):
     """Issue 13: the optimizer of a real run is built from model.param_groups: its saved state has the
     named groups, Mamba-1's 2-D A_log (and D, norms, biases) in the weight_decay 0 group."""
     from spkr.checkpoint import load
-    from tests.test_evaluate import tiny_run
+    from tests.runkit import tiny_run
 
     info = tiny_run(tmp_path_factory.getbasetemp())
     ckpt = load(Path(info["run"]) / "last.pt")

@@ -20,21 +20,18 @@ import torch
 
 from spkr.config import ConfigError, from_dict, load_toml, to_dict
 from spkr.models.config import ModelConfig
-from spkr.train import (
-    RUN_MARKER,
+from spkr.run import TrainError
+from spkr.run.configs import (
     TrainConfig,
-    TrainError,
     bundled_configs,
     bundled_configs_dir,
     config_source,
-    decide_run_dir,
     default_config,
     load_configs,
-    main,
-    parse_args,
     resolve_compile,
-    shards_name,
 )
+from spkr.run.rundir import RUN_MARKER, decide_run_dir, shards_name
+from spkr.train import main, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = {"mamba-ssm", "mamba-torch", "mamba2-torch", "tiny", "transformer"}
@@ -147,7 +144,7 @@ def test_config_names_resolve_from_any_cwd(tmp_path, monkeypatch, capsys):
         parse_args(["--shards", "x", "--config", "sub/missing.toml"])
     assert "no such file" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="bundled: "):
-        from spkr.train import resolve_config
+        from spkr.run.configs import resolve_config
 
         resolve_config("nope")
 
@@ -311,15 +308,15 @@ def test_a_run_that_fails_at_start_frees_its_default_run_dir(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     Path("bad").mkdir()
     Path("bad/manifest.json").write_text("{}")
-    with pytest.raises(SystemExit, match="manifest"):
-        main(["--shards", "bad", "--config", "tiny", "--no-progress"])
-    assert "run dir runs/bad (default" in capsys.readouterr().err
+    assert main(["--shards", "bad", "--config", "tiny", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "run dir runs/bad (default" in err and "[train] error: " in err and "manifest" in err
     assert not Path("runs/bad").exists()
     Path("runs/bad").mkdir(parents=True)
     Path("runs/bad/notes.txt").write_text("not ours")
-    with pytest.raises(SystemExit, match="manifest"):
-        main(["--shards", "bad", "--config", "tiny", "--no-progress"])
-    assert "run dir runs/bad-2" in capsys.readouterr().err
+    assert main(["--shards", "bad", "--config", "tiny", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "run dir runs/bad-2" in err and "manifest" in err
     assert sorted(p.name for p in Path("runs").iterdir()) == ["bad"]
     assert [p.name for p in Path("runs/bad").iterdir()] == ["notes.txt"]
 

@@ -1,144 +1,23 @@
 """End-to-end training: a real 2-rank torchrun (gloo, compile on) that is kill -9'ed mid-epoch and
 resumes under ``--max-restarts 1``; a run streaming its shards from a loopback S3 server.
 
-The helpers here build, once per test session (under pytest's session base temp), the small shards
-of the bundled demo corpus and the trained run that test_predict / test_evaluate / test_train reuse.
+The session-cached shards and runs these tests share with test_predict / test_evaluate / test_train
+are built by tests/runkit.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "data" / "demo" / "LibriSpeech"
-UTTS_PER_SPEAKER = 10  # keep the shard fixture small
-RUN_EPOCHS = 12
-
-
-def _env(**extra) -> dict:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-def small_corpus(dst: Path) -> Path:
-    """A LibriSpeech-layout copy of the demo corpus (symlinks) with the first utterances of each chapter."""
-    if (dst / "LibriSpeech").exists():
-        return dst
-    assert DEMO.is_dir(), f"bundled demo corpus missing under {DEMO}"
-    for ch_dir in sorted(p for p in DEMO.glob("*/*/*") if p.is_dir()):
-        out = dst / "LibriSpeech" / ch_dir.relative_to(DEMO)
-        out.mkdir(parents=True, exist_ok=True)
-        for f in sorted(ch_dir.glob("*.flac"))[:UTTS_PER_SPEAKER]:
-            (out / f.name).symlink_to(f)
-        for t in ch_dir.glob("*.trans.txt"):
-            (out / t.name).symlink_to(t)
-    for f in DEMO.glob("*.TXT"):
-        (dst / "LibriSpeech" / f.name).symlink_to(f)
-    return dst
-
-
-def demo_shards(base: Path) -> Path:
-    """Shards of the small demo corpus, built once per session with the shard tool."""
-    out = base / "demo_shards"
-    if (out / "manifest.json").exists():
-        return out
-    from spkr.tools.shard import main as shard_main
-
-    corpus = small_corpus(base / "demo_corpus")
-    rc = shard_main(
-        [
-            "--source",
-            str(corpus),
-            "--subsets",
-            "train.100",
-            "--out",
-            str(out),
-            "--workers",
-            "2",
-            "--no-progress",
-        ]
-    )
-    assert rc == 0 and (out / "manifest.json").exists()
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read_metrics(run: Path) -> list[dict]:
-    if not (run / "metrics.jsonl").exists():
-        return []
-    rows = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return rows
-
-
-def killed_run(base: Path) -> dict:
-    """2-rank torchrun, compile on, --max-restarts 1; one worker is kill -9'ed after a mid-epoch step
-    checkpoint; returns {"run": dir, "killed": pid, "rc": rc, "log": text}. Built once per session."""
-    run = base / "killed_run"
-    info_file = base / "killed_run.json"
-    if info_file.exists():
-        return json.loads(info_file.read_text())
-    shards = demo_shards(base)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
-        "--standalone",
-        "-m", "spkr.train", "--config", str(REPO / "configs" / "tiny.toml"), "--shards", str(shards),
-        "--out", str(run), "--epochs", str(RUN_EPOCHS), "--batch-size", "8", "--warmup-steps", "5",
-        "--lr", "3e-3", "--ckpt-every", "2", "--log-every", "1", "--num-workers", "1", "--crop-frames", "0",
-        "--compile", "--no-progress",
-    ]  # fmt: skip
-    log_path = base / "killed_run.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
-        killed = None
-        deadline = time.monotonic() + 600
-        try:
-            while proc.poll() is None and time.monotonic() < deadline:
-                rows = read_metrics(run)
-                cfg = next((r for r in rows if r.get("kind") == "config"), None)
-                steps = [r["step"] for r in rows if r.get("kind") == "train"]
-                if killed is None and cfg and steps:
-                    spe = cfg["steps_per_epoch"]
-                    s = max(steps)
-                    # past the first step checkpoint of epoch 1, well inside the epoch
-                    if s >= spe + 3 and s % spe not in (0, spe - 1) and (run / "last.pt").exists():
-                        import psutil
-
-                        workers = psutil.Process(proc.pid).children(recursive=False)
-                        assert workers, "no torchrun workers found"
-                        victim = sorted(w.pid for w in workers)[-1]
-                        os.kill(victim, signal.SIGKILL)
-                        killed = victim
-                time.sleep(0.2)
-            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    info = {"run": str(run), "killed": killed, "rc": rc, "log": log_path.read_text()[-20000:]}
-    info_file.write_text(json.dumps(info))
-    return info
+from spkr.run.metrics import read_metrics
+from tests.netkit import free_port
+from tests.runkit import REPO, RUN_EPOCHS, TINY_MODEL, demo_shards, killed_run, subprocess_env
 
 
 @pytest.fixture(scope="session")
@@ -171,26 +50,13 @@ def test_torchrun_kill9_resume_then_evaluate(session_base):
     out = session_base / "eval.json"
     r = subprocess.run(
         [sys.executable, "-m", "spkr.evaluate", "--checkpoint", str(run / "last.pt"), "--out", str(out)],
-        env=_env(), capture_output=True, text=True, cwd=REPO, timeout=300,
+        env=subprocess_env(), capture_output=True, text=True, cwd=REPO, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert res["acc"] == pytest.approx(tests[0]["acc"])
     assert 0.0 <= res["verification"]["eer"] <= 0.5
     assert "EER" in r.stdout
-
-
-TINY_MODEL = """
-[model]
-arch = "mamba"
-d_model = 16
-n_layers = 1
-d_state = 4
-chunk_size = 8
-frontend_channels = [16]
-embedding_dim = 16
-dropout = 0.1
-"""
 
 
 @pytest.mark.parametrize("workers", [0, 2], ids=["workers0", "workers2"])  # ~1-2 s each: not slow
@@ -256,7 +122,7 @@ def test_train_streams_from_loopback_s3(session_base, tmp_path):
         fs.mkdir(bucket)
         fs.put(str(shards) + "/", f"{bucket}/demo/", recursive=True)
         run = tmp_path / "s3run"
-        env = _env(SPKR_STORAGE_OPTIONS=json.dumps(opts), AWS_EC2_METADATA_DISABLED="true")
+        env = subprocess_env(SPKR_STORAGE_OPTIONS=json.dumps(opts), AWS_EC2_METADATA_DISABLED="true")
         for k in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
             env.pop(k, None)
         r = subprocess.run(

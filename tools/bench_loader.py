@@ -72,7 +72,7 @@ def write_all(root: Path, n: int, per_shard: int, seed: int = 0):
         frames.append(fr[i : i + c].tolist())
         i += c
     spkr_dir = make_shards(root / "spkr", counts, frames=frames, n_classes=50, seed=seed)
-    from spkr.manifest import Manifest
+    from spkr.shards.format import Manifest
     from spkr.stream.reader import ShardReader
 
     m = Manifest.load(str(spkr_dir))

@@ -12,7 +12,7 @@
 Every side of a comparison is timed alike: one warm-up call, then the median of ``--repeats`` calls. The
 warm-up call of each baseline in [1] is also checked to compute the same output and gradients (of the
 input and of every parameter) as the fast path, for the same weights and input. Only the ratios are meant
-to be compared. ``--quick`` skips the references and torch.compile.
+to be compared. ``--quick`` skips the references and torch.compile; ``--layer-only`` stops after [1].
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="skip the sequential reference and compile")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: per core)")
+    ap.add_argument("--layer-only", action="store_true", help="run section [1] (one layer, vs mambapy) only")
     args = ap.parse_args()
     # One thread by default: on this 2-core machine OpenMP-split small ops are many times slower, which
     # distorts ratios between implementations with different op sizes.
@@ -208,6 +209,8 @@ def main() -> None:
     if peer_t:
         print(f"    => mambapy pscan cost T=4096 / T=1024:         {peer_t[4096] / peer_t[1024]:6.2f}x")
 
+    if args.layer_only:
+        return
     # -- 2. linearity: T=1024 and T=4096 runs alternate, best of each (noise only ever adds time)
     T = 1024
     u = torch.randn(b, T, dm, requires_grad=True)

@@ -3,7 +3,7 @@
 Runs, in one process on one core (torch.set_num_threads(1)) and on the same audio, side by side:
   original   the original scripts' way: per utterance soundfile load -> MelSpectrogram -> dB ->
              one torch.save file per utterance
-  spkr       spkr.shard_writer: decode -> log-mel -> float16 .npy -> tar shards + sidecars + sha256
+  spkr       spkr.shards.writer: decode -> log-mel -> float16 .npy -> tar shards + sidecars + sha256
   limit      soundfile FLAC decode + spkr's pure-torch log-mel alone (nothing written): the ceiling
 spkr is run with both feature backends (torchaudio's MelSpectrogram and spkr's pure-torch twin).
 Rounds alternate (original, spkr, limit, ...) so machine noise hits all alike; the median is printed.
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from spkr.corpus.labels import build_splits  # noqa: E402
 from spkr.corpus.librispeech import iter_openslr, training_combination  # noqa: E402
 from spkr.features import FeatureConfig, LogMel, compute_logmel, load_audio  # noqa: E402
-from spkr.shard_writer import WriteOptions, plan_shards, run_jobs  # noqa: E402
+from spkr.shards.writer import WriteOptions, plan_shards, run_jobs  # noqa: E402
 
 
 def concat_corpus(utts, root: str, seconds: float) -> str:
@@ -86,6 +86,85 @@ def limit_way(utts, cfg: FeatureConfig, logmel: LogMel) -> None:
         compute_logmel(load_audio(u.path, cfg), logmel)
 
 
+def bench_augment(args) -> None:
+    """``--augment``: the cost of spkr.augment per kind and combined, in x realtime (seconds of audio
+    augmented per second, 1 thread), beside decoding and log-mel on the same (train) audio; waveforms are
+    decoded once before timing. Noise: ``--noise-dir`` (MUSAN layout) or a set written by
+    tools/make_noise_corpus.py; RIR files: ``--rir-dir`` or that set's rirs/. Rounds alternate the
+    variants; medians. Ends with the shard-time estimate for K copies per utterance, each copy planned as
+    its own sample (so its source is decoded again): (1+K) x (decode + log-mel) + K x augment."""
+    import importlib.util
+
+    from spkr.augment import AugmentConfig, AugmentSources, augment
+    from spkr.features import resolve_backend
+
+    torch.set_num_threads(1)
+    cfg, sr = FeatureConfig(), FeatureConfig().sample_rate
+    train_subsets, dev, test = training_combination(args.subsets)
+    source = args.source
+    if args.concat > 0:
+        src = list(iter_openslr(source, train_subsets, with_duration=False))
+        source = concat_corpus(src, tempfile.mkdtemp(prefix="bench-corpus-"), args.concat)
+    utts = list(iter_openslr(source, train_subsets))
+    noise_dir = args.noise_dir
+    if noise_dir is None:
+        spec = importlib.util.spec_from_file_location(
+            "mnc", os.path.join(os.path.dirname(__file__), "make_noise_corpus.py")
+        )
+        tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tool)
+        noise_dir = tempfile.mkdtemp(prefix="bench-noise-")
+        tool.make_noise_corpus(tool.Path(noise_dir))
+    rir_dir = args.rir_dir or os.path.join(noise_dir, "rirs")
+    waves = [(u.key, load_audio(u.path, cfg)) for u in utts]
+    audio = sum(len(w) for _, w in waves) / sr
+    logmel = LogMel(cfg, backend=resolve_backend(args.backend))
+
+    def augmenter(kinds: tuple, copies: int = 1, rir: str | None = None):
+        acfg = AugmentConfig(copies=copies, kinds=kinds, noise_dir=noise_dir, rir_dir=rir)
+        sources = AugmentSources(acfg, sr)
+        return lambda: [
+            augment(w, sr, key, k, acfg, sources) for key, w in waves for k in range(copies)
+        ], copies
+
+    variants = {  # name -> (run, audio multiple)
+        "decode (soundfile)": (lambda: [load_audio(u.path, cfg) for u in utts], 1),
+        f"log-mel ({logmel.backend})": (lambda: [compute_logmel(w, logmel) for _, w in waves], 1),
+        "noise": augmenter(("noise",)),
+        "music": augmenter(("music",)),
+        "babble": augmenter(("babble",)),
+        "reverb (synthetic RIR)": augmenter(("reverb",)),
+        "reverb (RIR files)": augmenter(("reverb",), rir=rir_dir),
+        "speed": augmenter(("speed",)),
+        "speed+reverb+noise": augmenter(("speed+reverb+noise",)),
+        "5 kinds, K=5 (per copy)": augmenter(AugmentConfig().kinds, copies=5),
+    }
+    print(f"{len(utts)} train utterances, {audio / 60:.1f} min of audio, 1 thread, noise set {noise_dir}")
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(args.rounds):
+        for name, (run, _) in variants.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
+    rt = {name: audio * variants[name][1] / statistics.median(v) for name, v in times.items()}
+    mel = rt[f"log-mel ({logmel.backend})"]
+    print(f"\n{'variant':<28}{'x realtime':>12}{'time / log-mel':>16}")
+    for name in variants:
+        print(f"{name:<28}{rt[name]:>12.0f}{mel / rt[name]:>16.2f}")
+    per_second = {
+        "decode": 1 / rt["decode (soundfile)"],
+        "mel": 1 / mel,
+        "aug": 1 / rt["5 kinds, K=5 (per copy)"],
+    }
+    print("\nshard-time estimate per source second (decode + log-mel per sample, augment per copy; no tar):")
+    for k in (0, 1, 3, 5):
+        cost = (1 + k) * (per_second["decode"] + per_second["mel"]) + k * per_second["aug"]
+        print(
+            f"  K={k}: {1 / cost:6.0f} x realtime of source audio ({(1 + k) / cost:6.0f} x of written audio)"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--source", default=os.path.join(os.path.dirname(__file__), "..", "data", "demo"))
@@ -93,7 +172,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "torchaudio"))
     p.add_argument("--concat", type=float, default=12.0, help="join utterances to this many seconds (0: off)")
+    p.add_argument("--augment", action="store_true", help="benchmark spkr.augment instead (bench_augment)")
+    p.add_argument("--noise-dir", default=None, help="--augment: MUSAN-style folder (default: synthesised)")
+    p.add_argument("--rir-dir", default=None, help="--augment: RIR folder (default: the noise set's rirs/)")
     args = p.parse_args()
+    if args.augment:
+        return bench_augment(args)
     torch.set_num_threads(1)
     cfg = FeatureConfig()
     train_subsets, dev, test = training_combination(args.subsets)

@@ -2,6 +2,7 @@
 """Synthesise spkr's bundled demo corpus: a small multi-speaker corpus in the LibriSpeech layout.
 
     python tools/make_demo_corpus.py --out data/demo --speakers 16 --utts 40 --seed 0   # the bundled one
+    python tools/make_demo_corpus.py --out /tmp/other --voice-set other --speakers 36 --min-chapters 2
 
 writes (replacing any previous ``<out>/LibriSpeech``)::
 
@@ -16,6 +17,16 @@ with its own microphone colouring; each utterance then gets its own speaking rat
 perturbation, optional reverb, noise at a random SNR, band-limiting/EQ and gain, so that speakers are
 not trivially separable by channel. Everything is deterministic given ``--seed``; per-utterance random
 streams are keyed by (seed, speaker, chapter, utterance) so the result does not depend on ``--jobs``.
+
+``--voice-set other`` makes a corpus the same way from 36 *other* voices (none in the default set;
+``OTHER_VOICES``): the 14 recorded people each once, turned into another speaker by a sox pitch and
+formant shift of 2.5-3.5 semitones up or down, plus 22 espeak-ng variants the default set does not
+use, on the en / en-us / en-029 / en-gb-scotland accent bases; speaker ids 2001+ (so sentences and
+sessions differ too); dev/test speakers drawn from both kinds of voices in proportion. Same channel
+simulation (per chapter and per utterance) as the bundled corpus. ``--min-chapters 2`` gives every
+speaker two chapters (sessions; the default draws 1 or 2, and the bundled demo has 8 of 16 speakers
+with one), so protocol ``closed-session`` can hold out a session of every speaker; speakers that drew
+two chapters anyway keep them unchanged.
 
 Needs: espeak-ng, flite, festival (text2wave) with the festvox voices, sox. Developer tool only.
 """
@@ -57,10 +68,12 @@ class Voice:
     name: str  # flite voice, festival voice (voice_<name>), or espeak-ng voice spec
     sex: str  # "M" | "F"
     package: str  # Debian package providing it
+    pitch_cents: int = 0  # sox "pitch" shift after synthesis (pitch and formants, same tempo); 0: none
 
     @property
     def label(self) -> str:
-        return f"{self.engine}-{self.name}"
+        shift = f"{self.pitch_cents:+d}c" if self.pitch_cents else ""
+        return f"{self.engine}-{self.name}{shift}"
 
 
 # Most distinct first: recordings of different people, then espeak-ng formant variants (one engine;
@@ -91,6 +104,71 @@ VOICES: list[Voice] = [
     Voice("espeak", "en-us+klatt3", "M", "espeak-ng"),
     Voice("espeak", "en+m5", "M", "espeak-ng"),
 ]
+
+# ``--voice-set other``: 36 speakers none of which is in VOICES, for measuring on a corpus nothing was
+# tuned on. The 14 recorded people once each, made into other speakers by one sox pitch+formant shift
+# (each person once: a shifted copy beside its original would be easily confused with it), then
+# espeak-ng variants VOICES does not use, on four accent bases (en, en-us, en-029, en-gb-scotland: each
+# honours "+variant", unlike en-gb). Checked on clean sentences (mean/std-MFCC nearest centroid over
+# both sets): en-us+john ~ en-us+Alex, en+aunty ~ en+f4/en+linda and en-us+steph ~ *+steph2 were too
+# close, so none of those pairs is here.
+OTHER_VOICES: list[Voice] = [
+    Voice("flite", "kal16", "M", "flite", +300),
+    Voice("flite", "awb", "M", "flite", -250),
+    Voice("flite", "rms", "M", "flite", +350),
+    Voice("flite", "slt", "F", "flite", -300),
+    Voice("festival", "ked_diphone", "M", "festvox-kdlpc16k", -300),
+    Voice("festival", "upc_ca_ona_hts", "F", "festvox-ca-ona-hts", +250),
+    Voice("festival", "lp_diphone", "F", "festvox-italp16k", -250),
+    Voice("festival", "pc_diphone", "M", "festvox-itapc16k", +300),
+    Voice("festival", "suo_fi_lj_diphone", "F", "festvox-suopuhe-lj", +300),
+    Voice("festival", "hy_fi_mv_diphone", "M", "festvox-suopuhe-mv", -300),
+    Voice("festival", "czech_dita", "F", "festvox-czech-dita", -300),
+    Voice("festival", "czech_krb", "F", "festvox-czech-krb", +300),
+    Voice("festival", "czech_machac", "M", "festvox-czech-machac", +250),
+    Voice("festival", "czech_ph", "M", "festvox-czech-ph", -250),
+    Voice("espeak", "en+m2", "M", "espeak-ng"),
+    Voice("espeak", "en+f4", "F", "espeak-ng"),
+    Voice("espeak", "en-us+Annie", "F", "espeak-ng"),
+    Voice("espeak", "en+m6", "M", "espeak-ng"),
+    Voice("espeak", "en-029+belinda", "F", "espeak-ng"),
+    Voice("espeak", "en-us+Alex", "M", "espeak-ng"),
+    Voice("espeak", "en+linda", "F", "espeak-ng"),
+    Voice("espeak", "en-gb-scotland+gustave", "M", "espeak-ng"),
+    Voice("espeak", "en-us+steph", "F", "espeak-ng"),
+    Voice("espeak", "en+Andy", "M", "espeak-ng"),
+    Voice("espeak", "en-gb-scotland+Alicia", "F", "espeak-ng"),
+    Voice("espeak", "en-029+david", "M", "espeak-ng"),
+    Voice("espeak", "en+Storm", "M", "espeak-ng"),
+    Voice("espeak", "en+iven", "M", "espeak-ng"),
+    Voice("espeak", "en+Andrea", "F", "espeak-ng"),
+    Voice("espeak", "en-029+boris", "M", "espeak-ng"),
+    Voice("espeak", "en+anika", "F", "espeak-ng"),
+    Voice("espeak", "en+michel", "M", "espeak-ng"),
+    Voice("espeak", "en-029+quincy", "M", "espeak-ng"),
+    Voice("espeak", "en+zac", "M", "espeak-ng"),
+    Voice("espeak", "en-us+Lee", "M", "espeak-ng"),
+    Voice("espeak", "en+paul", "M", "espeak-ng"),
+]
+
+
+@dataclass(frozen=True)
+class VoiceSet:
+    """The voices of ``--voice-set``, the first speaker id (the sets' ids differ, so their corpora never
+    mix up, and, per-speaker random streams being keyed by the id, their sentences and sessions differ),
+    and how dev/test speakers are drawn: ``recorded_first`` among the recorded (non-espeak) voices
+    first (the bundled corpus), else recorded and espeak voices in proportion (so that neither the
+    training nor the held-out speakers are mostly of one engine)."""
+
+    voices: list[Voice]
+    first_id: int
+    recorded_first: bool
+
+
+VOICE_SETS: dict[str, VoiceSet] = {
+    "default": VoiceSet(VOICES, 1001, recorded_first=True),
+    "other": VoiceSet(OTHER_VOICES, 2001, recorded_first=False),
+}
 
 # ---------------------------------------------------------------------------------------------------
 # Sentences: seeded templates over small word lists (plain ASCII letters only: the Czech/Finnish/Italian
@@ -233,7 +311,24 @@ def synthesise(voice: Voice, text: str, stretch: float, workdir: Path, tag: str)
         wpm = int(round(165 / stretch))
         _run(["espeak-ng", "-v", voice.name, "-s", str(wpm), "-w", str(raw), text])
     # Resample to 16 kHz mono float with sox (high quality), independent of the engine's rate.
-    _run(["sox", str(raw), "-e", "floating-point", "-b", "32", str(out), "remix", "-", "rate", "-h", str(SR)])
+    shift = ["pitch", str(voice.pitch_cents)] if voice.pitch_cents else []
+    _run(
+        [
+            "sox",
+            str(raw),
+            "-e",
+            "floating-point",
+            "-b",
+            "32",
+            str(out),
+            "remix",
+            "-",
+            *shift,
+            "rate",
+            "-h",
+            str(SR),
+        ]
+    )
     x, sr = sf.read(out, dtype="float64")
     assert sr == SR
     for p in (raw, out, workdir / f"{tag}.txt"):
@@ -381,6 +476,26 @@ def apply_channel(x: np.ndarray, sess: Session, rng: np.random.Generator) -> tup
 # Corpus plan
 
 
+def held_out_speakers(voices: list[Voice], order: list[int], count: int, recorded_first: bool) -> list[int]:
+    """``count`` voice indices for dev/test (dev first), from the seeded permutation ``order``: the
+    recorded (non-espeak) voices first, or both kinds in proportion to their numbers at every prefix
+    (so dev-clean and test-clean each get their share)."""
+    recorded = [i for i in order if voices[i].engine != "espeak"]
+    others = [i for i in order if voices[i].engine == "espeak"]
+    if recorded_first:
+        return (recorded + others)[:count]
+    share = len(recorded) / len(voices)
+    held: list[int] = []
+    n_recorded = 0
+    for j in range(count):
+        take_recorded = (np.floor((j + 1) * share + 0.5) > n_recorded and n_recorded < len(recorded)) or (
+            len(held) - n_recorded >= len(others)
+        )
+        held.append(recorded[n_recorded] if take_recorded else others[len(held) - n_recorded])
+        n_recorded += take_recorded
+    return held
+
+
 @dataclass
 class Job:
     speaker: int
@@ -393,17 +508,26 @@ class Job:
 
 
 def plan(
-    n_speakers: int, utts: int, seed: int, n_heldout: int, n_test: int | None = None
+    n_speakers: int,
+    utts: int,
+    seed: int,
+    n_heldout: int,
+    n_test: int | None = None,
+    *,
+    voice_set: str = "default",
+    min_chapters: int = 1,
 ) -> tuple[list[Job], dict]:
-    """``n_heldout`` speakers in dev-clean and ``n_test`` (default the same) in test-clean."""
+    """``n_heldout`` speakers in dev-clean and ``n_test`` (default the same) in test-clean; the first
+    ``n_speakers`` voices of ``voice_set``; each speaker has 1 or 2 chapters (seeded), at least
+    ``min_chapters`` (1 or 2)."""
     n_test = n_heldout if n_test is None else n_test
-    voices = VOICES[:n_speakers]
+    if min_chapters not in (1, 2):
+        raise ValueError(f"min_chapters must be 1 or 2, got {min_chapters}")
+    vset = VOICE_SETS[voice_set]
+    voices = vset.voices[:n_speakers]
     rng = np.random.default_rng([seed, 7])
-    # dev/test speakers: drawn among the recorded (non-espeak) voices when possible
     order = [int(i) for i in rng.permutation(n_speakers)]
-    recorded = [i for i in order if voices[i].engine != "espeak"]
-    others = [i for i in order if voices[i].engine == "espeak"]
-    held = (recorded + others)[: n_heldout + n_test]
+    held = held_out_speakers(voices, order, n_heldout + n_test, vset.recorded_first)
     subset_of = {i: "train-clean-100" for i in range(n_speakers)}
     for j, i in enumerate(held):
         subset_of[i] = "dev-clean" if j < n_heldout else "test-clean"
@@ -411,9 +535,9 @@ def plan(
     jobs: list[Job] = []
     speakers: dict = {}
     for i, voice in enumerate(voices):
-        spk = 1001 + i
+        spk = vset.first_id + i
         srng = np.random.default_rng([seed, spk])
-        n_ch = int(srng.integers(1, 3))
+        n_ch = max(min_chapters, int(srng.integers(1, 3)))  # the same draw whatever min_chapters
         chapters = []
         while len(chapters) < n_ch:
             c = int(srng.integers(100, 10000))
@@ -472,7 +596,22 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default="data/demo", help="output root; writes <out>/LibriSpeech (default data/demo)"
     )
     ap.add_argument(
-        "--speakers", type=int, default=16, help=f"number of speakers, 4..{len(VOICES)} (default 16)"
+        "--voice-set",
+        choices=sorted(VOICE_SETS),
+        default="default",
+        help=f"'default': the bundled corpus' voices ({len(VOICES)}, ids from 1001); 'other': "
+        f"{len(OTHER_VOICES)} voices none of which is in 'default' (ids from 2001)",
+    )
+    ap.add_argument(
+        "--speakers", type=int, default=16, help="number of speakers, 4..size of the voice set (default 16)"
+    )
+    ap.add_argument(
+        "--min-chapters",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="chapters (sessions) per speaker at least: 1 (default; 1 or 2 drawn) or 2 (every speaker "
+        "has two, so protocol closed-session can hold a chapter out for every speaker)",
     )
     ap.add_argument("--utts", type=int, default=40, help="utterances per speaker (default 40)")
     ap.add_argument(
@@ -490,8 +629,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel synthesis processes")
     args = ap.parse_args(argv)
-    if not 4 <= args.speakers <= len(VOICES):
-        ap.error(f"--speakers must be in 4..{len(VOICES)}")
+    voice_set = VOICE_SETS[args.voice_set].voices
+    if not 4 <= args.speakers <= len(voice_set):
+        ap.error(f"--speakers must be in 4..{len(voice_set)} for --voice-set {args.voice_set}")
     if args.utts < 2:
         ap.error("--utts must be >= 2")
     n_held = args.heldout if args.heldout is not None else max(1, args.speakers // 8)
@@ -499,8 +639,16 @@ def main(argv: list[str] | None = None) -> int:
     if n_held + n_test >= args.speakers:
         ap.error("--heldout/--heldout-test too large: train-clean-100 would have no speakers")
 
-    check_tools(VOICES[: args.speakers])
-    jobs, speakers = plan(args.speakers, args.utts, args.seed, n_held, n_test)
+    check_tools(voice_set[: args.speakers])
+    jobs, speakers = plan(
+        args.speakers,
+        args.utts,
+        args.seed,
+        n_held,
+        n_test,
+        voice_set=args.voice_set,
+        min_chapters=args.min_chapters,
+    )
     out = Path(args.out)
     final = out / "LibriSpeech"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""LibriSpeech corpus access: subset names, OpenSLR/Hugging Face sources, labels and re-splits.
+"""LibriSpeech corpus access: subset names, OpenSLR/Hugging Face sources, labels, re-splits and the
+evaluation protocols (closed, closed-session, open: :mod:`spkr.corpus.protocols`).
 
 Downloading lives in :mod:`spkr.corpus.download` (imported on demand: it pulls in requests/rich).
 """
@@ -18,13 +19,18 @@ from .librispeech import (
     read_speakers_txt,
     training_combination,
 )
+from .protocols import PROTOCOLS, Protocol, ProtocolSplit, Trial, make_protocol
 
 __all__ = [
     "COMBINED",
+    "PROTOCOLS",
     "DEV_SUBSET",
     "SUBSETS",
     "TEST_SUBSET",
     "TRAIN_SUBSETS",
+    "Trial",
+    "Protocol",
+    "ProtocolSplit",
     "SpeakerInfo",
     "Splits",
     "Utterance",
@@ -34,6 +40,7 @@ __all__ = [
     "expand_subsets",
     "iter_hf_dataset",
     "iter_openslr",
+    "make_protocol",
     "read_speakers_txt",
     "sort_speakers",
     "training_combination",

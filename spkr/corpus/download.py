@@ -320,6 +320,22 @@ def is_complete(dest: str | os.PathLike, subset: str) -> bool:
     return (Path(dest) / "LibriSpeech" / subset / COMPLETE_MARKER).is_file()
 
 
+def _verify_archive(candidate: Path, subset: str, url: str, expected: dict, progress: bool) -> dict:
+    """The archive's md5/sha256; a mismatch with any expected digest deletes it and raises ChecksumError."""
+    got = file_digests(candidate)
+    bad = {a: (e, got[a]) for a, e in expected.items() if got[a] != e}
+    if bad:
+        candidate.unlink(missing_ok=True)
+        detail = "; ".join(f"{a} expected {e}, got {g}" for a, (e, g) in bad.items())
+        raise ChecksumError(f"{subset}: checksum mismatch for {url} ({detail}); deleted {candidate}")
+    if not expected:
+        _log(
+            f"[yellow]{subset}: no known checksum, not verified[/]: md5 {got['md5']} sha256 {got['sha256']}",
+            progress,
+        )
+    return got
+
+
 def download_openslr(
     subsets: str | Iterable[str],
     dest: str | os.PathLike,
@@ -373,17 +389,7 @@ def download_openslr(
                 progress=progress,
                 description=subset,
             )
-        got = file_digests(candidate)
-        bad = {a: (e, got[a]) for a, e in expected.items() if got[a] != e}
-        if bad:
-            candidate.unlink(missing_ok=True)
-            detail = "; ".join(f"{a} expected {e}, got {g}" for a, (e, g) in bad.items())
-            raise ChecksumError(f"{subset}: checksum mismatch for {url} ({detail}); deleted {candidate}")
-        if not expected:
-            _log(
-                f"[yellow]{subset}: no known checksum, not verified[/]: md5 {got['md5']} sha256 {got['sha256']}",
-                progress,
-            )
+        got = _verify_archive(candidate, subset, url, expected, progress)
         if candidate != archive:
             os.replace(candidate, archive)
         _log(f"{subset}: extracting {archive.name}", progress)

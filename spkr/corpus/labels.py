@@ -81,6 +81,13 @@ def _apportion(weights: dict[str, float], caps: dict[str, int], total: int, rng:
     return out
 
 
+def check_unique_keys(utts: Iterable[Utterance], what: str = "train/dev/test") -> None:
+    """Raise ``ValueError`` naming up to 5 utterance keys that occur more than once in ``utts``."""
+    dup = [k for k, c in Counter(u.key for u in utts).items() if c > 1]
+    if dup:
+        raise ValueError(f"duplicate utterance keys across {what}: {sorted(dup)[:5]}")
+
+
 def build_splits(
     train_utts: Sequence[Utterance],
     dev_utts: Sequence[Utterance],
@@ -104,11 +111,20 @@ def build_splits(
     """
     pool = list(train_utts) + list(dev_utts) + list(test_utts)
     n_valid, n_test = len(dev_utts), len(test_utts)
-    dup = [k for k, c in Counter(u.key for u in pool).items() if c > 1]
-    if dup:
-        raise ValueError(f"duplicate utterance keys across train/dev/test: {sorted(dup)[:5]}")
+    check_unique_keys(pool)
     speakers = class_set(train_utts, dev_utts, test_utts)
+    train, valid, test = resplit(pool, n_valid, n_test, seed, min_train_per_speaker)
+    splits = Splits(train=train, valid=valid, test=test, speakers=speakers)
+    verify_splits(splits, pool, n_valid=n_valid, n_test=n_test)
+    return splits
 
+
+def resplit(
+    pool: Sequence[Utterance], n_valid: int, n_test: int, seed: int, min_train_per_speaker: int | None
+) -> tuple[list[Utterance], list[Utterance], list[Utterance]]:
+    """The utterance-level re-split of :func:`build_splits` (see there) of an already pooled list:
+    ``(train, valid, test)`` with exactly ``n_valid`` / ``n_test`` held-out utterances, each list
+    sorted by (speaker, key). Keys must be unique (not checked here)."""
     by_spk: dict[str, list[Utterance]] = defaultdict(list)
     for u in pool:
         by_spk[u.speaker].append(u)
@@ -155,11 +171,14 @@ def build_splits(
         test.extend(utts[v:k])
         train.extend(utts[k:])
     for lst in (train, valid, test):
-        lst.sort(key=lambda u: (numeric_sort_key(u.speaker), numeric_sort_key(u.key)))
+        sort_by_speaker(lst)
+    return train, valid, test
 
-    splits = Splits(train=train, valid=valid, test=test, speakers=speakers)
-    verify_splits(splits, pool, n_valid=n_valid, n_test=n_test)
-    return splits
+
+def sort_by_speaker(utts: list[Utterance]) -> list[Utterance]:
+    """Sort ``utts`` in place by (speaker, key), numerically; returns it."""
+    utts.sort(key=lambda u: (numeric_sort_key(u.speaker), numeric_sort_key(u.key)))
+    return utts
 
 
 def verify_splits(splits: Splits, pool: Sequence[Utterance], *, n_valid: int, n_test: int) -> None:

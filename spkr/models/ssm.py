@@ -2,18 +2,25 @@
 
 Each scan has two implementations that compute the same function:
 
-* a **sequential reference** (``*_ref``): one Python step per time frame, written to be read and checked
-  (mamba-minimal style). Slow; used by tests and the benchmark only.
-* a **chunked fast path** (``selective_scan_chunked``, ``ssd_chunked``): no Python loop over time steps.
-  The sequence is cut into chunks of ``L`` frames; inside a chunk everything is a parallel tensor
-  expression, across chunks a short recurrence over the chunk states. Both work through the sequence
-  in segments of ``SEGMENT`` frames (whole chunks) and carry the state from one segment to the next,
-  so every intermediate has the same, cache-sized shape whatever T: the cost is linear in T (a
-  log-depth Hillis-Steele scan over a segment's chunks for Mamba-1, a loop over its few chunks for
-  Mamba-2).
+* a **sequential reference** (``*_ref``): one autograd-tracked Python step per time frame, written to
+  be read and checked (mamba-minimal style). Slow; used by tests and the benchmark only.
+* a **fast path** (``selective_scan_chunked``, ``ssd_chunked``). Both work through the sequence in
+  segments of ``SEGMENT`` frames and carry the state from one segment to the next, so every
+  intermediate has the same, cache-sized shape whatever T: the cost is linear in T.
 
-Both fast paths upcast to float32 inside (autocast is disabled in the scan) and return float32; callers
-under bf16 autocast get the cast back by the next autocast-aware op.
+  - Mamba-1: a ``torch.library`` custom op with a hand-written backward (no autograd graph inside),
+    working in blocks of (batch items, channel group, segment) of about ``BLOCK_ELEMENTS`` state
+    values, in reused buffers. Per block: all decays g = exp(dt A) and inputs u = dt x B in one
+    vectorised op each, then the recurrence h_t = g_t h_{t-1} + u_t as one in-place multiply-add per
+    frame over the block's (batch items, n, channels) slab, then y = C h as one batched matmul. The
+    backward recomputes h the same way and runs the adjoint recurrence lam_t = gy_t C_t +
+    g_{t+1} lam_{t+1} from the last frame to the first (see :func:`_ssm1_bwd`). Only products of
+    decays in (0, 1] and sums appear: nothing can overflow whatever dt and A are (no clamp).
+  - Mamba-2: chunks of ``chunk_size`` frames; inside a chunk everything is a parallel tensor expression
+    (segment sums), across chunks a short recurrence over the chunk states.
+
+Both fast paths compute in float32 inside (autocast is disabled in the scan) and return float32;
+callers under bf16 autocast get the cast back by the next autocast-aware op.
 
 Dimension glossary (used in shapes below)
 ----------------------------------------
@@ -23,39 +30,33 @@ Dimension glossary (used in shapes below)
     n   d_state (state size per channel)
     h   heads (Mamba-2), d = h * p
     p   head dim (Mamba-2)
-    c   number of chunks = ceil(l / L)
-    L   chunk length (``chunk_size``); ``s``/``t`` index frames inside a chunk (source / target)
+    c   number of chunks = ceil(l / L) (Mamba-2)
+    L   chunk length (``chunk_size``, Mamba-2); ``s``/``t`` index frames in a chunk
+    bb, k, seg   Mamba-1 blocks: batch items, channels (a slice of d) and frames (a segment) of a block
 
 Mamba-1 recurrence (per channel d and state n, with dA = exp(dt * A)):
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t          y_t = <C_t, h_t> + D * x_t
 Mamba-2 recurrence (per head h, A scalar, the state is a (p, n) matrix):
     H_t = exp(dt_t * A) * H_{t-1} + dt_t * x_t B_t^T          y_t = H_t C_t + D * x_t
 
-Mamba-1 chunk algorithm (cumsum/exp factorisation, centred):
-    a_s  = max(dt_s * A, -max_log_decay)        per-step log decay, clamped (see ``MAX_LOG_DECAY``)
-    S_t  = sum_{s<=t} a_s                       inside the chunk;  r = (L-1)//2 is the reference frame
-    h_t  = exp(S_t - S_r) * [ sum_{s<=t} exp(S_r - S_s) u_s  +  exp(S_r) h_start ]
-The two exponentials are bounded by exp(ceil((L-1)/2) * max_log_decay) <= exp(64) for the default
-chunk (L=8, max_log_decay=16), far from the float32 limit exp(88.7), whatever dt and A are. The clamp
-only changes steps whose decay is below exp(-16) ~ 1.1e-7, i.e. below float32 resolution of the state.
+Why Mamba-1 steps frame by frame (measured at 3 s crops, 16 x 150 frames, 1 thread): a chunked
+formulation (local scans in chunks of 8, cumulative decay products, a loop over chunk starts, a
+correction pass) makes ~3 full passes over the (b, l, n, d) states where the frame loop makes one;
+with the slab of a frame in cache, the per-frame op (a few thousand multiply-adds) costs less than the
+extra passes. The fast path was 1.3-1.7x faster than that chunked version for fwd+bwd (d 192-384,
+n 8-16) and 1.2x at 1,500 frames. Block tensors are laid out (bb, seg, n, k) -- channels innermost --
+so every elementwise op runs over contiguous channel vectors and the contractions over n or channels
+are batched matrix products.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-# Budget for the positive exponents of the centred factorisation (exp(64) ~ 6e27 leaves ~1e10 of headroom
-# below float32's max for the values being summed, in forward and backward).
-EXP_BUDGET = 64.0
-MAX_LOG_DECAY = 16.0  # = EXP_BUDGET / ceil((8-1)/2): the clamp for the default Mamba-1 chunk of 8
-SEGMENT = 256  # frames per segment (rounded down to whole chunks, at least one) in both fast paths
-
-
-def max_log_decay_for(chunk_size: int) -> float:
-    """Largest per-step log decay |dt*A| the Mamba-1 chunked scan can represent exactly for this chunk."""
-    half = max(1, chunk_size // 2)  # == ceil((L-1)/2)
-    return EXP_BUDGET / half
+SEGMENT = 256  # frames per segment in both fast paths (Mamba-2: rounded down to whole chunks, at least one)
 
 
 def _pad_time(t: torch.Tensor, pad: int) -> torch.Tensor:
@@ -100,180 +101,189 @@ def selective_scan_ref(
     return y
 
 
-def _linear_scan_hs(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inclusive scan H_k = g_k * H_{k-1} + u_k along dim 1 (H_{-1} = 0), Hillis-Steele, log2(c) steps.
+class _Buffers:
+    """Work tensors reused by every block of one call: a fresh multi-MB tensor per block would
+    page-fault in new memory each time (glibc returns large blocks to the OS), which cost more than
+    the arithmetic here. ``get(i, shape)`` is a view of buffer i (contents undefined)."""
 
-    g, u: (b, c, ...) with g in [0, 1]. Stable: only products of decays and sums. Returns (b, c, ...).
-    """
-    c = u.shape[1]
-    k = 1
-    while k < c:
-        u = torch.cat([u[:, :k], u[:, k:] + g[:, k:] * u[:, :-k]], dim=1)
-        if 2 * k < c:  # the decays are not needed after the last step
-            g = torch.cat([g[:, :k], g[:, k:] * g[:, :-k]], dim=1)
-        k *= 2
-    return u
+    def __init__(self, like: torch.Tensor, count: int, numel: int):
+        self.flat = [like.new_empty(numel) for _ in range(count)]
+        self.frame_views: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
+    def get(self, i: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.flat[i][: math.prod(shape)].view(shape)
 
-def _chunk_cumsum_(t: torch.Tensor) -> torch.Tensor:
-    """In-place inclusive cumsum along dim 2 (the L frames of a chunk) of a (b, c, L, ...) tensor.
-
-    L - 1 vectorised adds: ``torch.cumsum`` along a dim that is not the last runs a strided scalar loop
-    on CPU (and accumulates in float64), ~8x slower for these shapes."""
-    for i in range(1, t.shape[2]):
-        t[:, :, i].add_(t[:, :, i - 1])
-    return t
+    def frames(self, i: int, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``t.unbind(1)`` for ``t`` = ``get(i, t.shape)``, made once per shape: every block of a call
+        has the same shape but the last, and unbinding ~SEGMENT frames per scan costs as much as a pass."""
+        key = (i, tuple(t.shape))
+        if key not in self.frame_views:
+            self.frame_views[key] = t.unbind(1)
+        return self.frame_views[key]
 
 
-def _scan_block(
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    p: torch.Tensor,
-    q: torch.Tensor,
-    L: int,
-    h0: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """States of h_t = exp(clamp(dt_t*A)) * h_{t-1} + p_t q_t^T for one block (no autograd, in place).
+def _outer(p: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """p (bb, l, k), q (bb, l, n) -> q p^T per frame, written into out (bb, l, n, k)."""
+    return torch.mul(q.unsqueeze(-1), p.unsqueeze(-2), out=out)
 
-    dt, p: (b, l, k) with l a multiple of L;  A: (k, n);  q: (b, l, n);  h0: (b, k, n) state before the
-    block's first frame (None: zero).  Returns h: (b, l, k, n) float32. Peak memory: two (b, l, k, n)
-    tensors.
-    """
-    b, l, k = dt.shape
-    n = A.shape[1]
-    c = l // L
-    amax = max_log_decay_for(L)
-    r = (L - 1) // 2
-    S = _chunk_cumsum_((dt.view(b, c, L, k, 1) * A).clamp_(min=-amax))  # log decay since chunk start
-    S_r = S[:, :, r : r + 1].clone()  # (b, c, 1, k, n)
-    G = torch.exp(S[:, :, -1])  # (b, c, k, n) decay over the whole chunk, in (0, 1]
-    w = torch.sub(S_r, S, out=S).exp()  # E_in = exp(S_r - S_s), within exp(+-EXP_BUDGET)
-    E_out = torch.reciprocal(w, out=S)  # exp(S_t - S_r): a reciprocal costs a tenth of an exp here
-    _chunk_cumsum_(w.mul_(p.view(b, c, L, k, 1)).mul_(q.view(b, c, L, 1, n)))  # cs
-    h_end = E_out[:, :, -1] * w[:, :, -1]  # (b, c, k, n) chunk-end state from the chunk's own inputs
+
+def _decays(dt: torch.Tensor, At: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """dt (bb, l, k), At (n, k) -> exp(dt A), per-step decays in (0, 1], written into out (bb, l, n, k)."""
+    return torch.mul(dt.unsqueeze(-2), At, out=out).exp_()
+
+
+def _scan_(gs: tuple[torch.Tensor, ...], us: tuple[torch.Tensor, ...], h0: torch.Tensor | None) -> None:
+    """u_t += g_t * u_{t-1} over the frames gs, us (each (bb, n, k)), first to last, in place: the
+    states of h_t = g_t h_{t-1} + u_t from h_{-1} = h0 (bb, n, k) (None: zero)."""
     if h0 is not None:
-        h_end[:, 0] += G[:, 0] * h0
-    H = _linear_scan_hs(G, h_end)  # true chunk-end states
-    first = torch.zeros_like(H[:, :1]) if h0 is None else h0.unsqueeze(1)
-    h_start = torch.cat([first, H[:, :-1]], dim=1)
-    w.add_(torch.exp(S_r) * h_start.unsqueeze(2)).mul_(E_out)
-    return w.view(b, l, k, n)
+        us[0].addcmul_(gs[0], h0)
+    for t in range(1, len(us)):
+        us[t].addcmul_(gs[t], us[t - 1])
 
 
-# Mamba-1 works in blocks of (one batch item, a channel group, a time segment of SEGMENT frames), the
-# state carried from segment to segment: every block's (segment, k, n) state tensor has the same size
-# (about BLOCK_ELEMENTS floats, 2 MB: several fit in L3; 1, 2 and 4 MB measured, 2 MB was best), so the
-# cost is linear in T.
-BLOCK_ELEMENTS = 1 << 19
+def _scan_reversed_(gs: tuple[torch.Tensor, ...], vs: tuple[torch.Tensor, ...], g_in) -> torch.Tensor:
+    """v_t += g_{t+1} * v_{t+1} over the frames gs, vs (each (bb, n, k)), last to first, in place: the
+    adjoints, with g_in (bb, n, k) the part flowing into the last frame from after the block (None:
+    zero). Returns g_0 * v_0, the part flowing into the frame before the block."""
+    if g_in is not None:
+        vs[-1].add_(g_in)
+    for t in range(len(vs) - 2, -1, -1):
+        vs[t].addcmul_(gs[t + 1], vs[t + 1])
+    return gs[0] * vs[0]
 
 
-def _groups(b: int, d: int, n: int, seg: int):
-    """(batch index, channel slice) pairs; a channel group's (seg, k, n) state has ~BLOCK_ELEMENTS."""
+def _block_states(dt, At, p, q, h0, bufs: _Buffers) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decays g = exp(dt A) and states h of h_t = g_t h_{t-1} + q_t p_t^T over one block from h0
+    (bb, n, k) (None: zero): both (bb, l, n, k) float32, in buffers 0 and 1.
+
+    dt, p: (bb, l, k);  At: (n, k) (A transposed);  q: (bb, l, n).
+    """
+    shape = (*dt.shape[:2], At.shape[0], dt.shape[2])  # (bb, l, n, k)
+    g, h = _decays(dt, At, bufs.get(0, shape)), _outer(p, q, bufs.get(1, shape))
+    _scan_(bufs.frames(0, g), bufs.frames(1, h), h0)
+    return g, h
+
+
+# Mamba-1 works in blocks of (batch items, a channel group, a time segment of SEGMENT frames), the state
+# carried from segment to segment: every block's (bb, seg, n, k) tensors have about BLOCK_ELEMENTS
+# floats (4 MB), so the cost is linear in T and the working set bounded. Measured at 3 s crops (16 x 150
+# frames, d 192-384, n 8-16): 2^19 and 2^20 about equal, 2^14-2^16 (more, smaller ops) and 2^22 slower.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def _blocks(b: int, d: int, n: int, seg: int):
+    """(batch slice, channel slice) pairs covering (b, d): whole batch items together when a few
+    items' (seg, d, n) states fit in ~BLOCK_ELEMENTS, else one item and a channel group."""
     k = max(1, min(d, BLOCK_ELEMENTS // max(1, seg * n)))
-    for i in range(b):
+    bb = max(1, BLOCK_ELEMENTS // (seg * n * d)) if k == d else 1
+    for i in range(0, b, bb):
         for j in range(0, d, k):
-            yield slice(i, i + 1), slice(j, min(d, j + k))
+            yield slice(i, min(b, i + bb)), slice(j, min(d, j + k))
 
 
-def _segments(l: int, L: int) -> list[slice]:
-    """Time slices of SEGMENT frames (rounded to whole chunks of L) covering [0, l); l is a multiple of L."""
-    seg = max(L, SEGMENT // L * L)
-    return [slice(t, min(l, t + seg)) for t in range(0, l, seg)]
+def _block_numel(block: tuple[slice, slice], seg: slice, n: int) -> int:
+    """Elements of a (bb, seg, n, k) tensor of the first (largest) block."""
+    bs, ds = block
+    return (bs.stop - bs.start) * (seg.stop - seg.start) * n * (ds.stop - ds.start)
 
 
-def _ssm1_fwd(x, dt, A, B, C, chunk_size: int) -> torch.Tensor:
-    """y = sum_n C * h (no D term) for padded, float32, contiguous inputs; blockwise to stay in cache."""
+def _segments(l: int) -> list[slice]:
+    """Time slices of SEGMENT frames covering [0, l)."""
+    return [slice(t, min(l, t + SEGMENT)) for t in range(0, l, SEGMENT)]
+
+
+def _ssm1_fwd(x, dt, A, B, C) -> torch.Tensor:
+    """y = sum_n C * h (no D term) for float32, contiguous inputs; blockwise to stay in cache."""
     b, l, d = x.shape
     n = A.shape[1]
+    At = A.t().contiguous()  # (n, d): channels innermost in every (.., n, k) block tensor
     y = x.new_empty(b, l, d)
-    segs = _segments(l, chunk_size)
-    for bi, ds in _groups(b, d, n, segs[0].stop):
+    segs = _segments(l)
+    blocks = list(_blocks(b, d, n, segs[0].stop))
+    bufs = _Buffers(x, 2, _block_numel(blocks[0], segs[0], n))
+    for bs, ds in blocks:
         h0 = None
         for ts in segs:
-            dtb = dt[bi, ts, ds]
-            h = _scan_block(dtb, A[ds], dtb * x[bi, ts, ds], B[bi, ts], chunk_size, h0)  # (1, seg, k, n)
-            y[bi, ts, ds] = torch.mul(h, C[bi, ts].unsqueeze(-2)).sum(-1)  # 2x a batched matvec here
+            dtb = dt[bs, ts, ds]
+            _, h = _block_states(dtb, At[:, ds], dtb * x[bs, ts, ds], B[bs, ts], h0, bufs)
+            y[bs, ts, ds] = torch.matmul(C[bs, ts].unsqueeze(-2), h).squeeze(-2)  # sum_n C h
             h0 = h[:, -1].clone()
     return y
 
 
-def _ssm1_bwd(gy, x, dt, A, B, C, chunk_size: int):
+def _ssm1_bwd(gy, x, dt, A, B, C):
     """Gradients of :func:`_ssm1_fwd` w.r.t. x, dt, A, B, C (recomputes the states block by block).
 
-    With g_t = exp(dt_t A), u_t = dt_t x_t B_t and the adjoint lam_t = gy_t C_t + g_{t+1} lam_{t+1}
-    (a reverse scan with the same decays, shifted by one frame):
+    With g_t = exp(dt_t A), u_t = dt_t x_t B_t and the adjoint lam_t = gy_t C_t + g_{t+1} lam_{t+1}:
         dL/du_t = lam_t,   dL/d(dt_t A) = lam_t * g_t h_{t-1} = lam_t * (h_t - u_t),   dL/dC_t = sum_d gy_t h_t.
-    Per (batch item, channel group): a forward pass keeps only the states at segment starts (saving
-    them from the forward instead would give the op an output of ceil(l / SEGMENT) rows, whose 1-vs-more
-    specialisation costs torch.compile extra graphs), then the segments are visited last to first,
-    recomputing h and carrying lam backwards.
+    Per block of (batch items, channels): a forward pass keeps only the states at segment starts
+    (saving them from the forward instead would give the op an output of ceil(l / SEGMENT) rows, whose
+    1-vs-more specialisation costs torch.compile extra graphs), then the segments are visited last to
+    first, recomputing h and carrying the adjoint backwards.
     """
     b, l, d = x.shape
     n = A.shape[1]
-    L = chunk_size
-    gx = torch.empty_like(x)
-    gdt = torch.empty_like(dt)
-    gA = torch.zeros_like(A)
-    gB = torch.zeros_like(B)
-    gC = torch.zeros_like(C)
-    # reversed time, decays shifted: lam'_t' = exp(dt_{l-t'} A) lam'_{t'-1} + v'_t'
-    dt_rev = torch.cat([torch.zeros_like(dt[:, :1]), dt.flip(1)[:, :-1]], dim=1)
-    gy_rev = gy.flip(1)
-    C_rev = C.flip(1)
-    segs = _segments(l, L)
-    for bi, ds in _groups(b, d, n, segs[0].stop):
-        Ab = A[ds]
+    gx, gdt = torch.empty_like(x), torch.empty_like(dt)
+    At = A.t().contiguous()  # (n, d): channels innermost in every (.., n, k) block tensor
+    gAt, gB, gC = torch.zeros_like(At), torch.zeros_like(B), torch.zeros_like(C)
+    ones_n = A.new_ones(n)
+    segs = _segments(l)
+    blocks = list(_blocks(b, d, n, segs[0].stop))
+    bufs = _Buffers(x, 3, _block_numel(blocks[0], segs[0], n))
+    for bs, ds in blocks:
+        Ab = At[:, ds]
         starts = [None]
         for ts in segs[:-1]:
-            dtb = dt[bi, ts, ds]
-            starts.append(_scan_block(dtb, Ab, dtb * x[bi, ts, ds], B[bi, ts], L, starts[-1])[:, -1].clone())
-        lam0 = None
+            dtb = dt[bs, ts, ds]
+            starts.append(
+                _block_states(dtb, Ab, dtb * x[bs, ts, ds], B[bs, ts], starts[-1], bufs)[1][:, -1].clone()
+            )
+        g_in = None
         for ts, h0 in zip(reversed(segs), reversed(starts)):
-            rs = slice(l - ts.stop, l - ts.start)  # the same frames in reversed time
-            dtb, xb, gyb, Bb = dt[bi, ts, ds], x[bi, ts, ds], gy[bi, ts, ds], B[bi, ts]
+            dtb, xb, gyb, Bb = dt[bs, ts, ds], x[bs, ts, ds], gy[bs, ts, ds], B[bs, ts]
             dxb = dtb * xb
-            h = _scan_block(dtb, Ab, dxb, Bb, L, h0)  # (1, seg, k, n)
-            gC[bi, ts] += torch.matmul(gyb.unsqueeze(-2), h).squeeze(-2)  # (1, seg, n)
-            lam_rev = _scan_block(dt_rev[bi, rs, ds], Ab, gy_rev[bi, rs, ds], C_rev[bi, rs], L, lam0)
-            lam0 = lam_rev[:, -1].clone()  # lam at the segment's first frame: carried to the previous one
-            lam = lam_rev.flip(1)
-            # (the contractions over n are written as mul + sum and einsum where each measured fastest:
-            # batched matvecs and a bmm-based einsum over l are several times slower on CPU)
-            gp = torch.mul(lam, Bb.unsqueeze(-2)).sum(-1)  # dL/d(dt*x): (1, seg, k)
-            gB[bi, ts] += torch.matmul(dxb.unsqueeze(-2), lam).squeeze(-2)  # (1, seg, n)
-            h.addcmul_(dxb.unsqueeze(-1), Bb.unsqueeze(-2), value=-1).mul_(lam)  # ga = lam * (h - u)
-            gdt[bi, ts, ds] = gp * xb + torch.einsum("blkn,kn->blk", h, Ab)
-            gx[bi, ts, ds] = gp * dtb
-            gA[ds] += h.mul_(dtb.unsqueeze(-1)).sum((0, 1))
-    return gx, gdt, gA, gB, gC
+            g, h = _block_states(dtb, Ab, dxb, Bb, h0, bufs)
+            lam = _outer(gyb, C[bs, ts], bufs.get(2, h.shape))
+            g_in = _scan_reversed_(bufs.frames(0, g), bufs.frames(2, lam), g_in)
+            # contractions over n or k as batched (1 x n) @ (n x k) and (n x k) @ (k x 1) products: in
+            # this layout several times faster than mul + sum over the n dim
+            gC[bs, ts] += torch.matmul(h, gyb.unsqueeze(-1)).squeeze(-1)  # (bb, seg, n)
+            gp = torch.matmul(Bb.unsqueeze(-2), lam).squeeze(-2)  # dL/d(dt*x): (bb, seg, k)
+            gB[bs, ts] += torch.matmul(lam, dxb.unsqueeze(-1)).squeeze(-1)  # (bb, seg, n)
+            h.addcmul_(Bb.unsqueeze(-1), dxb.unsqueeze(-2), value=-1).mul_(lam)  # ga = lam * (h - u)
+            gdt[bs, ts, ds] = torch.matmul(ones_n, torch.mul(h, Ab, out=lam)).addcmul_(gp, xb)  # sum_n ga A
+            gx[bs, ts, ds] = gp * dtb
+            gAt[:, ds] += h.mul_(dtb.unsqueeze(-2)).sum((0, 1))
+    return gx, gdt, gAt.t().contiguous(), gB, gC
 
 
-@torch.library.custom_op("spkr::selective_scan_chunked", mutates_args=())
+def _as_float32(*ts: torch.Tensor) -> list[torch.Tensor]:
+    return [t.float().contiguous() for t in ts]
+
+
+@torch.library.custom_op("spkr::selective_scan", mutates_args=())
 def _ssm1_op(
-    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor
 ) -> torch.Tensor:
     with torch.no_grad():
-        return _ssm1_fwd(x, dt, A, B, C, chunk_size)
+        x, dt, A, B, C, D = _as_float32(x, dt, A, B, C, D)
+        return _ssm1_fwd(x, dt, A, B, C).addcmul_(x, D)
 
 
 @_ssm1_op.register_fake
-def _(x, dt, A, B, C, chunk_size):
-    return torch.empty_like(x)
+def _(x, dt, A, B, C, D):
+    return torch.empty_like(x, dtype=torch.float32)
 
 
 def _ssm1_setup(ctx, inputs, output):
-    x, dt, A, B, C, chunk_size = inputs
-    ctx.save_for_backward(x, dt, A, B, C)
-    ctx.chunk_size = chunk_size
+    ctx.save_for_backward(*inputs)
 
 
 def _ssm1_backward(ctx, gy):
-    x, dt, A, B, C = ctx.saved_tensors
-    grads = _ssm1_bwd_op(gy.contiguous(), x, dt, A, B, C, ctx.chunk_size)
-    return (*grads, None)
+    return _ssm1_bwd_op(gy, *ctx.saved_tensors)
 
 
-@torch.library.custom_op("spkr::selective_scan_chunked_bwd", mutates_args=())
+@torch.library.custom_op("spkr::selective_scan_bwd", mutates_args=())
 def _ssm1_bwd_op(
     gy: torch.Tensor,
     x: torch.Tensor,
@@ -281,15 +291,22 @@ def _ssm1_bwd_op(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    D: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. x, dt, A, B, C, D, each in its input's dtype (computed in float32 and rounded
+    once, as autograd would round a float32 gradient flowing into a cast)."""
+    inputs = (x, dt, A, B, C, D)
     with torch.no_grad():
-        return _ssm1_bwd(gy, x, dt, A, B, C, chunk_size)
+        gy, x, dt, A, B, C, D = _as_float32(gy, *inputs)
+        gx, gdt, gA, gB, gC = _ssm1_bwd(gy, x, dt, A, B, C)
+        gx.addcmul_(gy, D)  # the D skip
+        gD = (gy * x).sum((0, 1))
+        return tuple(g.to(t.dtype) for g, t in zip((gx, gdt, gA, gB, gC, gD), inputs))
 
 
 @_ssm1_bwd_op.register_fake
-def _(gy, x, dt, A, B, C, chunk_size):
-    return tuple(torch.empty_like(t) for t in (x, dt, A, B, C))
+def _(gy, x, dt, A, B, C, D):
+    return tuple(torch.empty_like(t) for t in (x, dt, A, B, C, D))
 
 
 _ssm1_op.register_autograd(_ssm1_backward, setup_context=_ssm1_setup)
@@ -304,28 +321,23 @@ def selective_scan_chunked(
     D: torch.Tensor | None = None,
     chunk_size: int = 8,
 ) -> torch.Tensor:
-    """Chunked Mamba-1 selective scan, no Python loop over time (see module docstring for the algorithm).
+    """Fast Mamba-1 selective scan (see module docstring for the algorithm).
 
     Same arguments and result as :func:`selective_scan_ref`: x, dt (b, l, d); A (d, n); B, C (b, l, n);
-    D (d,) or None -> y (b, l, d) float32. ``chunk_size`` L: short chunks keep the exponentials bounded;
-    the per-step log decay is clamped at ``max_log_decay_for(L)`` (16 for L=8).
+    D (d,) or None -> y (b, l, d) float32, computed in float32 whatever the input dtypes (bf16 inputs
+    are upcast inside; their gradients are rounded back once). ``chunk_size`` is accepted for the
+    callers' sake and not used: the Mamba-1 scan runs frame by frame inside cache-sized blocks.
 
-    Implemented as a custom op (``torch.ops.spkr.selective_scan_chunked``) with a hand-written backward
-    that recomputes the states: nothing of size (b, l, d, n) is kept for backward, and the work is done
-    in cache-sized blocks of (batch item, channel group) -- a Python loop over blocks, never over time.
+    Implemented as a custom op (``torch.ops.spkr.selective_scan``) with a hand-written backward that
+    recomputes the states: nothing of size (b, l, d, n) is kept for backward, and the work is done in
+    cache-sized blocks of (batch items, channel group, time segment) in reused buffers.
     torch.compile sees one opaque op (no graph break).
     """
-    L = int(chunk_size)
+    del chunk_size
+    if D is None:
+        D = A.new_zeros(A.shape[0])
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
-        l = x.shape[1]
-        pad = (-l) % L
-        # padded frames get dt = 0: decay 1 and no input, so they change nothing before them
-        xp, dtp, Bp, Cp = (_pad_time(t, pad).contiguous() for t in (x, dt, B, C))
-        y = _ssm1_op(xp, dtp, A.contiguous(), Bp, Cp, L)[:, :l]
-        if D is not None:
-            y = y + x * D.float()
-    return y
+        return _ssm1_op(x, dt, A, B, C, D)
 
 
 # ----------------------------------------------------------------------------------------------------

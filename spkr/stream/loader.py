@@ -19,9 +19,10 @@ consumed batches by plan, without reading them. Mid-epoch, the batch composition
 of these changed raises ``ValueError`` (finish the epoch, or resume with the saved values); a state
 taken at an epoch boundary (0 or all batches consumed) loads under any world size / worker count.
 
-Reads: local shards are read in place (``ShardReader.read_sample`` through mmap) when each batch is made,
-so only positions wait in the bucketing pool; remote shards (or ``mmap=False``) are streamed: each
-window's byte span is read and its samples copied into the pool. Both give the same batches.
+Parts: :class:`~spkr.stream.dataset.ShardDataset` decides which records each DataLoader worker reads
+and in which batches (local shards read in place through mmap, remote ones streamed: both give the
+same batches); :class:`Collate` makes a batch of records; this class wires them into a DataLoader,
+sums the workers' read reports (``retries``, ``skipped``, ``bytes_read``) and keeps the resume state.
 
 Normalisation: per-mel-bin ``(x - mean) / std`` with the manifest's training statistics, or with
 ``stats={"mean", "std"}`` given by the caller (evaluation passes the checkpoint's, so a model always
@@ -35,17 +36,18 @@ stay equal across ranks) and recorded in ``loader.skipped``.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, get_worker_info
 
 from spkr import storage
-from spkr.manifest import Manifest, ShardInfo
+from spkr.shards.format import Manifest
+from spkr.stream.dataset import ShardDataset
 from spkr.stream.plan import EpochPlan
-from spkr.stream.reader import ShardError, ShardReader
 
 _TAG_CROP = 0xC209
 _TAG_WORKER_SEED = 0x5EED
@@ -58,7 +60,8 @@ BATCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def default_rank_world() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed if initialised, else env RANK/WORLD_SIZE, else (0, 1)."""
+    """(rank, world_size) from torch.distributed if initialised, else env RANK/WORLD_SIZE, else (0, 1).
+    THE rank/world function of spkr (the run side imports it from :mod:`spkr.stream`)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -66,167 +69,87 @@ def default_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-class ShardDataset(IterableDataset):
-    """One rank's epoch as an IterableDataset of collated batches (one logical plan worker per
-    DataLoader worker). Configure ``epoch`` and ``start_batch`` before iterating."""
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """The given rank and world size, each defaulting to :func:`default_rank_world`'s, checked."""
+    if rank is None or world_size is None:
+        default_rank, default_world = default_rank_world()
+        rank = default_rank if rank is None else rank
+        world_size = default_world if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    return rank, world_size
+
+
+def normalisation(manifest: Manifest, n_mels: int, stats: dict | None = None) -> dict:
+    """``{"mean", "std"}`` per mel bin: ``stats`` given by the caller (evaluation passes the
+    checkpoint's), else the shards' own training statistics; checked against ``n_mels``."""
+    if stats is None:
+        stats = manifest.data.get("stats") or {}
+    if not stats.get("mean"):
+        raise ValueError(f"{manifest.url}: no feature statistics; pass normalize=False")
+    if len(stats["mean"]) != n_mels or len(stats.get("std") or []) != n_mels:
+        raise ValueError(f"feature statistics for {len(stats['mean'])} mel bins, shards have {n_mels}")
+    return stats
+
+
+class Collate:
+    """Records -> one padded batch: ``{"mel": (B, T_max, n_mels) normalised with ``mean``/``std``
+    (None: raw) and zero padded, in ``dtype``, "lengths", "labels", "keys"}``; a None record (a
+    skipped sample) is left out. With ``crop_frames``, a longer sample is cropped at a random offset
+    drawn from (seed, epoch, rank, batch id), so the crops do not depend on the worker layout."""
 
     def __init__(
         self,
-        base: str,
-        shards: list[ShardInfo],
-        *,
         n_mels: int,
-        batch_size: int,
-        train: bool,
-        seed: int,
-        rank: int,
-        world_size: int,
-        num_workers: int,
-        bucket_window: int | None,
-        crop_frames: int | None,
+        *,
         mean: np.ndarray | None,
         std: np.ndarray | None,
-        reader_kwargs: dict,
+        crop_frames: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
         dtype: torch.dtype = torch.float32,
     ):
-        self.base, self.shards, self.n_mels = base, shards, n_mels
-        self.dtype = dtype
-        self.batch_size, self.train, self.seed = batch_size, train, seed
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.bucket_window, self.crop_frames = bucket_window, crop_frames
-        self.mean = None if mean is None else np.asarray(mean, np.float32)
-        self.inv_std = None if std is None else (1.0 / np.maximum(np.asarray(std, np.float32), 1e-5))
-        self.reader_kwargs = reader_kwargs
-        self._mean_t = None if mean is None else torch.from_numpy(self.mean)
-        self._inv_std_t = None if std is None else torch.from_numpy(self.inv_std.astype(np.float32))
-        # (x - mean) * inv_std == x * inv_std + shift: one fused float32 pass per row in collate
-        self._shift_t = None if mean is None else -self._mean_t * self._inv_std_t
-        self.counts = [s.num_samples for s in shards]
-        self.frames = [s.frames for s in shards]
-        self.epoch = 0
-        self.start_batch = 0
-
-    def plan(self, epoch: int | None = None) -> EpochPlan:
-        return EpochPlan(
-            self.counts,
-            self.frames,
-            seed=self.seed,
-            epoch=self.epoch if epoch is None else epoch,
-            world_size=self.world_size,
-            rank=self.rank,
-            num_workers=self.num_workers,
-            batch_size=self.batch_size,
-            train=self.train,
-            bucket_window=self.bucket_window,
+        self.n_mels, self.crop_frames, self.seed, self.rank, self.dtype = (
+            n_mels,
+            crop_frames,
+            seed,
+            rank,
+            dtype,
         )
+        self.normalize = mean is not None
+        if self.normalize:
+            # (x - mean) * inv_std == x * inv_std + shift: one fused float32 pass per row
+            self._inv_std = torch.from_numpy(
+                (1.0 / np.maximum(np.asarray(std, np.float32), 1e-5)).astype(np.float32)
+            )
+            self._shift = -torch.from_numpy(np.asarray(mean, np.float32)) * self._inv_std
 
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        wid, n_dl = (info.id, info.num_workers) if info is not None else (0, 1)
-        if info is not None:
-            torch.set_num_threads(1)
-        plan = self.plan()
-        W = plan.num_workers
-        if n_dl != W:
-            raise RuntimeError(f"plan made for {W} workers but DataLoader runs {n_dl}")
-        k = self.start_batch
-        v = (wid + k) % W  # logical worker: round-robin then continues exactly at batch k
-        yield from self._iter_worker(plan, v, EpochPlan.batches_before(v, k, W))
-
-    def _iter_worker(self, plan: EpochPlan, v: int, skip: int) -> Iterator[dict]:
-        reader = ShardReader(self.base, n_mels=self.n_mels, **self.reader_kwargs)
-        wp = plan.worker(v)
-        W = plan.num_workers
-        # batch index (within this worker) of every position of the worker's range
-        owner = np.empty(wp.stop - wp.start, dtype=np.int64)
-        t = 0
-        for window in wp.windows:
-            for b in window.batches:
-                owner[b - wp.start] = t
-                t += 1
-        t = 0
-        n_retries, n_skipped = 0, 0
-        records: dict[int, object] = {}
-        direct = reader.random_access  # local shards: read each sample in place when its batch is made
-        left: dict[int, int] = {}  # direct mode: samples still to read per shard (then it is closed)
-        if direct:
-            todo = np.arange(wp.start, wp.stop, dtype=np.int64)
-            shard_idx, _ = plan.locate(todo[owner >= skip])
-            left = dict(zip(*(x.tolist() for x in np.unique(shard_idx, return_counts=True))))
-
-        def read_direct(s: int, i: int):
-            shard = self.shards[s]
-            try:
-                return reader.read_sample(shard, i)
-            except ShardError as e:
-                if reader.on_error != "skip":
-                    raise
-                reader._skip(shard, i, e)
-                return None
-
-        try:
-            for window in wp.windows:
-                nwb = len(window.batches)
-                span = np.arange(window.start, window.stop, dtype=np.int64)
-                need = span[owner[span - wp.start] >= skip]  # consumed batches' samples: not read
-                if len(need) and not direct:  # streaming: read the window's span into the pool
-                    shard_idx, sample_idx = plan.locate(need)
-                    for s, a, b, p0 in _runs(shard_idx, sample_idx, need):
-                        shard = self.shards[s]
-                        for rec in reader.iter_range(shard, a, b):
-                            # own copy: a view would pin its read chunk for as long as it waits in
-                            # the bucketing pool, so memory would grow with the number of shards
-                            records[p0 + rec.index - a] = rec._replace(feats=rec.feats.copy())
-                for i, b in enumerate(window.batches):
-                    tt = t + i
-                    if tt < skip:
-                        continue
-                    if direct:
-                        shard_idx, sample_idx = plan.locate(b)
-                        where = list(zip(shard_idx.tolist(), sample_idx.tolist()))
-                        batch = self.collate([read_direct(s, k) for s, k in where], v + tt * W, plan.epoch)
-                        for s, k in where:  # the batch holds copies: unmap the samples' pages
-                            reader.release_sample(self.shards[s], k)
-                            left[s] -= 1
-                            if not left[s]:
-                                reader.close_shard(self.shards[s])
-                    else:
-                        batch = self.collate([records.pop(int(p), None) for p in b], v + tt * W, plan.epoch)
-                    batch["_stats"] = {
-                        "retries": reader.stats.retries - n_retries,
-                        "skipped": reader.stats.skipped[n_skipped:],
-                        "bytes": reader.stats.bytes,
-                    }
-                    n_retries, n_skipped = reader.stats.retries, len(reader.stats.skipped)
-                    yield batch
-                t += nwb
-        finally:
-            reader.close()
-
-    def collate(self, records: list, j: int, epoch: int) -> dict:
-        """Pad, normalise and convert (to ``dtype``) into one batch tensor, on one thread:
-        these small per-row copies run ~25x slower when torch splits them over OpenMP threads (measured
-        on 2 cores). DataLoader workers already use one thread; in-process loading borrows it."""
+    def __call__(self, records: list, j: int, epoch: int) -> dict:
+        """The batch of ``records`` (batch id ``j`` of ``epoch``), made on one thread: these small
+        per-row copies run ~25x slower when torch splits them over OpenMP threads (measured on 2
+        cores). DataLoader workers already use one thread; in-process loading borrows it."""
         threads = torch.get_num_threads()
         if threads != 1:
             torch.set_num_threads(1)
         try:
-            return self._collate(records, j, epoch)
+            return self._collate([r for r in records if r is not None], j, epoch)
         finally:
             if threads != 1:
                 torch.set_num_threads(threads)
 
-    def _collate(self, records: list, j: int, epoch: int) -> dict:
-        recs = [r for r in records if r is not None]
+    def _crop(self, feats: list[np.ndarray], j: int, epoch: int) -> list[np.ndarray]:
+        c = int(self.crop_frames)
+        u = np.random.default_rng([_TAG_CROP, self.seed & 0xFFFFFFFF, epoch, self.rank, j]).random(len(feats))
+        for i, f in enumerate(feats):
+            if f.shape[0] > c:
+                s = int(u[i] * (f.shape[0] - c + 1))
+                feats[i] = f[s : s + c]
+        return feats
+
+    def _collate(self, recs: list, j: int, epoch: int) -> dict:
         feats = [r.feats for r in recs]
         if self.crop_frames:
-            c = int(self.crop_frames)
-            rng = np.random.default_rng([_TAG_CROP, self.seed & 0xFFFFFFFF, epoch, self.rank, j])
-            u = rng.random(len(feats))
-            for i, f in enumerate(feats):
-                if f.shape[0] > c:
-                    s = int(u[i] * (f.shape[0] - c + 1))
-                    feats[i] = f[s : s + c]
+            feats = self._crop(feats, j, epoch)
         lengths = np.array([f.shape[0] for f in feats], dtype=np.int64)
         T = int(lengths.max()) if len(lengths) else 0
         mel = torch.empty((len(feats), T, self.n_mels), dtype=self.dtype)
@@ -236,31 +159,19 @@ class ShardDataset(IterableDataset):
             mel[i, f.shape[0] :] = 0
             row = mel[i, : f.shape[0]]
             src = torch.from_numpy(f) if f.flags.writeable else torch.from_numpy(f.copy())
-            if self.mean is None:
+            if not self.normalize:
                 row.copy_(src)
             elif self.dtype == torch.float32:  # copy (vectorised float16 -> float32), then normalise
                 row.copy_(src)  # in place: (x - mean) * inv_std as x * inv_std + shift, one pass
-                torch.addcmul(self._shift_t, row, self._inv_std_t, out=row)
+                torch.addcmul(self._shift, row, self._inv_std, out=row)
             else:  # normalised in float32 arithmetic, rounded once to float16
-                torch.addcmul(self._shift_t, src, self._inv_std_t, out=row)
+                torch.addcmul(self._shift, src, self._inv_std, out=row)
         return {
             "mel": mel,
             "lengths": torch.from_numpy(lengths),
             "labels": torch.tensor([r.label for r in recs], dtype=torch.int64),
             "keys": [r.key for r in recs],
         }
-
-
-def _runs(shard_idx: np.ndarray, sample_idx: np.ndarray, positions: np.ndarray):
-    """Sorted stream positions -> (shard, a, b, first position) runs of consecutive samples."""
-    n = len(positions)
-    if n == 0:
-        return
-    brk = np.flatnonzero((np.diff(shard_idx) != 0) | (np.diff(sample_idx) != 1)) + 1
-    starts = np.concatenate([[0], brk])
-    ends = np.concatenate([brk, [n]])
-    for s, e in zip(starts, ends):
-        yield int(shard_idx[s]), int(sample_idx[s]), int(sample_idx[e - 1]) + 1, int(positions[s])
 
 
 class SpeakerLoader:
@@ -295,12 +206,7 @@ class SpeakerLoader:
         multiprocessing_context=None,
         manifest: Manifest | None = None,
     ):
-        if rank is None or world_size is None:
-            r, w = default_rank_world()
-            rank = r if rank is None else rank
-            world_size = w if world_size is None else world_size
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
+        rank, world_size = _rank_world(rank, world_size)
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
         if dtype not in BATCH_DTYPES:
@@ -310,14 +216,10 @@ class SpeakerLoader:
             self.shards_url, storage_options, retry=storage.RetryPolicy(retries, backoff)
         )
         self.split_info = self.manifest.split(split)
-        n_mels = int(self.manifest.data["feature_config"].get("n_mels", 80))
-        if stats is None:  # training: the shards' own; evaluation passes the checkpoint's
-            stats = self.manifest.data.get("stats") or {}
-        if normalize and not stats.get("mean"):
-            raise ValueError(f"{self.manifest.url}: no feature statistics; pass normalize=False")
-        if normalize and (len(stats["mean"]) != n_mels or len(stats.get("std") or []) != n_mels):
-            raise ValueError(f"feature statistics for {len(stats['mean'])} mel bins, shards have {n_mels}")
+        self.n_mels = int(self.manifest.data["feature_config"].get("n_mels", 80))
+        stats = normalisation(self.manifest, self.n_mels, stats) if normalize else {}
         reader_kwargs = dict(
+            n_mels=self.n_mels,
             storage_options=storage_options,
             retries=retries,
             backoff=backoff,
@@ -325,29 +227,21 @@ class SpeakerLoader:
             checksums=checksums,
             on_error=on_error,
             use_mmap=mmap,
-        )
-        if chunk_size:
-            reader_kwargs["chunk_size"] = chunk_size
-        self.dataset = ShardDataset(
-            self.shards_url,
-            self.split_info.shards,
-            n_mels=n_mels,
-            batch_size=batch_size,
-            train=train,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            num_workers=num_workers,
-            bucket_window=bucket_window,
-            crop_frames=crop_frames,
-            mean=stats.get("mean") if normalize else None,
-            std=stats.get("std") if normalize else None,
-            reader_kwargs=reader_kwargs,
-            dtype=BATCH_DTYPES[dtype],
+            **({"chunk_size": chunk_size} if chunk_size else {}),
         )
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+        collate = Collate(
+            self.n_mels,
+            mean=stats.get("mean"),
+            std=stats.get("std"),
+            crop_frames=crop_frames,
+            seed=seed,
+            rank=rank,
+            dtype=BATCH_DTYPES[dtype],
+        )
+        self.dataset = self._dataset(bucket_window, collate, reader_kwargs)
         self.multiprocessing_context = multiprocessing_context
         self.epoch = 0
         self._consumed = 0
@@ -357,6 +251,21 @@ class SpeakerLoader:
         self.retries = 0  # transient read errors recovered, all epochs
         self.bytes_read = 0  # this epoch, summed over workers (last report of each)
         self._bytes_by_worker: dict[int, int] = {}
+
+    def _dataset(self, bucket_window: int | None, collate: Collate, reader_kwargs: dict) -> ShardDataset:
+        plan_args = dict(
+            seed=self.seed,
+            world_size=self.world_size,
+            rank=self.rank,
+            num_workers=self.num_workers,
+            batch_size=self.batch_size,
+            train=self.train,
+            bucket_window=bucket_window,
+        )
+        shards = self.split_info.shards
+        return ShardDataset(
+            self.shards_url, shards, plan_args=plan_args, collate=collate, reader_kwargs=reader_kwargs
+        )
 
     # ---------------------------------------------------------------- plan
     @property
@@ -386,61 +295,59 @@ class SpeakerLoader:
         """Samples this rank yields this epoch (before skips)."""
         return self.plan.num_samples
 
-    @property
-    def n_mels(self) -> int:
-        return self.dataset.n_mels
-
     # ---------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[dict]:
         start = self._resume or 0
         self._resume = None
         self._consumed = start
         self.bytes_read = 0
+        self._bytes_by_worker = {}
         plan = self.plan
         if start >= plan.num_batches:
             return
         self.dataset.epoch, self.dataset.start_batch = self.epoch, start
-        if self.num_workers == 0:
-            source = iter(self.dataset)
-        else:
-            kwargs = {}
-            if self.prefetch_factor is not None:
-                kwargs["prefetch_factor"] = self.prefetch_factor
-            # The DataLoader's own generator (it draws the workers' base seed): without one, creating
-            # the iterator draws from the global torch RNG, so a resumed run (RNG restored, then a new
-            # iterator mid-epoch) would get other dropout / SpecAugment draws than an uninterrupted one.
-            gen = torch.Generator()
-            gen.manual_seed(
-                int(
-                    np.random.SeedSequence(
-                        [_TAG_WORKER_SEED, self.seed & 0xFFFFFFFF, self.epoch, self.rank]
-                    ).generate_state(1, np.uint64)[0]
-                )
-            )
-            source = iter(
-                DataLoader(
-                    self.dataset,
-                    batch_size=None,
-                    num_workers=self.num_workers,
-                    pin_memory=self.pin_memory,
-                    persistent_workers=False,
-                    multiprocessing_context=self.multiprocessing_context,
-                    generator=gen,
-                    **kwargs,
-                )
-            )
-        j = start
-        for batch in source:
-            st = batch.pop("_stats")
-            self.retries += st["retries"]
-            self.skipped.extend(st["skipped"])
-            self._bytes_by_worker[j % plan.num_workers] = st["bytes"]
+        source = iter(self.dataset) if self.num_workers == 0 else self._start_workers()
+        for j, (batch, report) in enumerate(source, start):
+            self.retries += report.retries
+            self.skipped.extend(report.skipped)
+            self._bytes_by_worker[j % plan.num_workers] = report.bytes
             self.bytes_read = sum(self._bytes_by_worker.values())
             if self.num_workers == 0 and self.pin_memory and torch.cuda.is_available():
                 batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
-            j += 1
-            self._consumed = j
+            self._consumed = j + 1
             yield batch
+
+    def _start_workers(self) -> Iterator:
+        """The DataLoader's iterator, its workers started with this process's objects frozen: a
+        forked worker's full garbage collection then skips them instead of writing to every page that
+        holds one (copying the parent's whole heap into each worker, tools/bench_scale.py)."""
+        gc.freeze()
+        try:
+            return iter(self._dataloader())
+        finally:
+            gc.unfreeze()
+
+    def _dataloader(self) -> DataLoader:
+        """The DataLoader over the dataset's worker batches (collated in the workers)."""
+        kwargs = {}
+        if self.prefetch_factor is not None:
+            kwargs["prefetch_factor"] = self.prefetch_factor
+        # The DataLoader's own generator (it draws the workers' base seed): without one, creating
+        # the iterator draws from the global torch RNG, so a resumed run (RNG restored, then a new
+        # iterator mid-epoch) would get other dropout / SpecAugment draws than an uninterrupted one.
+        seed = np.random.SeedSequence([_TAG_WORKER_SEED, self.seed & 0xFFFFFFFF, self.epoch, self.rank])
+        generator = torch.Generator()
+        generator.manual_seed(int(seed.generate_state(1, np.uint64)[0]))
+        return DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            multiprocessing_context=self.multiprocessing_context,
+            generator=generator,
+            **kwargs,
+        )
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -499,4 +406,4 @@ class SpeakerLoader:
         self._consumed = self._resume
 
 
-__all__ = ["SpeakerLoader", "ShardDataset", "default_rank_world"]
+__all__ = ["SpeakerLoader", "Collate", "default_rank_world", "normalisation"]

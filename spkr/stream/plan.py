@@ -67,15 +67,11 @@ class WorkerPlan:
     worker: int  # logical worker id
     start: int  # stream range [start, stop)
     stop: int
-    first_batch: int  # rank-level index of this worker's first batch (== worker)
     num_batches: int
     windows: list[Window]
 
     def batches(self) -> list[np.ndarray]:
         return [b for w in self.windows for b in w.batches]
-
-    def batch_ids(self, num_workers: int) -> list[int]:
-        return [self.worker + t * num_workers for t in range(self.num_batches)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -207,7 +203,7 @@ class EpochPlan:
             tail = [tail[i] for i in rng.permutation(len(tail))]
         if tail:
             windows.append(Window(read_from, stop, tail))
-        plan = WorkerPlan(w, start, stop, w, int(self.worker_batches[w]), windows)
+        plan = WorkerPlan(w, start, stop, int(self.worker_batches[w]), windows)
         assert sum(len(win.batches) for win in windows) == plan.num_batches
         return plan
 
@@ -218,9 +214,4 @@ class EpochPlan:
         return [per_worker[j % W][j // W] for j in range(self.num_batches)]
 
 
-def plan_for_split(split, **kwargs) -> EpochPlan:
-    """EpochPlan from a ``spkr.manifest.SplitInfo``."""
-    return EpochPlan([s.num_samples for s in split.shards], [s.frames for s in split.shards], **kwargs)
-
-
-__all__ = ["EpochPlan", "WorkerPlan", "Window", "plan_for_split", "default_bucket_window"]
+__all__ = ["EpochPlan", "WorkerPlan", "Window", "default_bucket_window"]

@@ -1,7 +1,9 @@
 """python -m spkr.tools.chart_dataset --shards DIR — the original chart_dataset.py, from the manifest.
 
 Reads only ``manifest.json`` (never audio, never the shards): min/max of the log-mel values, per-bin
-mean/std, the speaker (label) distribution per split and the duration histogram. Writes
+mean/std, the speaker (label) distribution per split and the duration histogram, and the evaluation
+protocol (docs/protocols.md: name, each split's kind/role/speakers, closed-session hold-out statistics,
+trial counts) and augmentation (copies per training utterance). Writes
 ``<out>/dataset.png`` and ``<out>/dataset.json`` (default out: the shards directory when local, else
 the current directory).
 """
@@ -16,7 +18,7 @@ import sys
 import numpy as np
 
 from spkr import storage
-from spkr.manifest import Manifest, ManifestError
+from spkr.shards.format import Manifest, ManifestError
 
 
 def dataset_summary(manifest: Manifest) -> dict:
@@ -28,9 +30,12 @@ def dataset_summary(manifest: Manifest) -> dict:
     for name in manifest.split_names:
         split = manifest.split(name)
         frames = split.frames_array()
-        counts = np.bincount(split.labels_array(), minlength=n_classes)
+        counts = np.bincount(split.labels_array(), minlength=len(manifest.split_speakers(name)))
         seconds = frames * seconds_per_frame
         splits[name] = {
+            "kind": manifest.split_kind(name),
+            "role": manifest.split_role(name),
+            "label_space": len(manifest.split_speakers(name)),
             "num_samples": int(split.num_samples),
             "num_shards": len(split.shards),
             "hours": float(seconds.sum() / 3600),
@@ -55,8 +60,60 @@ def dataset_summary(manifest: Manifest) -> dict:
         "mel_std": stats["std"],
         "feature_config": manifest.feature_config.to_dict(),
         "skipped": len(manifest.data.get("skipped", [])),
+        "protocol": protocol_summary(manifest),
+        "augment": augment_summary(manifest),
         "splits": splits,
     }
+
+
+def protocol_summary(manifest: Manifest) -> dict:
+    """The protocol's name, options and statistics (closed-session: held-out chapters, single-chapter
+    speakers), and per verification split its trial counts and enrollment statistics."""
+    entry = manifest.data.get("protocol") or {}
+    summary = {
+        "name": manifest.protocol_name,
+        "params": entry.get("params", {}),
+        "stats": entry.get("stats", {}),
+    }
+    for name, sp in (entry.get("splits") or {}).items():
+        if sp.get("kind") == "verification":
+            trials = {k: sp["trials"][k] for k in ("count", "target", "nontarget")}
+            summary.setdefault("verification", {})[name] = {**trials, "stats": sp.get("stats", {})}
+    return summary
+
+
+def augment_summary(manifest: Manifest) -> dict | None:
+    entry = manifest.data.get("augment")
+    if entry is None:
+        return None
+    kinds = entry.get("identity", {}).get("kinds")
+    return {"split": entry.get("split"), "copies": entry["copies"], "count": entry["count"], "kinds": kinds}
+
+
+def describe(summary: dict) -> list[str]:
+    """Human-readable lines: the protocol, each split's kind/role/speakers, augmentation."""
+    p = summary["protocol"]
+    lines = [f"protocol {p['name']}" + (f" {p['params']}" if p["params"] else "")]
+    held = p["stats"].get("held_out")
+    if held:
+        single = p["stats"]["single_chapter"]
+        lines.append(
+            f"  held out {sum(held.values())}/{sum(p['stats']['requested'].values())} utterances in whole "
+            f"chapters {held}; {single['count']} single-chapter speakers {single.get('treatment', 'train-only')}"
+        )
+    for name, sp in summary["splits"].items():
+        trials = (p.get("verification") or {}).get(name)
+        lines.append(
+            f"  {name}: {sp['kind']}, role {sp['role']}, {sp['num_samples']} samples, "
+            f"{sp['speakers_present']}/{sp['label_space']} speakers"
+            + (f", {trials['count']} trials ({trials['target']} target)" if trials else "")
+        )
+    if summary["augment"]:
+        a = summary["augment"]
+        lines.append(
+            f"augment: {a['copies']} copies per {a['split']} utterance ({a['count']} copies; {a['kinds']})"
+        )
+    return lines
 
 
 def plot(manifest: Manifest, summary: dict, path: str) -> None:
@@ -70,7 +127,8 @@ def plot(manifest: Manifest, summary: dict, path: str) -> None:
     ax = axes[0, 0]
     for name in manifest.split_names:
         ax.plot(summary["splits"][name]["label_counts"], ".", label=name, markersize=3)
-    ax.set(title="utterances per speaker (class id)", xlabel="class id", ylabel="utterances")
+    ax.set(title="utterances per speaker (label)", xlabel="label (class id; verification: split speaker)")
+    ax.set_ylabel("utterances")
     ax.legend()
     ax = axes[0, 1]
     for name in manifest.split_names:
@@ -89,7 +147,8 @@ def plot(manifest: Manifest, summary: dict, path: str) -> None:
     ax = axes[1, 1]
     names = manifest.split_names
     ax.bar(names, [summary["splits"][n]["hours"] for n in names])
-    ax.set(title=f"hours per split ({summary['num_classes']} speakers)", ylabel="hours")
+    title = f"hours per split ({summary['num_classes']} classes, protocol {summary['protocol']['name']})"
+    ax.set(title=title, ylabel="hours")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -111,6 +170,8 @@ def main(argv=None) -> int:
     with open(os.path.join(out, "dataset.json"), "w") as f:
         json.dump(summary, f, indent=1)
     plot(manifest, summary, os.path.join(out, "dataset.png"))
+    for line in describe(summary):
+        print(f"[chart_dataset] {line}", file=sys.stderr)
     print(f"[chart_dataset] wrote {os.path.join(out, 'dataset.png')} and dataset.json", file=sys.stderr)
     return 0
 

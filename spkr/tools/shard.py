@@ -5,8 +5,18 @@
     python -m spkr.tools.shard --source openslr/librispeech_asr --hf --subsets train.100 --out s3://bucket/train.100
     torchrun --nnodes 4 --nproc_per_node 1 ... -m spkr.tools.shard ...   # split by rank (RANK/WORLD_SIZE)
 
-The training combination's dev-clean and test-clean speakers are pooled with its train speakers and
-re-split (spkr.corpus.labels.build_splits) so that valid/test hold only speakers seen in training.
+    python -m spkr.tools.shard --source data/demo --out shards/demo-open --protocol open
+    python -m spkr.tools.shard --source data/demo --out shards/demo-aug --augment-copies 2 \
+        --noise-dir data/noise-demo --rir-dir data/noise-demo/rirs
+
+``--protocol`` (docs/protocols.md) decides the splits: ``closed`` (default) pools the training
+combination's dev-clean and test-clean speakers with its train speakers and re-splits
+(spkr.corpus.labels.build_splits) so that valid/test hold only speakers seen in training;
+``closed-session`` holds out whole chapters (unseen sessions); ``open`` keeps dev-clean/test-clean
+speakers unseen, in the verification splits ``valid-verify``/``test-verify``, whose trial lists are
+written to ``<out>/trials/<split>.txt``. ``--augment-copies K`` adds K augmented copies
+(spkr.augment: noise, music, babble, reverb, speed) of every training utterance, computed here once,
+keyed ``<key>~aug<k>`` and described in ``<out>/augment.jsonl`` and in each copy's json meta.
 Re-running skips complete shards; the manifest is written by whichever rank finishes last (or by
 ``--merge-only``). A shard already in ``--out`` that was written under another feature config, feature
 backend, seed, source or write option is never reused: the run stops and says what differs (use a new
@@ -16,12 +26,14 @@ backend, seed, source or write option is never reused: the run stops and says wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 
-from spkr.config import add_storage_options, json_object
-from spkr.corpus.labels import build_splits, class_weights
+from spkr.augment import AugmentConfig, AugmentError, speed_classes
+from spkr.config import ConfigError, add_storage_options, json_object
+from spkr.corpus.labels import class_weights
 from spkr.corpus.librispeech import (
     Utterance,
     find_speakers_txt,
@@ -30,9 +42,36 @@ from spkr.corpus.librispeech import (
     read_speakers_txt,
     training_combination,
 )
+from spkr.corpus.protocols import (
+    CLOSED_SESSION,
+    DEFAULT_ENROLL_PER_SPEAKER,
+    DEFAULT_TRIALS_PER_SPEAKER,
+    DEFAULT_VALID_FRACTION,
+    OPEN,
+    PROTOCOLS,
+    TRAIN,
+    VERIFICATION,
+    Protocol,
+    make_protocol,
+)
 from spkr.features import AudioError, FeatureConfig
-from spkr.manifest import ManifestError
-from spkr.shard_writer import WriteOptions, merge_manifest, plan_shards, run_identity, run_jobs
+from spkr.shards.format import ManifestError
+from spkr.shards.writer import (
+    WriteOptions,
+    augment_run_identity,
+    merge_manifest,
+    plan_shards,
+    run_identity,
+    run_jobs,
+    with_copies,
+)
+
+OPEN_OPTIONS = {  # option -> default; only with --protocol open
+    "trials_per_speaker": DEFAULT_TRIALS_PER_SPEAKER,
+    "enroll_per_speaker": DEFAULT_ENROLL_PER_SPEAKER,
+    "valid_fraction": DEFAULT_VALID_FRACTION,
+}
+AUGMENT_OPTIONS = ("augment_kinds", "noise_dir", "rir_dir", "speed_classes", "augment_config")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,7 +112,65 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="rewrite shards in --out that were written under another config/seed/source (else: stop)",
     )
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    g = p.add_argument_group("protocol (docs/protocols.md)")
+    g.add_argument("--protocol", choices=PROTOCOLS, default="closed", help="how utterances go to splits")
+    g.add_argument("--trials-per-speaker", type=int, default=None, help="open: trials per speaker (200)")
+    g.add_argument("--enroll-per-speaker", type=int, default=None, help="open: enrollment utterances (3)")
+    g.add_argument("--valid-fraction", type=float, default=None, help="open: train share in valid (0.05)")
+    g = p.add_argument_group("augmentation (spkr.augment; training split only)")
+    g.add_argument("--augment-copies", type=int, default=0, help="K augmented copies per training utterance")
+    g.add_argument(
+        "--augment-kinds", default=None, help="comma list of noise,music,babble,reverb,speed (a+b chains)"
+    )
+    g.add_argument("--noise-dir", default=None, help="MUSAN-style folder: noise/ music/ speech/")
+    g.add_argument("--rir-dir", default=None, help="room impulse responses (default: synthetic RIRs)")
+    g.add_argument("--speed-classes", action="store_true", help="speed copies are new classes <spk>@sp<f>")
+    g.add_argument(
+        "--augment-config", type=json_object, default=None, help="JSON object of AugmentConfig fields"
+    )
+    args = p.parse_args(argv)
+    given = [o for o in OPEN_OPTIONS if getattr(args, o) is not None]
+    if given and args.protocol != OPEN:
+        p.error(f"--{given[0].replace('_', '-')} only applies to --protocol open")
+    given = [o for o in AUGMENT_OPTIONS if getattr(args, o)]
+    if given and args.augment_copies <= 0:
+        p.error(f"--{given[0].replace('_', '-')} needs --augment-copies K (K >= 1)")
+    return args
+
+
+def augment_config(args) -> AugmentConfig | None:
+    """The copies' recipe from --augment-* (flags override --augment-config); None without copies.
+    Its seed is --seed unless --augment-config sets one."""
+    if args.augment_copies <= 0:
+        return None
+    fields = {"seed": args.seed, **(args.augment_config or {}), "copies": args.augment_copies}
+    if args.augment_kinds:
+        fields["kinds"] = [k.strip() for k in args.augment_kinds.split(",") if k.strip()]
+    for name in ("noise_dir", "rir_dir"):
+        if getattr(args, name):
+            fields[name] = getattr(args, name)
+    if args.speed_classes:
+        fields["speed_classes"] = True
+    return AugmentConfig.from_dict(fields, "--augment-config/--augment-* options")
+
+
+def describe_protocol(protocol: Protocol) -> str:
+    """One line on what the protocol held out (closed-session) or how many trials it wrote (open)."""
+    if protocol.name == CLOSED_SESSION:
+        st = protocol.stats
+        req, held, single = st["requested"], st["held_out"], st["single_chapter"]["count"]
+        return (
+            f"closed-session: held out {sum(held.values())}/{sum(req.values())} utterances (valid "
+            f"{held['valid']}, test {held['test']}); {single} single-chapter speakers train-only"
+        )
+    if protocol.name == OPEN:
+        parts = [
+            f"{n}: {len(sp.speakers)} speakers, {len(sp.trials)} trials"
+            for n, sp in protocol.splits.items()
+            if sp.kind == VERIFICATION
+        ]
+        return "open: " + "; ".join(parts)
+    return "closed: valid/test re-split from the training speakers' utterances"
 
 
 def check_utterances(utts: list[Utterance], known_speakers: set[str] | None, on_error: str, skipped: list):
@@ -115,6 +212,33 @@ def load_corpus(args, skipped: list) -> tuple[list[Utterance], list[Utterance], 
     return read(train_subsets), read([dev]), read([test]), train_subsets + [dev, test]
 
 
+def label_spaces(protocol: Protocol, aug: AugmentConfig | None) -> tuple[list[str], dict[str, list[str]]]:
+    """(the manifest's labels, {split: label space}): the protocol's classes plus, with speed classes,
+    ``<spk>@sp<f>`` appended (existing ids unchanged) for every classification split; a verification
+    split keeps its own speakers."""
+    classes = list(protocol.classes) + (speed_classes(protocol.classes, aug) if aug is not None else [])
+    spaces = protocol.label_spaces()
+    for name, sp in protocol.splits.items():
+        if sp.kind != VERIFICATION:
+            spaces[name] = classes
+    return classes, spaces
+
+
+def training_weights(protocol: Protocol, aug: AugmentConfig | None, classes: list[str]) -> list[float]:
+    """Class weights over every training sample, copies included (a copy counts as one sample of its
+    class). A speed class that no copy falls into is an error saying what to change."""
+    samples = with_copies(protocol.splits[TRAIN].utterances, aug)
+    present = {s.speaker for s in samples}
+    empty = [c for c in classes[len(protocol.classes) :] if c not in present]
+    if empty:
+        raise ValueError(
+            f"--speed-classes: {len(empty)} of {len(classes) - len(protocol.classes)} speed classes get no "
+            f"copy (e.g. {empty[:3]}): use more --augment-copies, fewer --augment-kinds or speeds, or drop "
+            "--speed-classes"
+        )
+    return class_weights([dataclasses.replace(s.utterance, speaker=s.speaker) for s in samples], classes)
+
+
 def make_progress(total: int, enabled: bool):
     """rich progress with utterances/s and audio-hours/s; returns (context, tick)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -140,11 +264,70 @@ def make_progress(total: int, enabled: bool):
     return progress, tick, state
 
 
+def write_options(args, aug: AugmentConfig | None) -> WriteOptions:
+    return WriteOptions(
+        on_error=args.on_error,
+        allow_resample=args.resample,
+        allow_downmix=args.downmix,
+        min_seconds=args.min_seconds,
+        require_transcript=not args.allow_missing_transcript,
+        feature_backend=args.feature_backend,
+        overwrite=args.overwrite,
+        augment=aug,
+    )
+
+
+def corpus_entry(args, subsets: list[str], protocol: Protocol, jobs: list, aug: AugmentConfig | None) -> dict:
+    """The manifest's ``corpus`` object: where from, which protocol, utterances (and samples) per split."""
+    corpus = {
+        "source": str(args.source),
+        "name": args.subsets,
+        "subsets": subsets,
+        "seed": args.seed,
+        "protocol": protocol.name,
+        "num_speakers": len(protocol.classes),
+        "num_utterances": {n: len(sp.utterances) for n, sp in protocol.splits.items()},
+    }
+    if aug is not None:
+        corpus["num_samples"] = {
+            n: sum(len(j.utterances) for j in jobs if j.split == n) for n in protocol.splits
+        }
+    return corpus
+
+
+def write_shards(args, jobs: list, cfg: FeatureConfig, opts: WriteOptions, rank: int, world: int) -> None:
+    """This rank's shards, with a progress bar and a summary line (x realtime of source audio)."""
+    t0 = time.monotonic()
+    mine = sum(len(j.utterances) for i, j in enumerate(jobs) if i % world == rank)
+    progress, tick, state = make_progress(mine, enabled=not args.no_progress and sys.stderr.isatty())
+    with progress:
+        results = run_jobs(
+            args.out,
+            jobs,
+            cfg,
+            opts,
+            rank=rank,
+            world_size=world,
+            workers=args.workers,
+            storage_options=args.storage_options,
+            progress=tick,
+        )
+    dt = time.monotonic() - t0
+    written = [r for r in results if not r.reused]
+    audio = sum(r.seconds for r in results)
+    skipped = sum(len(r.skipped) for r in results)
+    print(
+        f"[shard] rank {rank}: {len(written)} shards written, {len(results) - len(written)} already "
+        f"complete, {skipped} skipped utterances; {audio / 3600:.3f} h audio in {dt:.1f} s "
+        f"({audio / max(dt, 1e-9):.0f}x realtime)",
+        file=sys.stderr,
+    )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
     world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
-    storage_options = args.storage_options
     overrides = dict(args.feature_config or {})
     if args.n_mels:
         overrides["n_mels"] = args.n_mels
@@ -154,81 +337,52 @@ def main(argv=None) -> int:
         train, dev, test, subsets = load_corpus(args, pre_skipped)
         if not train:
             raise ValueError(f"{args.source}: no training utterances found for {args.subsets}")
-        splits = build_splits(train, dev, test, seed=args.seed)
-        weights = class_weights(splits.train, splits.speakers)
-        opts = WriteOptions(
-            on_error=args.on_error,
-            allow_resample=args.resample,
-            allow_downmix=args.downmix,
-            min_seconds=args.min_seconds,
-            require_transcript=not args.allow_missing_transcript,
-            feature_backend=args.feature_backend,
-            overwrite=args.overwrite,
-        )
+        options = {o: getattr(args, o) for o in OPEN_OPTIONS if getattr(args, o) is not None}
+        protocol = make_protocol(args.protocol, train, dev, test, seed=args.seed, **options)
+        aug = augment_config(args)
+        opts = write_options(args, aug)
+        classes, spaces = label_spaces(protocol, aug)
+        weights = training_weights(protocol, aug, classes)
         # as typed (not resolved): every rank of a multi-machine run must plan the same identity
         source = str(args.source).rstrip("/") or "/"
         jobs = plan_shards(
-            {"train": splits.train, "valid": splits.valid, "test": splits.test},
-            splits.speakers,
+            protocol.split_utterances(),
+            spaces,
             args.shard_size,
             seed=args.seed,
             identity=run_identity(cfg, opts, args.seed, source),
+            augment=aug,
+            augment_split=TRAIN,
+            augment_identity=augment_run_identity(aug, cfg.sample_rate) if aug else None,
         )
-        corpus = {
-            "source": str(args.source),
-            "name": args.subsets,
-            "subsets": subsets,
-            "seed": args.seed,
-            "num_speakers": len(splits.speakers),
-            "num_utterances": {
-                "train": len(splits.train),
-                "valid": len(splits.valid),
-                "test": len(splits.test),
-            },
-        }
+        corpus = corpus_entry(args, subsets, protocol, jobs, aug)
+        print(f"[shard] {describe_protocol(protocol)}", file=sys.stderr)
+        if aug is not None:
+            print(
+                f"[shard] augmentation: {aug.copies} copies of each of {len(protocol.splits[TRAIN].utterances)} "
+                f"training utterances ({', '.join(aug.kinds)}); {len(classes)} classes",
+                file=sys.stderr,
+            )
         print(
-            f"[shard] {corpus['num_utterances']} utterances, {len(splits.speakers)} speakers, "
+            f"[shard] {corpus['num_utterances']} utterances, {len(protocol.classes)} speakers, "
             f"{len(jobs)} shards -> {args.out} (rank {rank}/{world}, {args.workers} workers)",
             file=sys.stderr,
         )
-        t0 = time.monotonic()
-        results = []
         if not args.merge_only:
-            mine = sum(len(j.utterances) for i, j in enumerate(jobs) if i % world == rank)
-            progress, tick, state = make_progress(mine, enabled=not args.no_progress and sys.stderr.isatty())
-            with progress:
-                results = run_jobs(
-                    args.out,
-                    jobs,
-                    cfg,
-                    opts,
-                    rank=rank,
-                    world_size=world,
-                    workers=args.workers,
-                    storage_options=storage_options,
-                    progress=tick,
-                )
-            dt = time.monotonic() - t0
-            written = [r for r in results if not r.reused]
-            audio = sum(r.seconds for r in results)
-            skipped = sum(len(r.skipped) for r in results)
-            print(
-                f"[shard] rank {rank}: {len(written)} shards written, {len(results) - len(written)} already "
-                f"complete, {skipped} skipped utterances; {audio / 3600:.3f} h audio in {dt:.1f} s "
-                f"({audio / max(dt, 1e-9):.0f}x realtime)",
-                file=sys.stderr,
-            )
+            write_shards(args, jobs, cfg, opts, rank, world)
         manifest = merge_manifest(
             args.out,
             jobs,
             cfg,
-            splits.speakers,
+            classes,
             weights,
             corpus,
-            storage_options=storage_options,
+            storage_options=args.storage_options,
             skipped=pre_skipped,
+            protocol=protocol,
+            augment=aug,
         )
-    except (AudioError, ManifestError, ValueError, FileNotFoundError) as e:
+    except (AudioError, AugmentError, ConfigError, ManifestError, ValueError, FileNotFoundError) as e:
         print(f"[shard] error: {e}", file=sys.stderr)
         return 2
     if manifest is None:

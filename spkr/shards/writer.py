@@ -1,39 +1,58 @@
-"""Write side: utterances -> log-mel features -> WebDataset tar shards + manifest.
+"""Write side: utterances -> log-mel features -> WebDataset tar shards + manifest (the tar layout
+itself is :mod:`spkr.shards.codec`'s).
 
-    plan_shards(splits)            deterministic list of ShardJob (split, index, utterances)
+    plan_shards(splits, label spaces[, augment])  deterministic list of ShardJob (split, index, samples)
     run(jobs, rank, world, workers) each rank writes the jobs i with i % world == rank, in parallel
     write_shard(...)               one tar, written under a temporary name, then renamed; then its sidecar
-    merge_manifest(...)            when every planned shard has a sidecar: manifest.json (atomically)
+    merge_manifest(...)            when every planned shard has a sidecar: the protocol's trial files,
+                                   augment.jsonl, then manifest.json (each atomically)
+
+Labels: per split, the index of the sample's speaker in that split's label space (the class list for
+classification splits, the split's own speakers for a protocol's verification splits). With an
+``AugmentConfig`` of K copies, the training split also holds copy k of every utterance under
+``<key>~aug<k>`` (:func:`spkr.augment.augment` of its audio, labelled by
+:func:`spkr.augment.copy_speaker`), planned interleaved with the originals; the copies' recipe identity
+(:func:`spkr.augment.augment_identity`: config + noise/RIR file index) is part of those jobs' identity.
 
 A shard is complete iff its sidecar exists and carries the plan hash of the job, so a re-run after a
 crash (or with more ranks) skips complete shards and redoes the rest. The plan hash covers the job's
 keys and labels *and* the run's identity (feature fingerprint, feature backend, seed, source, write
 options): a shard written under another identity is never reused — the run stops with
 :class:`ShardConflict` saying what differs, or rewrites it with ``overwrite=True``. Each sidecar (and
-so the manifest) carries a checksum per sample (:func:`spkr.manifest.sample_checksum`). Features are stored as ``.npy``
+so the manifest) carries a checksum per sample (:func:`spkr.shards.codec.sample_checksum`). Features are stored as ``.npy``
 (float16, time-major (frames, n_mels)) and only ever read back with ``allow_pickle=False``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
-import mmap
 import os
 import random
-import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from spkr import atomic, storage
+from spkr.augment import (
+    COPY_SEPARATOR,
+    AugmentConfig,
+    AugmentError,
+    AugmentSources,
+    augment,
+    augment_identity,
+    copy_key,
+    copy_speaker,
+    description_json,
+    load_sources,
+)
 from spkr.corpus.librispeech import Utterance
+from spkr.corpus.protocols import Protocol
 from spkr.features import AudioError, FeatureConfig, LogMel, compute_logmel, load_audio, resolve_backend
-from spkr.manifest import (
+from spkr.shards.codec import Sample, digest_tar, write_tar
+from spkr.shards.format import (
+    AUGMENT_NAME,
     FORMAT,
     MANIFEST_NAME,
     SAMPLE_CHECKSUM,
@@ -41,78 +60,17 @@ from spkr.manifest import (
     VERSION,
     Manifest,
     ManifestError,
-    RunningStats,
     ShardInfo,
+    dataset_extras,
     dataset_id,
-    sample_checksum,
     shard_name,
     split_summary,
 )
+from spkr.shards.stats import RunningStats
 
 
 class ShardConflict(ManifestError):
     """An existing shard (or manifest) in the output was written for another plan or identity."""
-
-
-@dataclass
-class Sample:
-    """One encoded sample: what goes into the tar under ``key``."""
-
-    key: str
-    label: int
-    meta: dict
-    feats: np.ndarray  # (frames, n_mels), on-disk dtype
-
-
-def encode_npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
-def write_tar(fileobj, samples: Iterable[Sample]) -> tuple[list[Sample], list[int]]:
-    """Write samples as WebDataset members into an open binary file; returns (samples, offsets)."""
-    written, offsets = [], []
-    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for s in samples:
-            if "." in s.key or "/" in s.key:
-                raise ValueError(f"sample key {s.key!r} must not contain '.' or '/'")
-            offsets.append(tf.offset)
-            members = (
-                ("cls", str(int(s.label)).encode()),
-                ("json", json.dumps(s.meta, sort_keys=True).encode()),
-                ("mel.npy", encode_npy(s.feats)),
-            )
-            for ext, payload in members:
-                tf.addfile(_tarinfo(f"{s.key}.{ext}", len(payload)), io.BytesIO(payload))
-            written.append(s)
-    return written, offsets
-
-
-def digest_tar(path: str, offsets: list[int]) -> tuple[str, int, list[int]]:
-    """(sha256, size, per-sample checksums) of a written tar; sample i spans
-    ``[offsets[i], offsets[i+1])``, the last one to the end of the file (the end-of-archive blocks)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return hashlib.sha256().hexdigest(), 0, []
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)
-            try:
-                digest = hashlib.sha256(view).hexdigest()
-                ends = list(offsets[1:]) + [size]
-                checksums = [sample_checksum(view[a:b]) for a, b in zip(offsets, ends)]
-            finally:
-                view.release()
-    return digest, size, checksums
 
 
 def _put_atomic(local_path: str, url: str, storage_options: dict | None) -> None:
@@ -195,46 +153,94 @@ class ShardJob:
     index: int
     utterances: list[Utterance]
     labels: list[int]
-    identity: dict = field(default_factory=dict)  # the run's identity (run_identity), same for all jobs
+    identity: dict = field(default_factory=dict)  # the run's identity (run_identity) [+ "augment"]
+    copies: list[int | None] | None = None  # per utterance: augmented copy index, None = the original
 
     @property
     def name(self) -> str:
         return shard_name(self.split, self.index)
 
+    def copy_indices(self) -> list[int | None]:
+        return self.copies if self.copies is not None else [None] * len(self.utterances)
+
+    def keys(self) -> list[str]:
+        """The sample keys in order: the utterance key, or ``<key>~aug<k>`` for copy k."""
+        return [
+            u.key if k is None else copy_key(u.key, k) for u, k in zip(self.utterances, self.copy_indices())
+        ]
+
     def plan_hash(self) -> str:
-        """What this shard must hold: the run's identity, then its keys and labels in order."""
+        """What this shard must hold: the run's identity, then its sample keys and labels in order."""
         h = hashlib.sha256()
         h.update(json.dumps(self.identity, sort_keys=True).encode() + b"\n")
-        for u, lab in zip(self.utterances, self.labels):
-            h.update(f"{u.key}\t{lab}\n".encode())
+        for key, lab in zip(self.keys(), self.labels):
+            h.update(f"{key}\t{lab}\n".encode())
         return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    """One sample to write: an utterance, or augmented copy ``copy`` of it, and its class name."""
+
+    utterance: Utterance
+    copy: int | None
+    speaker: str  # the label's name: the utterance's speaker, or its speed class
+
+
+def with_copies(utts: Iterable[Utterance], augment: AugmentConfig | None) -> list[PlannedSample]:
+    """The utterances and (when ``augment.copies``) their copies, sorted by (key, copy) with the
+    original first; copies labelled by :func:`spkr.augment.copy_speaker`."""
+    out = []
+    for u in sorted(utts, key=lambda u: u.key):
+        out.append(PlannedSample(u, None, u.speaker))
+        for k in range(augment.copies if augment is not None else 0):
+            out.append(PlannedSample(u, k, copy_speaker(u.speaker, u.key, k, augment)))
+    return out
 
 
 def plan_shards(
     splits: dict[str, list[Utterance]],
-    speakers: list[str],
+    speakers: list[str] | dict[str, list[str]],
     shard_size: int,
     seed: int = 0,
     identity: dict | None = None,
+    *,
+    augment: AugmentConfig | None = None,
+    augment_split: str = "train",
+    augment_identity: dict | None = None,
 ) -> list[ShardJob]:
-    """Deterministic shard plan: each split's utterances shuffled (seeded, so shards mix speakers)
-    and cut into ceil(n / shard_size) shards whose sizes differ by at most one. ``identity``
-    (:func:`run_identity`) goes into every job's plan hash."""
+    """Deterministic shard plan: each split's samples sorted by (key, copy), shuffled (seeded, so
+    shards mix speakers and copies) and cut into ceil(n / shard_size) shards whose sizes differ by at
+    most one. ``speakers``: the label space (a sample's label is its speaker's index), one list for
+    every split or ``{split: list}``. ``identity`` (:func:`run_identity`) goes into every job's plan
+    hash; with ``augment.copies`` > 0, ``augment_split`` also gets the copies and its jobs'
+    identity ``augment_identity`` (:func:`spkr.augment.augment_identity`) under ``"augment"``."""
     identity = {**(identity or {}), "seed": int(seed)}
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")
-    label_of = {spk: i for i, spk in enumerate(speakers)}
+    copying = augment is not None and augment.copies > 0
     jobs: list[ShardJob] = []
     for split, utts in splits.items():
-        order = sorted(utts, key=lambda u: u.key)
+        space = speakers[split] if isinstance(speakers, dict) else speakers
+        label_of = {spk: i for i, spk in enumerate(space)}
+        order = with_copies(utts, augment if copying and split == augment_split else None)
         random.Random(f"{seed}:{split}").shuffle(order)
+        copies_here = copying and split == augment_split
+        job_identity = {**identity, "augment": augment_identity} if copies_here else identity
         n_shards = max(1, math.ceil(len(order) / shard_size)) if order else 0
         for i in range(n_shards):
             part = order[i * len(order) // n_shards : (i + 1) * len(order) // n_shards]
-            unknown = [u for u in part if u.speaker not in label_of]
+            unknown = [s for s in part if s.speaker not in label_of]
             if unknown:
-                raise ValueError(f"{unknown[0].path or unknown[0].key}: unknown speaker {unknown[0].speaker}")
-            jobs.append(ShardJob(split, i, part, [label_of[u.speaker] for u in part], identity))
+                u = unknown[0].utterance
+                raise ValueError(
+                    f"{u.path or u.key}: speaker {unknown[0].speaker} not in split {split}'s labels"
+                )
+            copies = [s.copy for s in part] if copies_here else None
+            utterances = [s.utterance for s in part]
+            jobs.append(
+                ShardJob(split, i, utterances, [label_of[s.speaker] for s in part], job_identity, copies)
+            )
     return jobs
 
 
@@ -250,6 +256,7 @@ class WriteOptions:
     require_transcript: bool = True
     feature_backend: str = "auto"
     overwrite: bool = False  # rewrite shards written for another plan/identity (else ShardConflict)
+    augment: AugmentConfig | None = None  # the copies' recipe (jobs with copies need it)
 
 
 def run_identity(cfg: FeatureConfig, opts: WriteOptions, seed: int, source: str) -> dict:
@@ -278,38 +285,68 @@ class JobResult:
     reused: bool = False
 
 
+def augment_run_identity(aug: AugmentConfig, sample_rate: int) -> dict:
+    """The copies' part of the run identity (:func:`spkr.augment.augment_identity`), from a fresh index
+    of the noise/RIR folders (never a cached one: their contents are what it pins)."""
+    return augment_identity(aug, AugmentSources(aug, sample_rate))
+
+
+def job_sources(aug: AugmentConfig, sample_rate: int, fingerprint: str) -> AugmentSources:
+    """The process's (cached) noise/RIR index, re-indexed when it is not the one the job was planned
+    with; folders that changed since planning are an AugmentError (the copies would not be the plan's)."""
+    sources = load_sources(aug, sample_rate)
+    if sources.fingerprint() != fingerprint:
+        load_sources.cache_clear()
+        sources = load_sources(aug, sample_rate)
+        if sources.fingerprint() != fingerprint:
+            raise AugmentError(
+                f"{aug.noise_dir} / {aug.rir_dir}: the noise/RIR files changed while shards were being "
+                "written; re-run the shard tool"
+            )
+    return sources
+
+
+def _load_wave(utt: Utterance, cfg: FeatureConfig, opts: WriteOptions):
+    name = utt.path or f"{utt.subset}/{utt.key}"
+    if opts.require_transcript and utt.transcript is None:
+        raise AudioError(f"{name}: no transcript line for {utt.key}")
+    return load_audio(
+        utt.audio_bytes if utt.audio_bytes is not None else utt.path,
+        cfg,
+        name=name,
+        allow_resample=opts.allow_resample,
+        allow_downmix=opts.allow_downmix,
+        min_seconds=max(opts.min_seconds, cfg.win_length / cfg.sample_rate),
+    )
+
+
 def _featurize(
     job: ShardJob, cfg: FeatureConfig, opts: WriteOptions, logmel: LogMel, skipped: list, tick: Callable
 ) -> Iterator[Sample]:
-    for utt, label in zip(job.utterances, job.labels):
+    """The job's samples; an augmented copy is :func:`spkr.augment.augment` of its utterance's audio
+    and carries the description in its json meta (``"augment"``). ``tick`` counts source audio only."""
+    sources = None
+    for utt, label, k, key in zip(job.utterances, job.labels, job.copy_indices(), job.keys()):
         name = utt.path or f"{utt.subset}/{utt.key}"
         try:
-            if opts.require_transcript and utt.transcript is None:
-                raise AudioError(f"{name}: no transcript line for {utt.key}")
-            wave = load_audio(
-                utt.audio_bytes if utt.audio_bytes is not None else utt.path,
-                cfg,
-                name=name,
-                allow_resample=opts.allow_resample,
-                allow_downmix=opts.allow_downmix,
-                min_seconds=max(opts.min_seconds, cfg.win_length / cfg.sample_rate),
-            )
+            wave = _load_wave(utt, cfg, opts)
         except AudioError as e:
             if opts.on_error != "skip":
                 raise
-            skipped.append({"key": utt.key, "path": name, "error": str(e)})
+            skipped.append({"key": key, "path": name, "error": str(e)})
             tick(1, 0.0)
             continue
+        meta = {"speaker": utt.speaker, "chapter": utt.chapter, "subset": utt.subset}
+        if k is not None:
+            sources = sources or job_sources(
+                opts.augment, cfg.sample_rate, job.identity["augment"]["sources"]
+            )
+            wave, description = augment(wave, cfg.sample_rate, utt.key, k, opts.augment, sources)
+            meta["augment"] = description
         feats = compute_logmel(wave, logmel)
-        meta = {
-            "speaker": utt.speaker,
-            "chapter": utt.chapter,
-            "subset": utt.subset,
-            "duration": round(wave.shape[0] / cfg.sample_rate, 4),
-            "frames": int(feats.shape[0]),
-        }
-        tick(1, wave.shape[0] / cfg.sample_rate)
-        yield Sample(utt.key, label, meta, feats)
+        meta.update(duration=round(wave.shape[0] / cfg.sample_rate, 4), frames=int(feats.shape[0]))
+        tick(1, wave.shape[0] / cfg.sample_rate if k is None else 0.0)
+        yield Sample(key, label, meta, feats)
 
 
 def read_sidecar(out: str, job: ShardJob, storage_options: dict | None = None) -> dict | None:
@@ -397,9 +434,14 @@ def write_job(
     stats = RunningStats(cfg.n_mels) if job.split == "train" else None
     seconds = [0.0]
 
+    descriptions: list[dict] = []
+
     def samples():
         for s in _featurize(job, cfg, opts, logmel, skipped, tick):
-            seconds[0] += s.meta["duration"]
+            if "augment" in s.meta:
+                descriptions.append(s.meta["augment"])
+            else:
+                seconds[0] += s.meta["duration"]
             if stats is not None:
                 stats.update(s.feats)
             yield s
@@ -411,6 +453,8 @@ def write_job(
         "skipped": skipped,
         "stats": None,
     }
+    if job.copies is not None:
+        extra["augment"] = descriptions  # the copies' descriptions, in shard order
     # The sidecar is serialised after the tar is written, so skipped/stats are filled in by then.
     info = write_shard(
         out, job.name, _Lazy(samples(), extra, stats), storage_options=storage_options, extra=extra
@@ -525,10 +569,14 @@ def build_manifest(
     class_weight_scheme: str = "inverse_frequency_mean1",
     skipped: list[dict] | None = None,
     identity: dict | None = None,
+    protocol: dict | None = None,
+    augment: dict | None = None,
 ) -> dict:
     """The manifest's data for these shards (the one place its fields are assembled): ``stats`` is
-    :meth:`RunningStats.summary` of the training split; ``identity`` the run's (run_identity)."""
-    return {
+    :meth:`RunningStats.summary` of the training split; ``identity`` the run's (run_identity);
+    ``protocol`` ``Protocol.manifest_entry()``; ``augment`` the copies' entry (:func:`augment_entry`).
+    The last two are stored only when given (older manifests have neither)."""
+    data = {
         "format": FORMAT,
         "version": VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -537,6 +585,7 @@ def build_manifest(
             feature_backend,
             list(labels),
             {name: [k for s in shards for k in s.keys] for name, shards in splits.items()},
+            dataset_extras(protocol, augment),
         ),
         "corpus": corpus,
         "identity": identity or {},
@@ -553,6 +602,39 @@ def build_manifest(
         "stats": {"split": "train", **stats},
         "skipped": list(skipped or []),
     }
+    if protocol is not None:
+        data["protocol"] = protocol
+    if augment is not None:
+        data["augment"] = augment
+    return data
+
+
+def augment_entry(cfg: AugmentConfig, identity: dict, split: str, payload: bytes, count: int) -> dict:
+    """The manifest's ``augment`` object: which split has copies, how many per utterance, the recipe's
+    identity (spkr.augment.augment_identity), the folders as given, and ``augment.jsonl``'s digest."""
+    return {
+        "split": split,
+        "copies": cfg.copies,
+        "identity": identity,
+        "folders": {"noise_dir": cfg.noise_dir, "rir_dir": cfg.rir_dir},
+        "path": AUGMENT_NAME,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "count": count,
+    }
+
+
+def _sidecar_descriptions(side: dict, job: ShardJob, out: str) -> list[dict]:
+    """The copies' descriptions a sidecar lists, checked against its keys (one per copy, in order)."""
+    copies = [k for k in side.get("keys", []) if isinstance(k, str) and COPY_SEPARATOR in k]
+    found = side.get("augment")
+    if job.copies is None:
+        return []
+    if type(found) is not list or [d.get("key") if isinstance(d, dict) else None for d in found] != copies:
+        raise ManifestError(
+            f"{storage.join(out, job.name + SIDECAR_SUFFIX)}: its 'augment' descriptions do not match its "
+            "copies' keys; delete the shard and its sidecar and re-run"
+        )
+    return found
 
 
 def merge_manifest(
@@ -566,8 +648,12 @@ def merge_manifest(
     storage_options: dict | None = None,
     class_weight_scheme: str = "inverse_frequency_mean1",
     skipped: list[dict] | None = None,
+    protocol: Protocol | None = None,
+    augment: AugmentConfig | None = None,
 ) -> Manifest | None:
-    """Write manifest.json if every planned shard is complete; return it, else None."""
+    """Write manifest.json if every planned shard is complete; return it, else None. First (each
+    atomically) the protocol's trial files ``trials/<split>.txt`` and, when jobs have copies,
+    ``augment.jsonl``: so every file the manifest lists exists once it does."""
     sidecars = []
     for job in jobs:
         side = sidecar_matches(out, job, storage_options)
@@ -577,12 +663,21 @@ def merge_manifest(
     stats = RunningStats(cfg.n_mels)
     splits: dict[str, list[ShardInfo]] = {}
     skipped = list(skipped or [])  # utterances rejected before planning (metadata problems)
+    descriptions: list[dict] = []
     for job, side in sidecars:
         splits.setdefault(job.split, []).append(ShardInfo.from_dict(side, job.name + SIDECAR_SUFFIX))
         skipped.extend(side.get("skipped") or [])
+        descriptions.extend(_sidecar_descriptions(side, job, out))
         if side.get("stats"):
             stats.merge(RunningStats.from_dict(side["stats"], job.name + SIDECAR_SUFFIX))
     identity = jobs[0].identity if jobs else {}
+    copied = next((j for j in jobs if j.copies is not None), None)
+    files = dict(protocol.trial_files()) if protocol is not None else {}
+    entry = None
+    if copied is not None:
+        files[AUGMENT_NAME] = "".join(description_json(d) + "\n" for d in descriptions)
+        payload = files[AUGMENT_NAME].encode()
+        entry = augment_entry(augment, copied.identity["augment"], copied.split, payload, len(descriptions))
     data = build_manifest(
         splits,
         cfg,
@@ -594,14 +689,22 @@ def merge_manifest(
         class_weight_scheme=class_weight_scheme,
         skipped=skipped,
         identity=identity,
+        protocol=protocol.manifest_entry() if protocol is not None else None,
+        augment=entry,
     )
-    manifest = Manifest(data, url=storage.join(out, MANIFEST_NAME))
+    manifest = Manifest(data, url=storage.join(out, MANIFEST_NAME))  # validated before anything is written
+    for path, text in files.items():
+        write_bytes_atomic(storage.join(out, path), text.encode(), storage_options)
     write_bytes_atomic(storage.join(out, MANIFEST_NAME), manifest.to_json().encode(), storage_options)
     return manifest
 
 
 __all__ = [
-    "Sample",
+    "PlannedSample",
+    "augment_entry",
+    "augment_run_identity",
+    "job_sources",
+    "with_copies",
     "ShardJob",
     "ShardConflict",
     "build_manifest",
@@ -609,9 +712,6 @@ __all__ = [
     "find_conflicts",
     "WriteOptions",
     "JobResult",
-    "ManifestError",
-    "encode_npy",
-    "write_tar",
     "write_shard",
     "write_bytes_atomic",
     "plan_shards",

@@ -1,0 +1,263 @@
+"""Enrollment gallery: named speakers' mean embeddings of one model, in a pickle-free .npz file.
+
+    gallery = Gallery.load_or_new("speakers.npz", fingerprint, dim)   # checks the model matches
+    gallery.enroll("alice", embeddings)            # (m, E): new speaker, or re-averaged by count
+    gallery.save("speakers.npz")                   # atomic (temp file + rename)
+    gallery.identify(embedding, top_k=5)           # [(name, cosine score)], best first
+    decide(score, threshold)                       # True = accept (score >= threshold)
+
+File (``np.savez``, read with ``np.load(allow_pickle=False)``; nothing but these arrays)::
+
+    format               str    "spkr-gallery"
+    version              int64  1
+    names                <U     (n,)    speaker names, unique, no surrounding whitespace
+    embeddings           float32 (n, E) per speaker, the mean of its utterances' L2-normalised
+                                        embeddings (norm <= 1: it is re-averaged exactly when
+                                        utterances are added; scoring normalises it)
+    counts               int64  (n,)    utterances averaged per speaker (>= 1)
+    weights_fingerprint  str            spkr.checkpoint.weights_fingerprint of the model's weights
+    embedding_dim        int64  E
+
+Embeddings of different models are not comparable, so a gallery only accepts and scores embeddings
+of the model it was made with: the caller passes that model's weights fingerprint and embedding
+dim, and a mismatch is a GalleryError telling to re-enroll. Scores use the conventions of
+:mod:`spkr.scoring` (cosine; a trial is accepted iff score >= threshold).
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from spkr.scoring import l2_normalize
+
+FORMAT = "spkr-gallery"
+VERSION = 1
+FIELDS = ("format", "version", "names", "embeddings", "counts", "weights_fingerprint", "embedding_dim")
+
+
+class GalleryError(ValueError):
+    """A gallery file or request that cannot be used (names the file / speaker / what is wrong)."""
+
+
+def check_name(name: str) -> str:
+    """A speaker name is a non-empty string without surrounding whitespace or control characters."""
+    if not isinstance(name, str) or not name or name != name.strip() or not name.isprintable():
+        raise GalleryError(
+            f"speaker name {name!r}: must be non-empty, printable, without leading/trailing spaces"
+        )
+    return name
+
+
+def decide(score: float, threshold: float) -> bool:
+    """Accept (True) iff ``score >= threshold`` (spkr.scoring's convention)."""
+    return bool(score >= threshold)
+
+
+class Gallery:
+    """Enrolled speakers of one model: ``names``, ``embeddings`` (mean of normalised utterance
+    embeddings, float64 in memory), ``counts``, the model's ``fingerprint`` and ``dim``."""
+
+    def __init__(self, fingerprint: str, dim: int, source: str = "gallery"):
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise GalleryError(f"{source}: weights fingerprint must be a non-empty string")
+        if int(dim) < 1:
+            raise GalleryError(f"{source}: embedding dim must be >= 1 (got {dim})")
+        self.fingerprint, self.dim, self.source = fingerprint, int(dim), source
+        self.names: list[str] = []
+        self.embeddings = np.zeros((0, self.dim), np.float64)
+        self.counts = np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    # ----------------------------------------------------------------------------- model check
+
+    def check_model(self, fingerprint: str, dim: int) -> None:
+        """GalleryError unless this gallery was made with the model of this fingerprint and dim."""
+        if fingerprint != self.fingerprint:
+            raise GalleryError(
+                f"{self.source}: enrolled with another model (weights fingerprint {self.fingerprint}, "
+                f"this checkpoint's is {fingerprint}); embeddings of different models are not "
+                f"comparable: enroll the speakers again with this checkpoint into a new file"
+            )
+        if int(dim) != self.dim:
+            raise GalleryError(f"{self.source}: embeddings of dim {self.dim}, this model's are {dim}")
+
+    # ----------------------------------------------------------------------------- changes
+
+    def enroll(self, name: str, embeddings) -> int:
+        """Add utterance embeddings ((m, E) or one (E,)) to speaker ``name``: a new speaker is appended,
+        a known one re-averaged by counts (the same mean as enrolling all its utterances at once).
+        Returns the speaker's utterance count."""
+        check_name(name)
+        e = np.asarray(embeddings, dtype=np.float64)
+        e = e[None] if e.ndim == 1 else e
+        if e.ndim != 2 or e.shape[1] != self.dim or len(e) == 0:
+            raise GalleryError(
+                f"{self.source}: speaker {name}: expected (m >= 1, {self.dim}) embeddings, got shape "
+                f"{np.shape(embeddings)}"
+            )
+        norms = np.linalg.norm(e, axis=1)
+        if not np.isfinite(e).all() or (norms == 0).any():
+            raise GalleryError(f"{self.source}: speaker {name}: embeddings must be finite and non-zero")
+        total = (e / norms[:, None]).sum(axis=0)
+        if name in self.names:
+            k = self.names.index(name)
+            n = int(self.counts[k])
+            self.embeddings[k] = (self.embeddings[k] * n + total) / (n + len(e))
+            self.counts[k] = n + len(e)
+            return int(self.counts[k])
+        self.names.append(name)
+        self.embeddings = np.concatenate([self.embeddings, (total / len(e))[None]])
+        self.counts = np.concatenate([self.counts, [len(e)]])
+        return len(e)
+
+    def index(self, name: str) -> int:
+        """The row of speaker ``name``; an unknown name is a GalleryError listing close matches."""
+        if name in self.names:
+            return self.names.index(name)
+        close = difflib.get_close_matches(name, self.names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        listed = ", ".join(self.names[:10]) + (" ..." if len(self.names) > 10 else "")
+        raise GalleryError(
+            f"{self.source}: no enrolled speaker {name!r} ({len(self.names)} enrolled: {listed}){hint}"
+        )
+
+    def remove(self, name: str) -> None:
+        """Forget speaker ``name`` (GalleryError when unknown)."""
+        k = self.index(name)
+        del self.names[k]
+        self.embeddings = np.delete(self.embeddings, k, axis=0)
+        self.counts = np.delete(self.counts, k)
+
+    # ----------------------------------------------------------------------------- scoring
+
+    def scores(self, embeddings) -> np.ndarray:
+        """(m, n) cosine scores of m query embeddings ((m, E) or (E,) -> (n,)) against every speaker."""
+        q = np.asarray(embeddings, dtype=np.float64)
+        if q.shape[-1:] != (self.dim,) or q.ndim > 2:
+            raise GalleryError(f"{self.source}: query embedding of shape {q.shape}, expected ({self.dim},)")
+        if not np.isfinite(q).all():
+            raise GalleryError(f"{self.source}: query embedding is not finite")
+        return l2_normalize(q) @ l2_normalize(self.embeddings).T
+
+    def identify(self, embedding, top_k: int = 5) -> list[tuple[str, float]]:
+        """The ``top_k`` enrolled speakers closest to one embedding: [(name, cosine score)], best
+        first (ties in enrollment order)."""
+        if not self.names:
+            raise GalleryError(f"{self.source}: no speaker is enrolled")
+        s = self.scores(np.asarray(embedding).reshape(-1))
+        order = np.argsort(-s, kind="stable")[: max(1, top_k)]
+        return [(self.names[k], float(s[k])) for k in order]
+
+    def score(self, name: str, embedding) -> float:
+        """Cosine score of one embedding against speaker ``name`` (verification of a claimed identity)."""
+        return float(self.scores(np.asarray(embedding).reshape(-1))[self.index(name)])
+
+    # ----------------------------------------------------------------------------- files
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            format=np.array(FORMAT),
+            version=np.array(VERSION, np.int64),
+            names=np.array(self.names, dtype=str).reshape(-1),
+            embeddings=self.embeddings.astype(np.float32),
+            counts=self.counts.astype(np.int64),
+            weights_fingerprint=np.array(self.fingerprint),
+            embedding_dim=np.array(self.dim, np.int64),
+        )
+        return buf.getvalue()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the gallery to ``path`` atomically (the old file stays whole until the rename)."""
+        from spkr import atomic
+
+        atomic.write_bytes(path, self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Gallery:
+        """Read and check a gallery file (GalleryError naming the file and what is wrong)."""
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(6)
+        except FileNotFoundError:
+            raise GalleryError(f"{path}: no such gallery file") from None
+        except OSError as e:
+            raise GalleryError(f"{path}: cannot read the gallery ({e.strerror or e})") from None
+        if magic == b"\x93NUMPY":
+            raise GalleryError(f"{path}: a single .npy array, not a spkr gallery .npz")
+        if not magic.startswith(b"PK"):  # np.load would take anything else for a pickle
+            raise GalleryError(f"{path}: not a spkr gallery .npz (not a zip archive)")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                fields = {k: z[k] for k in z.files if k in FIELDS}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise GalleryError(
+                f"{path}: not a readable spkr gallery .npz ({type(e).__name__}: {e})"
+            ) from None
+        return cls._from_fields(fields, str(path))
+
+    @classmethod
+    def _from_fields(cls, f: dict, source: str) -> Gallery:
+        missing = [k for k in FIELDS if k not in f]
+        if missing:
+            raise GalleryError(f"{source}: not a spkr gallery (no {', '.join(missing)})")
+        header = {k: f[k] for k in ("format", "version", "weights_fingerprint", "embedding_dim")}
+        kinds = {"format": "U", "version": "i", "weights_fingerprint": "U", "embedding_dim": "i"}
+        if any(v.shape != () or v.dtype.kind != kinds[k] for k, v in header.items()):
+            raise GalleryError(
+                f"{source}: not a spkr gallery (format/version/fingerprint/dim are not scalars)"
+            )
+        if str(f["format"]) != FORMAT:
+            raise GalleryError(f"{source}: not a spkr gallery (format {str(f['format'])!r})")
+        if int(f["version"]) != VERSION:
+            raise GalleryError(f"{source}: gallery version {int(f['version'])} (this spkr reads {VERSION})")
+        g = cls(str(f["weights_fingerprint"]), int(f["embedding_dim"]), source)
+        problem = _table_problem(f["names"], f["embeddings"], f["counts"], g.dim)
+        if problem:
+            raise GalleryError(f"{source}: corrupt gallery: {problem}")
+        g.names, g.embeddings, g.counts = f["names"].tolist(), f["embeddings"].astype(np.float64), f["counts"]
+        return g
+
+    @classmethod
+    def load_or_new(cls, path: str | os.PathLike, fingerprint: str, dim: int) -> Gallery:
+        """The gallery at ``path`` checked against this model (:meth:`check_model`), or a new empty
+        one for it when the file does not exist."""
+        if not Path(path).exists():
+            return cls(fingerprint, dim, str(path))
+        g = cls.load(path)
+        g.check_model(fingerprint, dim)
+        return g
+
+
+def _table_problem(names: np.ndarray, emb: np.ndarray, counts: np.ndarray, dim: int) -> str | None:
+    """What is wrong with a gallery file's speaker table, or None."""
+    if names.dtype.kind != "U" or names.ndim != 1:
+        return f"names {names.dtype} {names.shape}, expected a 1-D string array"
+    n = len(names)
+    if emb.dtype != np.float32 or emb.shape != (n, dim):
+        return f"embeddings {emb.dtype} {emb.shape}, expected float32 ({n}, {dim})"
+    if counts.dtype != np.int64 or counts.shape != (n,) or (counts < 1).any():
+        return f"counts {counts.dtype} {counts.shape}, expected int64 ({n},) all >= 1"
+    if not np.isfinite(emb).all():
+        return "embeddings are not finite"
+    if len(set(names.tolist())) != n:
+        return "speaker names repeat"
+    for name in names.tolist():
+        try:
+            check_name(name)
+        except GalleryError as e:
+            return str(e)
+    return None
+
+
+__all__ = ["FORMAT", "VERSION", "Gallery", "GalleryError", "check_name", "decide"]

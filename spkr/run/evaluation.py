@@ -1,0 +1,255 @@
+"""Evaluation passes, shared by training (valid/test), ``spkr.evaluate`` and ``chart_losses``.
+
+    loader = eval_loader(shards, "valid", 64, num_workers=2, storage_options=opts,
+                         rank=r, world=w, manifest=m, stats=ckpt["stats"])
+    sums = run_split(model, loader, device, amp_dtype, embeddings=False)   # one rank, no collectives
+    res = summarise(sums)                                                  # {"loss", "acc", "n"}
+    res = evaluate_distributed(model, loader, env, amp_dtype, embeddings)  # sums all-reduced once
+
+Every evaluation loader is built by :func:`eval_loader`: whole utterances (no crops), the split's
+fixed order, each sample exactly once over the ranks, normalised (with ``stats`` when given: the
+checkpoint's training statistics; else the manifest's), float16 batches (half the shared-memory pages;
+cast to float32 on the device), so training, evaluate and chart_losses measure the same batches.
+Loss is unweighted cross-entropy (sum over samples), accuracy top-1. ``amp_dtype`` comes from
+:func:`spkr.run.distributed.resolve_dtype`, the one precision policy.
+
+Verification splits (protocol open, docs/protocols.md; labels index the split's own speakers, so no
+head/loss/accuracy: ``classify=False``)::
+
+    emb = evaluate_distributed(model, loader, env, amp_dtype, embeddings=True, classify=False)
+    cohort = embed_cohort(model, train_loader, env, amp_dtype, per_speaker=10)   # AS-norm cohort
+    res = verify_split(emb, manifest, "test-verify", cohort=cohort, top_k=300, calibrate=False)
+
+:func:`verify_split` scores the manifest's trial list (sha256 checked, every key an embedded
+utterance, each embedded once): cosine EER/minDCF(0.01, 0.05), ``as_norm`` with a cohort,
+``identification`` (top-1 against enrollment means) and, with ``calibrate``, the decision
+``thresholds`` calibrated on the trials scored as a gallery does (:func:`gallery_scores`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from spkr.run.distributed import DistEnv, all_reduce_sums, autocast, gather
+from spkr.scoring import (
+    TrialList,
+    calibrate_thresholds,
+    check_trial_keys,
+    l2_normalize,
+    parse_trials,
+    score_trials,
+    speaker_means,
+    verification_metrics,
+)
+
+
+def eval_loader(
+    shards: str,
+    split: str,
+    batch_size: int,
+    *,
+    num_workers: int = 0,
+    storage_options: dict | None = None,
+    rank: int = 0,
+    world: int = 1,
+    manifest=None,
+    stats: dict | None = None,
+):
+    """The loader of one split for evaluation (see the module docstring). ``manifest``: an already
+    loaded one (training shares its training loader's: one dataset, one normalisation)."""
+    from spkr.stream.loader import SpeakerLoader
+
+    return SpeakerLoader(
+        shards, split, batch_size, train=False, rank=rank, world_size=world, num_workers=num_workers,
+        crop_frames=None, normalize=True, dtype="float16", storage_options=storage_options,
+        manifest=manifest, stats=stats,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def run_split(
+    model, loader, device, amp_dtype=None, embeddings: bool = False, classify: bool = True, keep=None
+) -> dict:
+    """One pass of an (unwrapped) model over a loader: sums of loss, correct, count, and with
+    ``embeddings`` the (N, E) float32 embeddings, (N,) labels and the N sample ``keys``. ``classify``
+    False (verification splits, whose labels are not class ids): no head, loss or accuracy.
+    ``keep`` (a set of keys): only those samples are embedded (the others are read, not run).
+    Does no collective ops (ranks may have different batch counts)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    embs, labs, keys = [], [], []
+    try:
+        for batch in loader:
+            rows = None if keep is None else [n for n, k in enumerate(batch["keys"]) if k in keep]
+            if rows is not None and not rows:
+                continue
+            mel = batch["mel"].to(device, non_blocking=True).float()
+            lengths = batch["lengths"].to(device)
+            labels = batch["labels"].to(device)
+            batch_keys = list(batch["keys"])
+            if rows is not None:
+                mel, lengths, labels = mel[rows], lengths[rows], labels[rows]
+                batch_keys = [batch_keys[n] for n in rows]
+            with autocast(device, amp_dtype):
+                if embeddings:
+                    emb = model.embed(mel, lengths)
+                if classify:  # eval: dropout off, no margin -> head(embed) is the same as forward
+                    logits = model.head(emb) if embeddings else model(mel, lengths)
+            if classify:
+                logits = logits.float()
+                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+                correct += int((logits.argmax(-1) == labels).sum())
+            count += int(labels.numel())
+            if embeddings:
+                embs.append(emb.float().cpu().numpy())
+                labs.append(labels.cpu().numpy())
+                keys += batch_keys
+    finally:
+        model.train(was_training)
+    out = {"loss_sum": loss_sum, "correct": correct, "count": count}
+    if embeddings:
+        out.update(_stack(embs, labs))
+        out["keys"] = keys
+    return out
+
+
+def _stack(embs: list, labs: list) -> dict:
+    """{"emb": (N, E), "labels": (N,)} of per-batch (or per-rank) parts (empty ones skipped)."""
+    embs = [e for e in embs if len(e)]
+    labs = [lab for lab in labs if len(lab)]
+    return {
+        "emb": np.concatenate(embs) if embs else np.zeros((0, 0), np.float32),
+        "labels": np.concatenate(labs) if labs else np.zeros(0, np.int64),
+    }
+
+
+def summarise(sums: dict) -> dict:
+    """{"loss": mean cross-entropy, "acc": top-1 accuracy, "n": samples} of :func:`run_split` sums."""
+    n = max(int(sums["count"]), 1)
+    return {"loss": sums["loss_sum"] / n, "acc": sums["correct"] / n, "n": int(sums["count"])}
+
+
+def evaluate_distributed(
+    model, loader, env: DistEnv, amp_dtype, embeddings: bool = False, classify: bool = True, keep=None
+) -> dict:
+    """Each rank evaluates its own samples with the unwrapped model; sums are all-reduced once. With
+    ``embeddings``, every rank's embeddings, labels and keys are gathered into ``"emb"`` / ``"labels"``
+    / ``"keys"`` (every sample of the split exactly once, rank order). ``classify``, ``keep``: as
+    :func:`run_split`."""
+    sums = run_split(model, loader, env.device, amp_dtype, embeddings, classify, keep)
+    totals = all_reduce_sums([sums["loss_sum"], sums["correct"], sums["count"]], env)
+    res = summarise(dict(zip(("loss_sum", "correct", "count"), totals)))
+    if not classify:
+        res = {"n": res["n"]}
+    if embeddings:
+        parts = gather((sums["emb"], sums["labels"], sums["keys"]), env)
+        res.update(_stack([p[0] for p in parts], [p[1] for p in parts]))
+        res["keys"] = [k for p in parts for k in p[2]]
+    return res
+
+
+# --------------------------------------------------------------------------- verification splits
+
+
+COHORT_PER_SPEAKER = 10  # training utterances embedded per speaker for the AS-norm cohort
+
+
+def cohort_keys(manifest, split: str, per_speaker: int = COHORT_PER_SPEAKER) -> set[str]:
+    """The first ``per_speaker`` original keys (sorted; never an augmented ``~aug`` copy) of each
+    speaker of ``split``: the utterances a capped cohort pass embeds."""
+    by_label: dict[int, list[str]] = {}
+    for shard in manifest.split(split).shards:
+        for key, label in zip(shard.keys, shard.labels):
+            if "~aug" not in key:
+                by_label.setdefault(label, []).append(key)
+    return {k for keys in by_label.values() for k in sorted(keys)[:per_speaker]}
+
+
+def embed_cohort(
+    model, loader, env: DistEnv, amp_dtype, per_speaker: int = COHORT_PER_SPEAKER, cohort_size: int = 0
+) -> np.ndarray:
+    """(C, E) AS-norm cohort: unit-norm mean embeddings of the loader's (training) speakers, from at
+    most ``per_speaker`` original utterances each (:func:`cohort_keys`; the others are read, not run);
+    ``cohort_size`` > 0 keeps the first that many speakers (label order). On every rank."""
+    keep = cohort_keys(loader.manifest, loader.split, per_speaker)
+    res = evaluate_distributed(model, loader, env, amp_dtype, embeddings=True, classify=False, keep=keep)
+    _, means = speaker_means(res["emb"], res["labels"])
+    return means[:cohort_size] if cohort_size > 0 else means
+
+
+def load_trials(manifest, split: str, storage_options: dict | None = None) -> TrialList:
+    """The trial list of verification split ``split``: sha256 checked by the manifest, parsed, every
+    key a sample of the split (else a ValueError naming the file and line)."""
+    trials = parse_trials(manifest.read_trials(split, storage_options), manifest.trials_url(split))
+    check_trial_keys(trials, {k for shard in manifest.split(split).shards for k in shard.keys})
+    return trials
+
+
+def embeddings_by_key(res: dict, split: str) -> dict[str, np.ndarray]:
+    """{key: embedding} of an embedding pass; a key seen twice is a ValueError (each utterance must be
+    embedded exactly once over the ranks)."""
+    by_key = dict(zip(res["keys"], res["emb"]))
+    if len(by_key) != len(res["keys"]):
+        raise ValueError(f"split '{split}': {len(res['keys']) - len(by_key)} utterance(s) embedded twice")
+    return by_key
+
+
+def gallery_scores(trials: TrialList, res: dict, enroll_keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, targets) of the trials as a gallery scores them (spkr.gallery): the enroll side is the
+    speaker's mean of its L2-normalised enrollment embeddings, so each distinct (enrolled speaker,
+    test utterance) pair of the list is one trial. These calibrate spkr.predict's thresholds."""
+    by_key = embeddings_by_key(res, "gallery")
+    label_of = dict(zip(res["keys"], res["labels"].tolist()))
+    names, means = speaker_means(
+        np.stack([by_key[k] for k in enroll_keys]), [label_of[k] for k in enroll_keys]
+    )
+    row = {int(n): r for r, n in enumerate(names)}
+    pairs = {}
+    for flag, a, b in zip(trials.target, trials.enroll, trials.test):
+        pairs.setdefault((label_of[a], b), bool(flag))
+    spk = np.array([row[s] for s, _ in pairs], np.int64)
+    test = l2_normalize(np.stack([by_key[b] for _, b in pairs]))
+    return np.einsum("nd,nd->n", means[spk], test), np.array(list(pairs.values()), bool)
+
+
+def identification(res: dict, enroll_keys: list[str]) -> dict:
+    """Closed-gallery identification on the enroll/test division: a gallery of each enrolled speaker's
+    mean enrollment embedding, top-1 over the other utterances of those speakers."""
+    enroll = set(enroll_keys)
+    is_enroll = np.array([k in enroll for k in res["keys"]], bool)
+    names, means = speaker_means(res["emb"][is_enroll], res["labels"][is_enroll])
+    test = ~is_enroll & np.isin(res["labels"], names)
+    if not test.any():
+        return {"acc": None, "n": 0, "speakers": int(len(names))}
+    best = np.argmax(l2_normalize(res["emb"][test]) @ means.T, axis=1)
+    acc = float((names[best] == res["labels"][test]).mean())
+    return {"acc": acc, "n": int(test.sum()), "speakers": int(len(names))}
+
+
+def verify_split(
+    res: dict, manifest, split: str, *, storage_options=None, cohort=None, top_k: int = 300, calibrate=False
+) -> dict:
+    """Verification metrics of an embedding pass (``res``: emb, labels, keys of every utterance) over
+    verification split ``split``'s trial list: cosine ``eer``, ``min_dcf_0.01``, ``min_dcf_0.05`` (+
+    thresholds, trial counts), ``as_norm`` (the same, AS-norm'ed against ``cohort`` with ``top_k``)
+    when a cohort is given, ``identification`` (:func:`identification`) and, with ``calibrate``,
+    ``thresholds`` (:func:`spkr.scoring.calibrate_thresholds` of :func:`gallery_scores`)."""
+    trials = load_trials(manifest, split, storage_options)
+    by_key = embeddings_by_key(res, split)
+    check_trial_keys(trials, by_key)
+    out = {"split": split, **verification_metrics(score_trials(trials, by_key), trials.target)}
+    if cohort is not None:
+        normed = score_trials(trials, by_key, cohort, top_k)
+        out["as_norm"] = {
+            **verification_metrics(normed, trials.target),
+            "cohort": len(cohort),
+            "top_k": top_k,
+        }
+    enroll_keys = manifest.enroll_keys(split)
+    out["identification"] = identification(res, enroll_keys)
+    if calibrate:
+        out["thresholds"] = calibrate_thresholds(*gallery_scores(trials, res, enroll_keys))
+    return out

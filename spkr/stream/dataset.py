@@ -1,0 +1,193 @@
+"""One rank's epoch as a torch IterableDataset: which records each DataLoader worker reads, in which
+batches, and what its reader did.
+
+Each DataLoader worker ``w`` plays logical plan worker ``v = (w + k) % W`` (``k``: batches already
+consumed this epoch, so round-robin continues exactly at batch ``k``) and skips its consumed batches
+by plan, without reading them (:meth:`EpochPlan.batches_before`). It reads its records one of two
+ways, which give the same batches:
+
+- :func:`read_in_place` (local shards through mmap): only stream positions wait in the bucketing
+  pool; each batch's samples are parsed in place when the batch is made, then their pages released;
+- :func:`read_streamed` (remote shards, or ``mmap=False``): each plan window's byte span is read
+  sequentially and its samples copied into the pool until their batch is made.
+
+A sample that cannot be read (``on_error="skip"``) is ``None`` in its batch's record list.
+
+The dataset yields :class:`WorkerBatch` ``(batch, report)``: ``batch`` is what ``collate`` made of
+the records (the loader's batch dict, nothing else in it), ``report`` a :class:`ReadReport` of what
+this worker's reader did since its previous batch (retries, skipped samples) and in total (bytes);
+:class:`~spkr.stream.loader.SpeakerLoader` unwraps it. Reports travel with their batch, so they are
+ordered, complete and need no second channel between worker processes and the main process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from spkr.shards.codec import ShardError
+from spkr.shards.format import ShardInfo
+from spkr.stream.plan import EpochPlan, WorkerPlan
+from spkr.stream.reader import Record, ShardReader
+from spkr.stream.sources import ReadStats
+
+
+class ReadReport(NamedTuple):
+    """What a worker's reader did since its previous batch."""
+
+    retries: int  # transient read errors recovered
+    skipped: list[dict]  # samples skipped ({"shard", "key", "error"})
+    bytes: int  # shard bytes this worker read this epoch (a running total)
+
+
+class WorkerBatch(NamedTuple):
+    batch: dict
+    report: ReadReport
+
+
+class _Reporter:
+    """Successive :class:`ReadReport` s of one reader's statistics."""
+
+    def __init__(self, stats: ReadStats):
+        self.stats, self.retries, self.skipped = stats, 0, 0
+
+    def report(self) -> ReadReport:
+        st = self.stats
+        out = ReadReport(st.retries - self.retries, st.skipped[self.skipped :], st.bytes)
+        self.retries, self.skipped = st.retries, len(st.skipped)
+        return out
+
+
+def _batch_index(wp: WorkerPlan) -> np.ndarray:
+    """For every stream position of the worker's range, the index (within the worker) of its batch."""
+    index = np.empty(wp.stop - wp.start, dtype=np.int64)
+    for t, positions in enumerate(wp.batches()):
+        index[positions - wp.start] = t
+    return index
+
+
+def _read_or_skip(reader: ShardReader, shard: ShardInfo, i: int) -> Record | None:
+    try:
+        return reader.read_sample(shard, i)
+    except ShardError as e:
+        reader.skip(shard, i, e)
+        return None
+
+
+def read_in_place(
+    reader: ShardReader, shards: list[ShardInfo], plan: EpochPlan, worker: int, skip: int
+) -> Iterator[tuple[int, list[Record | None]]]:
+    """(batch index within the worker, records) of worker ``worker``'s batches from its ``skip``-th
+    on, each sample parsed in place (``reader.random_access``) when its batch is made. Once the caller
+    has made its batch (the batch holds copies), a batch's pages are released and a shard none of
+    whose samples is still to come is closed."""
+    wp = plan.worker(worker)
+    positions = np.arange(wp.start, wp.stop, dtype=np.int64)[_batch_index(wp) >= skip]
+    shard_idx, _ = plan.locate(positions)
+    samples_left = dict(zip(*(x.tolist() for x in np.unique(shard_idx, return_counts=True))))
+    for t, batch in enumerate(wp.batches()):
+        if t < skip:
+            continue
+        shard_idx, sample_idx = plan.locate(batch)
+        where = list(zip(shard_idx.tolist(), sample_idx.tolist()))
+        yield t, [_read_or_skip(reader, shards[s], i) for s, i in where]
+        for s, i in where:
+            reader.release_sample(shards[s], i)
+            samples_left[s] -= 1
+            if not samples_left[s]:
+                reader.close_shard(shards[s])
+
+
+def read_streamed(
+    reader: ShardReader, shards: list[ShardInfo], plan: EpochPlan, worker: int, skip: int
+) -> Iterator[tuple[int, list[Record | None]]]:
+    """(batch index within the worker, records) of worker ``worker``'s batches from its ``skip``-th
+    on: per plan window, the span the remaining batches need is read sequentially (one byte range per
+    run of consecutive samples of a shard) into the bucketing pool, then the window's batches are
+    taken from the pool."""
+    wp = plan.worker(worker)
+    batch_index = _batch_index(wp)
+    pool: dict[int, Record] = {}
+    t = 0
+    for window in wp.windows:
+        span = np.arange(window.start, window.stop, dtype=np.int64)
+        needed = span[batch_index[span - wp.start] >= skip]  # consumed batches' samples: not read
+        shard_idx, sample_idx = plan.locate(needed)
+        for s, a, b, first in _runs(shard_idx, sample_idx, needed):
+            for rec in reader.iter_range(shards[s], a, b):
+                # own copy: a view would pin its read chunk for as long as it waits in the pool,
+                # so memory would grow with the number of shards
+                pool[first + rec.index - a] = rec._replace(feats=rec.feats.copy())
+        for batch in window.batches:
+            if t >= skip:
+                yield t, [pool.pop(int(p), None) for p in batch]
+            t += 1
+
+
+def _runs(shard_idx: np.ndarray, sample_idx: np.ndarray, positions: np.ndarray):
+    """Sorted stream positions -> (shard, a, b, first position) runs of consecutive samples."""
+    n = len(positions)
+    if n == 0:
+        return
+    brk = np.flatnonzero((np.diff(shard_idx) != 0) | (np.diff(sample_idx) != 1)) + 1
+    starts = np.concatenate([[0], brk])
+    ends = np.concatenate([brk, [n]])
+    for s, e in zip(starts, ends):
+        yield int(shard_idx[s]), int(sample_idx[s]), int(sample_idx[e - 1]) + 1, int(positions[s])
+
+
+class ShardDataset(IterableDataset):
+    """One rank's epoch of ``plan_args`` (the :class:`EpochPlan` arguments but ``epoch``) over
+    ``shards`` as :class:`WorkerBatch` es; ``collate(records, batch id, epoch) -> batch``. Set
+    ``epoch`` and ``start_batch`` (batches already consumed) before iterating."""
+
+    def __init__(
+        self,
+        base: str,
+        shards: list[ShardInfo],
+        *,
+        plan_args: dict,
+        collate: Callable[[list, int, int], dict],
+        reader_kwargs: dict,
+    ):
+        self.base, self.shards, self.plan_args = base, shards, plan_args
+        self.collate, self.reader_kwargs = collate, reader_kwargs
+        self.counts = [s.num_samples for s in shards]
+        self.frames = [s.frames for s in shards]
+        self.epoch = 0
+        self.start_batch = 0
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        epoch = self.epoch if epoch is None else epoch
+        return EpochPlan(self.counts, self.frames, epoch=epoch, **self.plan_args)
+
+    def __iter__(self) -> Iterator[WorkerBatch]:
+        info = get_worker_info()
+        dataloader_worker, dataloader_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)
+        plan = self.plan()
+        num_workers = plan.num_workers
+        if dataloader_workers != num_workers:
+            raise RuntimeError(
+                f"plan made for {num_workers} workers but DataLoader runs {dataloader_workers}"
+            )
+        consumed = self.start_batch
+        worker = (dataloader_worker + consumed) % num_workers
+        skip = EpochPlan.batches_before(worker, consumed, num_workers)
+        reader = ShardReader(self.base, **self.reader_kwargs)
+        read = read_in_place if reader.random_access else read_streamed
+        reporter = _Reporter(reader.stats)
+        try:
+            for t, records in read(reader, self.shards, plan, worker, skip):
+                batch = self.collate(records, worker + t * num_workers, plan.epoch)
+                yield WorkerBatch(batch, reporter.report())
+        finally:
+            reader.close()
+
+
+__all__ = ["ShardDataset", "WorkerBatch", "ReadReport", "read_in_place", "read_streamed"]

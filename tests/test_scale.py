@@ -1,0 +1,98 @@
+"""tools/bench_scale.py at a small scale: real shards, real torchrun (2 ranks x 2 workers), key logs
+checked for exactly-once, memory of every rank and worker sampled from /proc."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench_scale():
+    spec = importlib.util.spec_from_file_location("bench_scale", REPO / "tools" / "bench_scale.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_scale"] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _bench_scale()
+SMALL = bench.CorpusSpec(samples=1001, shards=5, classes=40, min_frames=2, max_frames=8)
+
+
+def _args(**kw) -> argparse.Namespace:
+    args = bench.build_parser().parse_args([])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("scale") / "x"
+    written = bench.write_corpus(out, SMALL)
+    assert written["reused"] is False
+    assert bench.write_corpus(out, SMALL)["reused"] is True  # same spec: kept
+    return out
+
+
+def test_corpus_and_manifest_breakdown(small_shards):
+    probe = bench.manifest_probe(str(small_shards), repeats=1)
+    data = json.loads((small_shards / "manifest.json").read_text())
+    shards = data["splits"]["train"]["shards"]
+    assert [s["num_samples"] for s in shards] == [201, 200, 200, 200, 200]
+    assert probe["manifest_bytes"] == (small_shards / "manifest.json").stat().st_size
+    # what the loaded manifest holds per sample: one packed array per number and the keys' UTF-8
+    # with their ends; no Python object per sample (no "objects"/"list pointers")
+    br = probe["breakdown"]
+    keys = [k for s in shards for k in s["keys"]]
+    assert br["keys: buffer"] == sum(len(k.encode()) + 1 for k in keys) - len(shards)
+    # the smallest unsigned dtype: frames 2..8, labels < 40 (1 byte), offsets < 2**32, key ends < 2**16
+    assert br["frames: array"] == br["labels: array"] == 1001
+    assert (br["keys: ends"], br["offsets: array"], br["checksums: array"]) == (1001 * 2, 1001 * 4, 1001 * 8)
+    packed = [f"{f}: array" for f in ("frames", "labels", "offsets", "checksums")] + [
+        "keys: buffer",
+        "keys: ends",
+    ]
+    assert sorted(br) == sorted(packed)
+    assert probe["held_bytes"] < 1001 * 100, probe["held_bytes"]  # the lists of ints and strs: ~200
+
+
+def test_exactly_once_check_fails_on_a_repeated_or_lost_key(small_shards, tmp_path):
+    keys = [
+        k
+        for s in json.loads((small_shards / "manifest.json").read_text())["splits"]["train"]["shards"]
+        for k in s["keys"]
+    ]
+    per_rank = {r: {"plan": 1, "dropped": 1} for r in (0, 1)}
+
+    def logs(rank0: list[str], rank1: list[str]) -> dict:
+        for r, ks in enumerate((rank0, rank1)):
+            (tmp_path / f"rank{r}.jsonl").write_text(json.dumps({"epoch": 0, "step": 0, "keys": ks}) + "\n")
+        return bench.check_exactly_once(small_shards, tmp_path, 2, per_rank)
+
+    assert logs(keys[:500], keys[500:1000])["ok"]  # one key dropped: 1001 mod 2
+    repeated = logs(keys[:500], keys[499:999])
+    assert not repeated["ok"] and repeated["repeated"] == 1
+    lost = logs(keys[:500], keys[501:1000])
+    assert not lost["ok"] and lost["missing"] == 2
+
+
+@pytest.mark.slow
+def test_data_only_under_torchrun_exactly_once(small_shards, tmp_path):
+    args = _args(nproc=2, workers=2, batch_size=32, interval=0.1, timeout=300.0)
+    run = bench.run_data_only(small_shards, tmp_path / "keys", args)
+    once = bench.check_exactly_once(small_shards, tmp_path / "keys", 2, run["per_rank"])
+    assert once["ok"], once
+    assert once["distinct"] == 1000 and once["dropped_expected"] == 1 and once["missing"] == 1
+    assert once["steps_per_rank"] == {0: 16, 1: 16}  # ceil(500 / 32) on both ranks
+    mem = run["memory_mb"]
+    assert sorted(mem) == ["rank0", "rank0/worker", "rank1", "rank1/worker"]
+    assert all(len(mem[f"rank{r}/worker"]) == 2 for r in (0, 1))  # 2 DataLoader workers per rank
+    assert all(p["uss"] > 0 and p["pss"] <= p["vm_rss"] for procs in mem.values() for p in procs)
