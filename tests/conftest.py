@@ -80,3 +80,16 @@ def open_shards(tmp_path_factory) -> Path:
         argv = ["--source", str(corpus), "--subsets", "train.100", "--out", str(out), "--protocol", "open"]
         assert shard_main(argv + ["--workers", "2", "--no-progress"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def noise_tool():
+    """tools/make_noise_corpus.py as a module (a developer tool, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_noise_corpus", REPO / "tools" / "make_noise_corpus.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool

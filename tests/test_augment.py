@@ -5,7 +5,6 @@ The noise set is the one tools/make_noise_corpus.py writes (run once per module 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import shutil
@@ -40,25 +39,17 @@ from spkr.augment import (
 from spkr.config import ConfigError
 from spkr.features import AudioError, FeatureConfig, load_audio
 
-from .conftest import DEMO_ROOT, REPO
+from .conftest import DEMO_ROOT
 
 SR = 16000
-TOOL = REPO / "tools" / "make_noise_corpus.py"
 UTT = DEMO_ROOT / "LibriSpeech" / "test-clean" / "1004" / "9161" / "1004-9161-0025.flac"
 KEY = "1004-9161-0025"
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("make_noise_corpus", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
 @pytest.fixture(scope="module")
-def noise_dir(tmp_path_factory) -> Path:
+def noise_dir(tmp_path_factory, noise_tool) -> Path:
     out = tmp_path_factory.mktemp("noise")
-    assert load_tool().main(["--out", str(out), "--seed", "3"]) == 0
+    assert noise_tool.main(["--out", str(out), "--seed", "3"]) == 0
     return out
 
 
@@ -386,8 +377,8 @@ def test_silent_inputs_are_left_unchanged_and_say_so(noise_dir):
 # --------------------------------------------------------------------------- the noise-set tool
 
 
-def test_noise_corpus_is_a_function_of_the_seed(noise_dir, tmp_path):
-    counts = load_tool().make_noise_corpus(tmp_path, seed=3)
+def test_noise_corpus_is_a_function_of_the_seed(noise_dir, noise_tool, tmp_path):
+    counts = noise_tool.make_noise_corpus(tmp_path, seed=3)
     assert counts == {"noise": 6, "music": 4, "speech": 12, "rirs": 8}
     files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(noise_dir) for p in noise_dir.rglob("*") if p.is_file())

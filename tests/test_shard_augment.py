@@ -6,7 +6,6 @@ valid/test. Real shards of a tiny synthetic corpus; the noise set is tools/make_
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import random
@@ -26,24 +25,15 @@ from spkr.shards.writer import with_copies
 from spkr.stream import SpeakerLoader
 from spkr.tools import shard as shard_tool
 
-from .conftest import REPO, write_corpus
+from .conftest import write_corpus
 
 K = 2
 
 
-def load_noise_tool():
-    spec = importlib.util.spec_from_file_location(
-        "make_noise_corpus", REPO / "tools" / "make_noise_corpus.py"
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
 @pytest.fixture(scope="module")
-def noise_dir(tmp_path_factory) -> Path:
+def noise_dir(tmp_path_factory, noise_tool) -> Path:
     out = tmp_path_factory.mktemp("noise")
-    load_noise_tool().make_noise_corpus(out, seed=1, noise=2, music=1, speech=3, rirs=2)
+    noise_tool.make_noise_corpus(out, seed=1, noise=2, music=1, speech=3, rirs=2)
     return out
 
 
