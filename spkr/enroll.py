@@ -6,7 +6,10 @@ Each file is embedded exactly as ``spkr.predict`` does (the checkpoint's feature
 ``model.embed``); the speaker's gallery entry is the mean of its L2-normalised utterance embeddings
 (:mod:`spkr.gallery`): a new ``--db`` is created, an existing one is extended (a known speaker is
 re-averaged by utterance counts, a new one appended). A gallery belongs to the model it was made with
-(weights fingerprint): another checkpoint's gallery is refused. Every file is embedded before the
+(weights fingerprint): another checkpoint's gallery is refused. The gallery records where the
+checkpoint is (absolute, and relative to the gallery's folder), so ``spkr.predict x.flac --db
+speakers.npz`` needs no ``--checkpoint``; each enrollment records the path it was given (the same
+weights, checked). Every file is embedded before the
 gallery is touched, and the file is replaced atomically, so a bad input (unreadable, empty or too
 short audio, a file given twice, an unusable speaker name) is a one-line error, exit code 2
 (:func:`spkr.run.cli.cli_main`), and the gallery is unchanged.
@@ -52,6 +55,7 @@ def enroll(checkpoint: str, speaker: str, paths: list[str], db: str, device=None
     gallery = Gallery.load_or_new(db, pred.weights_fingerprint, pred.embedding_dim)
     embeddings = embed_files(pred, paths)
     count = gallery.enroll(speaker, embeddings)
+    gallery.record_checkpoint(checkpoint, db)
     gallery.save(db)
     return gallery, count
 

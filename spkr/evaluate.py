@@ -2,7 +2,7 @@
 
     python -m spkr.evaluate --checkpoint runs/demo/last.pt --shards shards/demo [--split test]
     python -m spkr.evaluate --checkpoint runs/open/last.pt --shards shards/demo-open \
-        [--split test-verify] [--as-norm [--cohort-size 0] [--top-k 300] [--cohort-per-speaker 10]]
+        [--split test-verify] [--as-norm [--cohort-per-speaker 3] [--cohort-size 0] [--top-k 300]]
 
 ``--split`` defaults to the split whose role is ``test`` (``test``, or ``test-verify`` on an ``open``
 shard set, docs/protocols.md). Batches come from :func:`spkr.run.evaluation.eval_loader`, the loader
@@ -16,9 +16,17 @@ Verification split (labels are not class ids: no loss/accuracy): an embedding pe
 (``model.embed``), the manifest's trial list (sha256 checked, every key must be an utterance of the
 split), cosine scores -> equal error rate and normalised minDCF at p_target 0.01 and 0.05
 (:mod:`spkr.scoring`); ``--as-norm`` adds the same metrics AS-norm'ed against a cohort of training
-speakers' mean embeddings (at most ``--cohort-per-speaker`` original utterances each from the split of
-role ``train``; ``--cohort-size`` > 0 keeps that many speakers); ``identification``: top-1 accuracy of
-the split's test utterances against a gallery of each speaker's mean enrollment embedding.
+speakers' mean embeddings; ``identification``: top-1 accuracy of the split's test utterances against a
+gallery of each speaker's mean enrollment embedding.
+
+AS-norm cohort: bounded and representative, not the whole training split (281k utterances on
+LibriSpeech 960 h): ``--cohort-per-speaker`` K (default 3) original utterances of every training
+speaker (of the split of role ``train``), drawn with ``--seed`` round-robin over the speaker's chapters
+and averaged to one embedding per speaker (a cohort of speaker means, as WeSpeaker's AS-norm(300));
+``--cohort-size`` N > 0 keeps a seeded sample of N speakers. Only the selected utterances are read
+(:func:`spkr.run.evaluation.embed_cohort`). The result records what made the cohort:
+``verification.as_norm.cohort_selection`` (speakers, utterances, per_speaker, cohort_size, seed, the
+selection rule, sha256 of the sorted keys, shards and bytes read).
 
 Precision: ``--dtype auto`` (default) is training's policy, :func:`spkr.run.distributed.resolve_dtype`,
 logged with its reason. Results go to ``--out`` (default ``<checkpoint dir>/eval-<split>.json``):
@@ -31,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -59,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--max-pairs", type=int, default=200_000, help="trial pairs cap (0 = all pairs)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the trial sample")
+    p.add_argument("--seed", type=int, default=0, help="seed of the trial sample and of the AS-norm cohort")
     p.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
@@ -72,13 +81,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-verification", action="store_true", help="classification splits: only loss/accuracy")
     g = p.add_argument_group("verification splits (protocol open)")
     g.add_argument("--as-norm", action="store_true", help="also AS-norm'ed scores (training-speaker cohort)")
-    g.add_argument("--cohort-size", type=int, default=0, help="cohort speakers (0 = every training speaker)")
+    g.add_argument(
+        "--cohort-size",
+        type=int,
+        default=0,
+        help="cohort speakers, a seeded sample (0 = every training speaker)",
+    )
     g.add_argument("--top-k", type=int, default=300, help="AS-norm: top cohort scores per side")
     g.add_argument(
         "--cohort-per-speaker",
         type=int,
         default=COHORT_PER_SPEAKER,
-        help=f"original training utterances embedded per cohort speaker (default {COHORT_PER_SPEAKER})",
+        help=f"original training utterances embedded per cohort speaker, seeded, spread over its chapters "
+        f"(default {COHORT_PER_SPEAKER})",
     )
     add_storage_options(p)
     p.add_argument("--out", default=None, help="JSON output (default: <checkpoint dir>/eval-<split>.json)")
@@ -147,16 +162,26 @@ def evaluate_checkpoint(
         env = DistEnv(False, 0, 1, 0, torch.device(device))
         cohort = None
         if as_norm:
-            train_loader = eval_loader(
-                shards, manifest.splits_with_role("train")[0], batch_size, num_workers=num_workers,
-                storage_options=storage_options, stats=ckpt["stats"], manifest=manifest,
+            t0 = time.perf_counter()
+            cohort, how = embed_cohort(
+                model, shards, manifest, manifest.splits_with_role("train")[0], device, amp_dtype,
+                stats=ckpt["stats"], per_speaker=cohort_per_speaker, seed=seed, cohort_size=cohort_size,
+                batch_size=batch_size, storage_options=storage_options,
             )  # fmt: skip
-            cohort = embed_cohort(model, train_loader, env, amp_dtype, cohort_per_speaker, cohort_size)
+            how["seconds"] = round(time.perf_counter() - t0, 3)
+            print(
+                f"[evaluate] AS-norm cohort: {how['speakers']} speakers from {how['utterances']} of the "
+                f"{how['utterances_available']} {how['split']} utterances ({how['shards_read']} of "
+                f"{how['shards_total']} shards read, seed {seed}) in {how['seconds']:.1f} s",
+                file=sys.stderr,
+            )
         emb = evaluate_distributed(model, loader, env, amp_dtype, embeddings=True, classify=False)
         res["n"] = emb["n"]
         res["verification"] = verify_split(
             emb, manifest, split, storage_options=storage_options, cohort=cohort, top_k=top_k
         )
+        if as_norm:
+            res["verification"]["as_norm"]["cohort_selection"] = how
         return res
     sums = run_split(model, loader, device, amp_dtype, embeddings=verify)
     res.update(summarise(sums))

@@ -17,6 +17,14 @@ File (``np.savez``, read with ``np.load(allow_pickle=False)``; nothing but these
     counts               int64  (n,)    utterances averaged per speaker (>= 1)
     weights_fingerprint  str            spkr.checkpoint.weights_fingerprint of the model's weights
     embedding_dim        int64  E
+    checkpoint           str    optional: absolute path of the checkpoint enrolled with last
+    checkpoint_relative  str    optional: the same path relative to the gallery file's folder
+
+``checkpoint`` / ``checkpoint_relative`` let ``spkr.predict --db`` find the model without
+``--checkpoint`` (:meth:`Gallery.checkpoint_path`: the absolute path, else the relative one, so a
+folder holding both can move). Galleries written before these fields had none: they still load and
+score (version 1), but need ``--checkpoint``. The path is only a pointer: the weights fingerprint is
+what proves a checkpoint is the gallery's model, and it is checked every time.
 
 Embeddings of different models are not comparable, so a gallery only accepts and scores embeddings
 of the model it was made with: the caller passes that model's weights fingerprint and embedding
@@ -39,6 +47,7 @@ from spkr.scoring import l2_normalize
 FORMAT = "spkr-gallery"
 VERSION = 1
 FIELDS = ("format", "version", "names", "embeddings", "counts", "weights_fingerprint", "embedding_dim")
+OPTIONAL_FIELDS = ("checkpoint", "checkpoint_relative")  # where the model is (absent in older files)
 
 
 class GalleryError(ValueError):
@@ -72,6 +81,8 @@ class Gallery:
         self.names: list[str] = []
         self.embeddings = np.zeros((0, self.dim), np.float64)
         self.counts = np.zeros(0, np.int64)
+        self.checkpoint: str | None = None  # absolute path of the checkpoint (None: not recorded)
+        self.checkpoint_relative: str | None = None  # the same, relative to the gallery's folder
 
     def __len__(self) -> int:
         return len(self.names)
@@ -88,6 +99,36 @@ class Gallery:
             )
         if int(dim) != self.dim:
             raise GalleryError(f"{self.source}: embeddings of dim {self.dim}, this model's are {dim}")
+
+    # ----------------------------------------------------------------------------- the model's file
+
+    def record_checkpoint(self, checkpoint: str | os.PathLike, db: str | os.PathLike) -> None:
+        """Remember where the model is: ``checkpoint``'s absolute path and its path relative to the
+        folder of the gallery file ``db`` (the caller has checked it is this gallery's model)."""
+        ckpt = Path(checkpoint).resolve()
+        self.checkpoint = str(ckpt)
+        self.checkpoint_relative = os.path.relpath(ckpt, Path(db).resolve().parent)
+
+    def checkpoint_path(self) -> Path:
+        """The recorded checkpoint that exists: the absolute path, else the path relative to the
+        gallery file's folder. GalleryError when none is recorded (a gallery of an older spkr) or
+        neither exists (naming the gallery and the paths it expected)."""
+        if self.checkpoint is None:
+            raise GalleryError(
+                f"{self.source}: the gallery does not record its checkpoint (written by an older spkr); "
+                f"give --checkpoint (the one it was enrolled with)"
+            )
+        tried = [Path(self.checkpoint)]
+        if self.checkpoint_relative is not None:
+            tried.append(Path(self.source).resolve().parent / self.checkpoint_relative)
+        for path in tried:
+            if path.is_file():
+                return path
+        expected = " or ".join(str(p) for p in dict.fromkeys(tried))
+        raise GalleryError(
+            f"{self.source}: its checkpoint is missing: expected {expected} (moved or deleted?); "
+            f"give --checkpoint (the checkpoint the gallery was enrolled with)"
+        )
 
     # ----------------------------------------------------------------------------- changes
 
@@ -173,6 +214,7 @@ class Gallery:
             counts=self.counts.astype(np.int64),
             weights_fingerprint=np.array(self.fingerprint),
             embedding_dim=np.array(self.dim, np.int64),
+            **{k: np.array(getattr(self, k)) for k in OPTIONAL_FIELDS if getattr(self, k) is not None},
         )
         return buf.getvalue()
 
@@ -199,7 +241,7 @@ class Gallery:
             raise GalleryError(f"{path}: not a spkr gallery .npz (not a zip archive)")
         try:
             with np.load(path, allow_pickle=False) as z:
-                fields = {k: z[k] for k in z.files if k in FIELDS}
+                fields = {k: z[k] for k in z.files if k in FIELDS + OPTIONAL_FIELDS}
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
             raise GalleryError(
                 f"{path}: not a readable spkr gallery .npz ({type(e).__name__}: {e})"
@@ -226,6 +268,11 @@ class Gallery:
         if problem:
             raise GalleryError(f"{source}: corrupt gallery: {problem}")
         g.names, g.embeddings, g.counts = f["names"].tolist(), f["embeddings"].astype(np.float64), f["counts"]
+        for k in OPTIONAL_FIELDS:
+            if k in f:
+                if f[k].shape != () or f[k].dtype.kind != "U" or not str(f[k]):
+                    raise GalleryError(f"{source}: corrupt gallery: {k} is not a non-empty string")
+                setattr(g, k, str(f[k]))
         return g
 
     @classmethod

@@ -1,11 +1,14 @@
 """python -m spkr.predict — audio files -> top-k speakers (and optionally embeddings).
 
     python -m spkr.predict a.flac b.wav --checkpoint runs/demo/last.pt [--top-k 5] [--embed emb.npy]
-    python -m spkr.predict x.flac --checkpoint runs/open/last.pt --db speakers.npz \
-        [--threshold T | --operating-point eer|min-dcf] [--top-k 5]
+    python -m spkr.predict x.flac --db speakers.npz \
+        [--checkpoint runs/open/last.pt] [--threshold T | --operating-point eer|min-dcf] [--top-k 5]
 
-Without ``--db``: the training speakers (classes) by probability. With ``--db`` (a gallery of
-``spkr.enroll``, made with this checkpoint's model, else an error): the closest enrolled speakers by
+Without ``--db``: the training speakers (classes) by probability (``--checkpoint`` required). With
+``--db`` (a gallery of ``spkr.enroll``): the model is the checkpoint the gallery records
+(:meth:`spkr.gallery.Gallery.checkpoint_path`; a missing one, or a gallery of an older spkr that
+records none, is an error asking for ``--checkpoint``) or ``--checkpoint``; either way its weights
+fingerprint must be the gallery's (else an error: re-enroll). Answers: the closest enrolled speakers by
 cosine score and an accept/reject decision for the best one (accept iff score >= threshold). The
 threshold: ``--threshold``, else the checkpoint's ``verification_thresholds`` (calibrated by training on
 the valid-role trials with enrollment means, as a gallery scores; ``--operating-point`` eer (default)
@@ -123,7 +126,11 @@ class Predictor:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m spkr.predict", description=__doc__.split("\n")[0])
     p.add_argument("audio", nargs="+", help="audio files (anything soundfile reads: flac, wav, ogg ...)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint file (.pt); with --db, default: the one the gallery was enrolled with",
+    )
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument(
         "--db", default=None, help="gallery of enrolled speakers (spkr.enroll .npz) to answer from"
@@ -173,9 +180,13 @@ def run(args) -> int:
     """The command: predict every file, print top-k lines (or JSON), optionally save the embeddings."""
     from spkr.checkpoint import describe_backend
 
-    pred = Predictor(args.checkpoint, args.device)
     if args.db:
-        return run_gallery(args, pred)
+        return run_gallery(args)
+    if args.checkpoint is None:
+        raise ValueError(
+            "give --checkpoint (or --db: a gallery of spkr.enroll, which records its checkpoint)"
+        )
+    pred = Predictor(args.checkpoint, args.device)
     embs = []
     for path in args.audio:
         probs, emb = pred(path)
@@ -190,12 +201,33 @@ def run(args) -> int:
     return 0
 
 
-def run_gallery(args, pred: Predictor) -> int:
+def gallery_predictor(gallery, checkpoint: str | None, device=None) -> Predictor:
+    """The Predictor of a gallery's model: ``checkpoint`` when given, else the one the gallery records
+    (GalleryError when it records none or it is missing); its weights must be the gallery's."""
+    from spkr.gallery import GalleryError
+
+    path = checkpoint if checkpoint is not None else gallery.checkpoint_path()
+    pred = Predictor(path, device)
+    try:
+        gallery.check_model(pred.weights_fingerprint, pred.embedding_dim)
+    except GalleryError as e:
+        if checkpoint is not None:
+            raise
+        raise GalleryError(
+            f"{gallery.source}: the checkpoint it records, {path}, now holds other weights (replaced, "
+            f"e.g. by later training?): give --checkpoint (the one enrolled with) or enroll again ({e})"
+        ) from None
+    return pred
+
+
+def run_gallery(args) -> int:
     """``--db``: the closest enrolled speakers of every file, with the decision at the threshold."""
     from spkr.gallery import Gallery
 
     gallery = Gallery.load(args.db)
-    gallery.check_model(pred.weights_fingerprint, pred.embedding_dim)
+    pred = gallery_predictor(gallery, args.checkpoint, args.device)
+    if args.checkpoint is None:
+        print(f"[predict] checkpoint {gallery.checkpoint_path()} (recorded in {args.db})", file=sys.stderr)
     embs = [pred.embed(path) for path in args.audio]  # every file usable before any output
     threshold, source = decision_threshold(pred, args.threshold, args.operating_point)
     if threshold is None:

@@ -144,6 +144,8 @@ def _fields(**changes) -> dict:
             _fields(embeddings=np.full((2, 3), np.inf, np.float32)),
             "corrupt gallery: embeddings are not finite",
         ),
+        (_fields(checkpoint=np.array(3)), "corrupt gallery: checkpoint is not a non-empty string"),
+        (_fields(checkpoint_relative=np.array([""])), "checkpoint_relative is not a non-empty string"),
     ],
 )
 def test_corrupt_or_foreign_npz_is_refused(tmp_path, fields, message):
@@ -152,6 +154,44 @@ def test_corrupt_or_foreign_npz_is_refused(tmp_path, fields, message):
     with pytest.raises(GalleryError) as e:
         Gallery.load(path)
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+def test_gallery_records_and_finds_its_checkpoint(tmp_path):
+    run, galleries = tmp_path / "run", tmp_path / "galleries"
+    run.mkdir()
+    ckpt = run / "last.pt"
+    ckpt.write_bytes(b"stand-in: only the path matters here")
+    db = galleries / "speakers.npz"
+    g = Gallery("fp", 3, str(db))
+    with pytest.raises(GalleryError, match=r"does not record its checkpoint .*give --checkpoint"):
+        g.checkpoint_path()  # nothing recorded (as in a gallery of an older spkr)
+    g.enroll("a", [[1.0, 0.0, 0.0]])
+    g.record_checkpoint(ckpt, db)
+    g.save(db)
+    back = Gallery.load(db)
+    assert back.checkpoint == str(ckpt.resolve()) and back.checkpoint_relative == "../run/last.pt"
+    assert back.checkpoint_path() == ckpt.resolve()
+
+    moved = tmp_path / "moved"  # the folder holding both moves: the relative path still finds it
+    moved.mkdir()
+    run.rename(moved / "run")
+    galleries.rename(moved / "galleries")
+    found = Gallery.load(moved / "galleries" / "speakers.npz").checkpoint_path()
+    assert found.resolve() == (moved / "run" / "last.pt").resolve()
+
+    (moved / "run" / "last.pt").unlink()
+    with pytest.raises(GalleryError) as e:
+        Gallery.load(moved / "galleries" / "speakers.npz").checkpoint_path()
+    msg = str(e.value)
+    assert msg.startswith(f"{moved / 'galleries' / 'speakers.npz'}: its checkpoint is missing: expected ")
+    assert str(ckpt.resolve()) in msg and str(moved / "galleries" / "../run/last.pt") in msg
+    assert "give --checkpoint" in msg
+
+    old = tmp_path / "old.npz"  # a file without the optional fields still loads (and says so)
+    np.savez(old, **_fields())
+    assert Gallery.load(old).checkpoint is None
+    with pytest.raises(GalleryError, match="old.npz: the gallery does not record its checkpoint"):
+        Gallery.load(old).checkpoint_path()
 
 
 def test_unreadable_files_are_refused(tmp_path):
@@ -217,6 +257,7 @@ def test_enroll_cli_builds_and_extends_a_gallery(ckpt, demo_flacs, tmp_path, cap
     g = Gallery.load(db)
     pred = Predictor(ckpt, "cpu")
     assert g.fingerprint == weights_fingerprint(pred.ckpt["model"]) and g.dim == 16
+    assert g.checkpoint == str(ckpt.resolve()) and g.checkpoint_path() == ckpt.resolve()
     assert g.names == ["alice", "bob"] and g.counts.tolist() == [3, 1]
     emb = np.stack([pred(f)[1] for f in alice])
     assert np.linalg.matrix_rank(emb) > 1  # distinct utterances, not one degenerate vector

@@ -105,6 +105,22 @@ def test_reverse_within_length():
     assert torch.equal(reverse_within_length(reverse_within_length(x, idx), idx), x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_reversal_matches_gather_with_gradients(dtype):
+    """The encoder's reversal (row index_select forward and backward) gives exactly the gather's
+    values and the gradient autograd derives for the gather (its scatter-add backward)."""
+    from spkr.models.classifier import _reverse, reverse_rows
+
+    lengths = torch.tensor([7, 3, 1, 7])
+    x = torch.randn(4, 7, 5).to(dtype).requires_grad_()
+    w = torch.randn(4, 7, 5).to(dtype)
+    want = reverse_within_length(x, reverse_index(lengths, 7))
+    got = _reverse(x, reverse_rows(lengths, 7))
+    assert torch.equal(got, want)
+    (g_got,), (g_want,) = (torch.autograd.grad((t * w).sum(), x) for t in (got, want))
+    assert torch.equal(g_got, g_want)
+
+
 def test_aam_margin_only_with_labels_in_training():
     torch.manual_seed(0)
     head = AAMHead(8, 5, margin=0.3, scale=10.0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spkr.run.evaluation import cohort_keys, gallery_scores, identification
+from spkr.run.evaluation import gallery_scores, identification
 from spkr.run.metrics import read_metrics
 from spkr.scoring import calibrate_thresholds, make_trial_list
 from tests.netkit import free_port
@@ -51,17 +51,6 @@ def test_identification_top1_against_enrollment_means():
     ident = identification(res, ["a0", "b0"])
     # a1 -> a (right), b1 -> a (wrong); c0 has no enrollment: not identified
     assert ident == {"acc": 0.5, "n": 2, "speakers": 2}
-
-
-def test_cohort_keys_cap_each_speaker_and_skip_augmented_copies(open_shards):
-    from spkr.shards.format import Manifest
-
-    m = Manifest.load(str(open_shards))
-    keys = cohort_keys(m, "train", per_speaker=3)
-    train = [(k, lab) for s in m.split("train").shards for k, lab in zip(s.keys, s.labels)]
-    expected = {k for lab in {lab for _, lab in train} for k in sorted(k for k, la in train if la == lab)[:3]}
-    assert keys == expected and len(keys) == 3 * len(m.labels)
-    assert not any("~aug" in k for k in keys)
 
 
 # --------------------------------------------------------------------------- training + evaluate

@@ -181,3 +181,51 @@ def test_predict_db_bad_inputs_exit_2(tmp_path, demo_flacs, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_predict_db_uses_the_checkpoint_the_gallery_records(tmp_path, demo_flacs, capsys):
+    from spkr.enroll import main as enroll_main
+    from spkr.gallery import Gallery
+
+    (tmp_path / "run").mkdir()
+    ckpt = _with_thresholds(untrained_checkpoint(tmp_path / "run" / "last.pt"))
+    db = tmp_path / "speakers.npz"
+    alice = [str(f) for f in demo_flacs if f.name.startswith("1003-")][:2]
+    bob = [str(f) for f in demo_flacs if f.name.startswith("1004-")][:1]
+    assert enroll_main(["--checkpoint", str(ckpt), "--speaker", "alice", *alice, "--db", str(db)]) == 0
+    assert enroll_main(["--checkpoint", str(ckpt), "--speaker", "bob", *bob, "--db", str(db)]) == 0
+    capsys.readouterr()
+
+    assert main([bob[0], "--db", str(db), "--json"]) == 0  # the command: no --checkpoint
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["top"][0]["speaker"] == "bob" and out["decision"] == "accept" and out["threshold"] == 0.5
+    assert f"checkpoint {ckpt.resolve()} (recorded in {db})" in captured.err
+    with_ckpt = [bob[0], "--db", str(db), "--json", "--checkpoint", str(ckpt)]
+    assert main(with_ckpt) == 0 and json.loads(capsys.readouterr().out) == out  # the same answer
+
+    def error(argv) -> str:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        return err
+
+    other = untrained_checkpoint(tmp_path / "other.pt", seed=1)
+    assert "enrolled with another model" in error([bob[0], "--db", str(db), "--checkpoint", str(other)])
+    assert "give --checkpoint" in error([bob[0]])  # neither --db nor --checkpoint
+
+    ckpt.rename(tmp_path / "elsewhere.pt")  # the recorded checkpoint is gone
+    err = error([bob[0], "--db", str(db)])
+    assert f"{db}: its checkpoint is missing: expected {ckpt.resolve()}" in err and "give --checkpoint" in err
+    assert main([bob[0], "--db", str(db), "--checkpoint", str(tmp_path / "elsewhere.pt")]) == 0
+    capsys.readouterr()
+
+    untrained_checkpoint(ckpt, seed=2)  # another model written where the gallery's was
+    err = error([bob[0], "--db", str(db)])
+    assert f"the checkpoint it records, {ckpt.resolve()}, now holds other weights" in err
+
+    old = Gallery.load(db)  # a gallery written before galleries recorded their checkpoint
+    old.checkpoint = old.checkpoint_relative = None
+    old.save(tmp_path / "old.npz")
+    err = error([bob[0], "--db", str(tmp_path / "old.npz")])
+    assert "old.npz: the gallery does not record its checkpoint" in err and "give --checkpoint" in err

@@ -117,6 +117,40 @@ def test_mamba1_without_D_matches_reference():
         _close(a, b, atol=1e-3 * max(1.0, b.abs().max().item()), rtol=1e-4, what=f"grad {name}")
 
 
+def _causal_conv_autograd(x, w, bias):
+    """The depthwise causal conv as plain ops, differentiated by autograd (the previous code)."""
+    l, K = x.shape[1], w.shape[1]
+    xp = F.pad(x, (0, 0, K - 1, 0))
+    y = xp[:, 0:l] * w[:, 0]
+    for k in range(1, K):
+        y = y.addcmul_(xp[:, k : k + l], w[:, k])
+    return y.add_(bias) if bias is not None else y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("l", [1, 2, 5, 37])
+def test_causal_conv_backward_is_bitwise_autograd(dtype, l):
+    """The conv's written-out backward gives bitwise the gradients autograd derives for the same
+    forward (fp32, and bf16 inputs with fp32 weights as under autocast); values = nn.Conv1d's."""
+    from spkr.models.mamba import _causal_conv
+
+    g = torch.Generator().manual_seed(l)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)
+    x = torch.randn(3, l, 6, generator=g).to(dtype).requires_grad_()
+    gy = torch.randn(3, l, 6, generator=g)
+    ours = _causal_conv(conv, x)
+    ref = _causal_conv_autograd(x, conv.weight[:, 0, :], conv.bias)
+    assert torch.equal(ours, ref)
+    params = (x, conv.weight, conv.bias)
+    for name, a, b in zip(("x", "w", "bias"), torch.autograd.grad((ours * gy).sum(), params),
+                          torch.autograd.grad((ref * gy).sum(), params)):  # fmt: skip
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    want = conv(x.float().transpose(1, 2))[..., :l].transpose(1, 2)
+    _close(ours.float(), want, atol=1e-5, what="vs nn.Conv1d")
+    if l > 1:  # causal: the first frame does not depend on later ones
+        assert torch.equal(_causal_conv(conv, x[:, :1]), ours[:, :1])
+
+
 def _mamba2_inputs(b, l, h, p, n, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, l, h, p, generator=g)

@@ -1,6 +1,6 @@
 """Training-step throughput of the Mamba classifiers: this working tree vs a baseline git revision.
 
-    python tools/bench_step.py [--baseline-rev afd8304] [--configs tiny,mamba-torch]
+    python tools/bench_step.py [--baseline-rev afd8304|DIR] [--configs tiny,mamba-torch]
                                [--dtypes fp32,bf16] [--threads 1,2] [--repeats 5]
 
 One training step = what spkr.train does per micro-batch on CPU, eager: forward of the classifier built
@@ -9,13 +9,15 @@ mels (default 16 x 300 = 3 s crops), cross-entropy, backward, AdamW step (the mo
 float32 or under bf16 autocast, with 1 or 2 intra-op threads (1 = what each of 2 torchrun ranks uses).
 
 The baseline is the same three modules (spkr/models/ssm.py, mamba.py, classifier.py) read from
-``git show REV:...`` and imported under other names (its custom ops renamed ``spkr_baseline::``), so
-both run in this process on the same torch. Both models get identical weights; before timing, one
-float32 step of each on the same batch and dropout masks must give the same logits, loss and parameter
-gradients (up to float32 rounding: ``--rtol`` of each tensor's scale), else the tool stops. Then each
-setting warms both sides alike (``--warmup`` steps each) and alternates them ``--repeats`` times;
-it prints each side's median step time with its [min-max], the ratio of the medians (baseline /
-current: > 1 means faster now) and the range and median of the per-round ratios.
+``git show REV:...`` (or, when ``--baseline-rev`` is a directory, from DIR/spkr/models/...: e.g. a
+copy of the working tree with one change undone) and imported under other names (its custom ops
+renamed ``spkr_baseline::``), so both run in this process on the same torch. Both models get
+identical weights; before timing, one float32 step of each on the same batch and dropout masks must
+give the same logits, loss and parameter gradients (up to float32 rounding: ``--rtol`` of each
+tensor's scale), else the tool stops. Then each setting warms both sides alike (``--warmup`` steps
+each) and alternates them ``--repeats`` times; it prints each side's median step time with its
+[min-max], the ratio of the medians (baseline / current: > 1 means faster now) and the range and
+median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -50,16 +52,27 @@ BASELINE_MODULES = [
 ]  # fmt: skip
 
 
+def read_source(rev: str, path: str) -> str:
+    """``path`` at git revision ``rev``, or under directory ``rev`` if it is one."""
+    if Path(rev).is_dir():
+        try:
+            return (Path(rev) / path).read_text()
+        except OSError as e:
+            sys.exit(f"bench_step: cannot read {path} under {rev}: {e}")
+    try:
+        return subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True
+        ).stdout
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"bench_step: cannot read {path} at revision {rev!r}: {e.stderr.strip()}")
+
+
 def load_baseline(rev: str) -> types.ModuleType:
-    """The classifier module of ``rev`` (with its own mamba and ssm modules); returns the classifier."""
+    """The classifier module of ``rev`` (a git revision or a directory; with its own mamba and ssm
+    modules); returns the classifier."""
     module = None
     for path, name, replacements in BASELINE_MODULES:
-        try:
-            src = subprocess.run(
-                ["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True
-            ).stdout
-        except subprocess.CalledProcessError as e:
-            sys.exit(f"bench_step: cannot read {path} at revision {rev!r}: {e.stderr.strip()}")
+        src = read_source(rev, path)
         for old, new in replacements.items():
             if old not in src:
                 sys.exit(f"bench_step: {rev}:{path} has no {old!r}; cannot import it beside the current code")
@@ -145,7 +158,7 @@ def spread(times: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline-rev", default="afd8304")
+    ap.add_argument("--baseline-rev", default="afd8304", help="a git revision, or a directory")
     ap.add_argument("--configs", default="tiny,mamba-torch")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--threads", default="1,2")

@@ -6,7 +6,7 @@ similar size, 3 s crops and whole utterances, 1 and 2 ranks, dtype auto vs fp32 
     python tools/bench_train.py --pairs tiny --nprocs 1 --dtypes auto --rounds 1 --json out.json
 
 Pairs (Mamba config / Transformer baseline of similar parameter count, both trained alike):
-``tiny`` = bundled ``tiny`` / ``tiny-transformer`` (written by this tool: the bundled transformer's
+``tiny`` = bundled ``tiny`` / bundled ``tiny-transformer`` (the bundled transformer's
 architecture at tiny's sizes, d_model 96, 2 layers, 4 heads, ff x4, front-end [128], embedding 128,
 softmax head); ``mamba-torch`` = bundled ``mamba-torch`` / bundled ``transformer``. The table prints
 every model's parameter count (the ``params`` of its run's config row).
@@ -49,20 +49,6 @@ CONFIGS = REPO / "spkr" / "configs"
 MAX_FRAMES = 3500  # 35 s: LibriSpeech's longest training utterances
 PAIRS = {"tiny": ("tiny", "tiny-transformer"), "mamba-torch": ("mamba-torch", "transformer")}
 CROPS = {"crop": 300, "full": 0}
-TINY_TRANSFORMER_MODEL = """[model]
-arch = "transformer"
-d_model = 96
-n_layers = 2
-n_heads = 4
-ff_mult = 4
-frontend_channels = [128]
-frontend_kernel = 5
-subsample = 2
-pooling = "attentive_stats"
-embedding_dim = 128
-head = "softmax"
-dropout = 0.1
-"""
 
 
 @dataclass
@@ -77,14 +63,6 @@ class Variant:
     @property
     def name(self) -> str:
         return f"{self.model}/{self.length}/{self.nproc}r/{self.dtype}"
-
-
-def tiny_transformer_config(out: Path) -> Path:
-    """tiny.toml's [train] table under a Transformer [model] of tiny's sizes."""
-    train = (CONFIGS / "tiny.toml").read_text().split("[train]", 1)[1]
-    path = out / "tiny-transformer.toml"
-    path.write_text(TINY_TRANSFORMER_MODEL + "\n[train]" + train)
-    return path
 
 
 def synthetic_shards(out: Path, n: int) -> Path:
@@ -236,7 +214,6 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
         args.shards = args.shards or str(synthetic_shards(Path(tmp) / "shards", args.synthetic))
         configs = {name: CONFIGS / f"{name}.toml" for pair in PAIRS.values() for name in pair}
-        configs["tiny-transformer"] = tiny_transformer_config(Path(tmp))
         print(HEADER, flush=True)
         for rnd in range(args.rounds):
             print(f"-- round {rnd + 1}", flush=True)

@@ -1,6 +1,7 @@
 """TacoMamba speaker classifier and the Transformer baseline (same front-end, pooling and heads).
 
     mel (B, T, F), lengths (B,)
+      -> [input_norm "utterance": minus each utterance's mean per mel bin over its valid frames]
       -> ConvFrontend: masked Conv1d stack (kernel k, optional stride-2 subsampling), per-frame LayerNorm,
          GELU, Linear -> d_model                                     (B, T', d_model), lengths'
       -> encoder: n_layers x [x + Dropout(Mixer(RMSNorm(x)))] (Mamba-1 / Mamba-2, optionally bidirectional)
@@ -47,6 +48,15 @@ def reverse_within_length(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index.unsqueeze(-1).expand_as(x))
 
 
+def utterance_mean_norm(mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """mel (B, T, F) minus each utterance's mean over its valid frames, per mel bin (cepstral mean
+    normalisation in the log-mel domain: a fixed channel EQ is a per-bin offset there); padded frames
+    are zero on return, so the result does not depend on the padding."""
+    mask = length_mask(lengths, mel.shape[1]).unsqueeze(-1).to(mel.dtype)
+    mean = (mel * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1.0)
+    return (mel - mean) * mask
+
+
 class ConvFrontend(nn.Module):
     """Masked Conv1d stack over mel frames; the first log2(subsample) convs have stride 2."""
 
@@ -83,6 +93,35 @@ class ConvFrontend(nn.Module):
         return x * length_mask(lengths, x.shape[1]).unsqueeze(-1).to(x.dtype), lengths
 
 
+def reverse_rows(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """(B * T,) row index into a (B * T, C) view of (B, T, C) frames doing what :func:`reverse_index`
+    does (reverse frames [0, len) of each utterance, padded frames in place); its own inverse."""
+    starts = T * torch.arange(len(lengths), device=lengths.device)  # (B,) first row of each utterance
+    return (reverse_index(lengths, T) + starts[:, None]).view(-1)
+
+
+class _PermuteFrames(torch.autograd.Function):
+    """x (B, T, C) -> its B * T frames reordered by ``rows`` (a permutation that is its own inverse,
+    from :func:`reverse_rows`): whole rows copied by index_select, forward and backward. The gradient
+    is the same permutation of the incoming gradient (what a gather's scatter-add backward computes,
+    at a fraction of the cost)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        return x.reshape(rows.numel(), -1).index_select(0, rows).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        return g.reshape(rows.numel(), -1).index_select(0, rows).view(g.shape), None
+
+
+def _reverse(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x (B, T, C) reversed within each utterance's length (rows from :func:`reverse_rows`)."""
+    return _PermuteFrames.apply(x, rows)
+
+
 class MambaLayer(nn.Module):
     """Pre-norm residual Mamba layer; bidirectional = forward mixer + within-length-reversed mixer, summed."""
 
@@ -103,10 +142,11 @@ class MambaLayer(nn.Module):
         return Mamba2(cfg.d_model, cfg.d_state, headdim=cfg.headdim, **common)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, rev: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, d_model), mask (B, T), rev: (B * T,) from :func:`reverse_rows` (bidirectional)."""
         h = self.norm(x)
         y = self.fwd(h)
         if self.bwd is not None:
-            y = y + reverse_within_length(self.bwd(reverse_within_length(h, rev)), rev)
+            y = y + _reverse(self.bwd(_reverse(h, rev)), rev)
         x = x + self.drop(y)
         return x * mask.unsqueeze(-1).to(x.dtype)
 
@@ -120,7 +160,7 @@ class MambaEncoder(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         T = x.shape[1]
         mask = length_mask(lengths, T)
-        rev = reverse_index(lengths, T) if self.bidirectional else None
+        rev = reverse_rows(lengths, T) if self.bidirectional else None
         for layer in self.layers:
             x = layer(x, mask, rev)
         return x
@@ -252,6 +292,8 @@ class SpeakerClassifier(nn.Module):
     def encode(self, mel: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> frame features (B, T', d_model) (padded frames zero) and lengths' (B,)."""
         lengths = lengths.to(device=mel.device, dtype=torch.long)
+        if self.cfg.input_norm == "utterance":
+            mel = utterance_mean_norm(mel, lengths)
         x, lengths = self.frontend(mel, lengths)
         x = self.encoder(x, lengths)
         return self.norm(x), lengths

@@ -11,6 +11,7 @@ ARCHS = ("mamba", "mamba2", "transformer")
 BACKENDS = ("auto", "torch", "mamba_ssm")
 POOLINGS = ("mean", "attentive_stats")
 HEADS = ("softmax", "aam")
+INPUT_NORMS = ("none", "utterance")
 
 
 @dataclass
@@ -29,6 +30,10 @@ class ModelConfig:
     backend: str = (
         "auto"  # "auto" | "torch" | "mamba_ssm" (CUDA kernels; "auto" uses them on CUDA if importable)
     )
+    # input: "none" (the loader's global per-bin normalisation only) | "utterance" (also subtract each
+    # utterance's mean log-mel per bin over its valid frames: cepstral mean normalisation, which removes a
+    # fixed channel colouring -- microphone, room EQ -- the way Kaldi's x-vector recipe does with CMN)
+    input_norm: str = "none"
     # front-end over mel frames
     frontend_channels: list[int] = field(default_factory=lambda: [128, 128])
     frontend_kernel: int = 5
@@ -52,6 +57,10 @@ class ModelConfig:
         need(self.arch in ARCHS, f"arch must be one of {ARCHS}, got {self.arch!r}")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        need(
+            self.input_norm in INPUT_NORMS,
+            f"input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}",
+        )
         need(self.head in HEADS, f"head must be one of {HEADS}, got {self.head!r}")
         need(self.subsample in (1, 2, 4), f"subsample must be 1, 2 or 4, got {self.subsample}")
         need(self.frontend_kernel % 2 == 1, f"frontend_kernel must be odd, got {self.frontend_kernel}")

@@ -88,14 +88,45 @@ def _causal_conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     """Depthwise causal conv over time: x (b, l, d) -> (b, l, d); same result as
     ``conv(x.transpose(1, 2))[..., :l]`` (conv1d with padding d_conv - 1), written as d_conv shifted
     multiply-adds because CPU depthwise conv1d backward is very slow for long sequences."""
-    l = x.shape[1]
-    K = conv.kernel_size[0]
-    w = conv.weight[:, 0, :]  # (d, K)
-    xp = F.pad(x, (0, 0, K - 1, 0))  # K-1 zero frames in front
-    y = xp[:, 0:l] * w[:, 0]
-    for k in range(1, K):
-        y = y.addcmul_(xp[:, k : k + l], w[:, k])  # in place: one (b, l, d) buffer, not 2K-1
-    return y.add_(conv.bias) if conv.bias is not None else y
+    return _CausalConv.apply(x, conv.weight[:, 0, :], conv.bias)
+
+
+class _CausalConv(torch.autograd.Function):
+    """x (b, l, d), w (d, K), bias (d,) or None -> y[t] = sum_k x[t - (K-1) + k] w[:, k] + bias (x zero
+    before frame 0), in the dtype x * w promotes to, as K shifted multiply-adds.
+
+    The backward is written out because autograd's costs ~2x more here: per tap, a zero-filled
+    padded-length tensor for its slice's gradient, a cast, an accumulation. It does the same
+    arithmetic in the same order, so the gradients are bitwise those autograd gives for the forward
+    below (checked in tests/test_ssm.py): each tap's x-gradient gy * w[:, k] computed in gy's dtype,
+    rounded to x's dtype and accumulated there from the last tap to the first; each w[:, k] gradient
+    sum_{b,t} gy * x_padded[t + k]; the bias gradient sum_{b,t} gy.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        l, K = x.shape[1], w.shape[1]
+        xp = F.pad(x, (0, 0, K - 1, 0))  # K-1 zero frames in front
+        y = xp[:, 0:l] * w[:, 0]
+        for k in range(1, K):
+            y = y.addcmul_(xp[:, k : k + l], w[:, k])  # in place: one (b, l, d) buffer, not 2K-1
+        ctx.save_for_backward(xp, w)
+        ctx.has_bias = bias is not None
+        return y.add_(bias) if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        xp, w = ctx.saved_tensors
+        K = w.shape[1]
+        l = xp.shape[1] - (K - 1)
+        gx = (gy * w[:, K - 1]).to(xp.dtype)  # (b, l, d): tap K-1 reads frame t itself
+        gw = [(gy * xp[:, K - 1 :]).sum((0, 1))]
+        for k in range(K - 2, -1, -1):  # tap k reads frame t - s
+            s = min(K - 1 - k, l)
+            gx[:, : l - s] += (gy[:, s:] * w[:, k]).to(xp.dtype)
+            gw.append((gy * xp[:, k : k + l]).sum((0, 1)))
+        gw = torch.stack(gw[::-1], dim=1).to(w.dtype)  # (d, K)
+        return gx, gw, gy.sum((0, 1)).to(w.dtype) if ctx.has_bias else None
 
 
 def _inv_softplus_dt(n: int, dt_min: float, dt_max: float, floor: float = 1e-4) -> torch.Tensor:

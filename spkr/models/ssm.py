@@ -245,11 +245,12 @@ def _ssm1_bwd(gy, x, dt, A, B, C):
             g, h = _block_states(dtb, Ab, dxb, Bb, h0, bufs)
             lam = _outer(gyb, C[bs, ts], bufs.get(2, h.shape))
             g_in = _scan_reversed_(bufs.frames(0, g), bufs.frames(2, lam), g_in)
-            # contractions over n or k as batched (1 x n) @ (n x k) and (n x k) @ (k x 1) products: in
-            # this layout several times faster than mul + sum over the n dim
-            gC[bs, ts] += torch.matmul(h, gyb.unsqueeze(-1)).squeeze(-1)  # (bb, seg, n)
+            # contractions over n or k as batched (1 x n) @ (n x k) and (1 x k) @ (k x n) products: in
+            # this layout several times faster than mul + sum over the n dim; a sum over k as
+            # (1 x k) @ h^T, not h @ (k x 1): 2x faster here (bmm of (16, 384) matrices, 1 thread)
+            gC[bs, ts] += torch.matmul(gyb.unsqueeze(-2), h.transpose(-1, -2)).squeeze(-2)  # (bb, seg, n)
             gp = torch.matmul(Bb.unsqueeze(-2), lam).squeeze(-2)  # dL/d(dt*x): (bb, seg, k)
-            gB[bs, ts] += torch.matmul(lam, dxb.unsqueeze(-1)).squeeze(-1)  # (bb, seg, n)
+            gB[bs, ts] += torch.matmul(dxb.unsqueeze(-2), lam.transpose(-1, -2)).squeeze(-2)  # (bb, seg, n)
             h.addcmul_(Bb.unsqueeze(-1), dxb.unsqueeze(-2), value=-1).mul_(lam)  # ga = lam * (h - u)
             gdt[bs, ts, ds] = torch.matmul(ones_n, torch.mul(h, Ab, out=lam)).addcmul_(gp, xb)  # sum_n ga A
             gx[bs, ts, ds] = gp * dtb

@@ -17,16 +17,24 @@ Verification splits (protocol open, docs/protocols.md; labels index the split's 
 head/loss/accuracy: ``classify=False``)::
 
     emb = evaluate_distributed(model, loader, env, amp_dtype, embeddings=True, classify=False)
-    cohort = embed_cohort(model, train_loader, env, amp_dtype, per_speaker=10)   # AS-norm cohort
+    cohort, how = embed_cohort(model, shards, manifest, "train", device, amp_dtype,
+                               stats=ckpt["stats"], per_speaker=3, seed=0)  # AS-norm cohort
     res = verify_split(emb, manifest, "test-verify", cohort=cohort, top_k=300, calibrate=False)
 
 :func:`verify_split` scores the manifest's trial list (sha256 checked, every key an embedded
 utterance, each embedded once): cosine EER/minDCF(0.01, 0.05), ``as_norm`` with a cohort,
 ``identification`` (top-1 against enrollment means) and, with ``calibrate``, the decision
 ``thresholds`` calibrated on the trials scored as a gallery does (:func:`gallery_scores`).
+
+The AS-norm cohort (:func:`embed_cohort`) is bounded: a seeded per-speaker-balanced subset of the
+training split (:func:`cohort_selection`, :func:`spkr.scoring.select_cohort`), and only those
+utterances are read (:func:`read_selected`: one ranged read per run of consecutive selected samples
+of a shard, checksummed as the loader does; shards without a selected sample are never opened).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import torch
@@ -40,6 +48,7 @@ from spkr.scoring import (
     l2_normalize,
     parse_trials,
     score_trials,
+    select_cohort,
     speaker_means,
     verification_metrics,
 )
@@ -154,30 +163,130 @@ def evaluate_distributed(
 # --------------------------------------------------------------------------- verification splits
 
 
-COHORT_PER_SPEAKER = 10  # training utterances embedded per speaker for the AS-norm cohort
+COHORT_PER_SPEAKER = 3  # training utterances embedded per speaker for the AS-norm cohort
 
 
-def cohort_keys(manifest, split: str, per_speaker: int = COHORT_PER_SPEAKER) -> set[str]:
-    """The first ``per_speaker`` original keys (sorted; never an augmented ``~aug`` copy) of each
-    speaker of ``split``: the utterances a capped cohort pass embeds."""
-    by_label: dict[int, list[str]] = {}
+def session_of(key: str) -> str:
+    """A sample key's recording session: LibriSpeech ``<speaker>-<chapter>-<n>`` -> ``<speaker>-<chapter>``
+    (a key of another form is its own session)."""
+    parts = key.split("-")
+    return "-".join(parts[:2]) if len(parts) == 3 else key
+
+
+def cohort_selection(
+    manifest, split: str, per_speaker: int = COHORT_PER_SPEAKER, seed: int = 0, cohort_size: int = 0
+) -> tuple[set[str], dict]:
+    """(keys, description) of the AS-norm cohort utterances of ``split`` (the training split): a seeded
+    per-speaker-balanced subset of its original utterances (never an augmented ``~aug`` copy):
+    :func:`spkr.scoring.select_cohort` over the split's labels, sessions from :func:`session_of`;
+    ``cohort_size`` > 0 keeps a seeded sample of that many speakers. The description (recorded with
+    the results) says what made the cohort: counts, seed, selection rule, sha256 of the sorted keys."""
+    keys, labels = [], []
     for shard in manifest.split(split).shards:
         for key, label in zip(shard.keys, shard.labels):
             if "~aug" not in key:
-                by_label.setdefault(label, []).append(key)
-    return {k for keys in by_label.values() for k in sorted(keys)[:per_speaker]}
+                keys.append(key)
+                labels.append(label)
+    labels = np.asarray(labels, np.int64)
+    picked = select_cohort(labels, per_speaker, seed, cohort_size, [session_of(k) for k in keys])
+    chosen = sorted(keys[i] for i in picked)
+    info = {
+        "split": split,
+        "speakers": int(len(np.unique(labels[picked]))),
+        "utterances": len(chosen),
+        "speakers_available": int(len(np.unique(labels))),
+        "utterances_available": len(keys),
+        "per_speaker": per_speaker,
+        "cohort_size": cohort_size,
+        "seed": seed,
+        "selection": "seeded per-speaker-balanced: at most per_speaker original utterances of each "
+        "speaker (round-robin over its chapters), cohort_size > 0: a seeded sample of speakers; "
+        "one unit-norm mean embedding per speaker",
+        "keys_sha256": hashlib.sha256("\n".join(chosen).encode()).hexdigest(),
+    }
+    return set(chosen), info
 
 
+def read_selected(shards: str, manifest, split: str, keys: set[str], batch_size: int, *, stats: dict,
+                  storage_options: dict | None = None, dtype: str = "float16"):  # fmt: skip
+    """Batches (as :func:`eval_loader`'s: normalised with ``stats``, ``dtype``, ``{"mel", "lengths",
+    "labels", "keys"}``) of exactly the samples of ``split`` whose key is in ``keys``, read with
+    :class:`spkr.stream.reader.ShardReader` (checksums on): one byte range per run of consecutive
+    selected samples, nothing else. Batches group samples of similar length (a pool of 8 batches).
+    ``read_selected.last`` = {"shards_read", "samples", "bytes_read"} of the last complete pass."""
+    from spkr.stream.loader import BATCH_DTYPES, Collate, normalisation
+    from spkr.stream.reader import ShardReader
+
+    n_mels = int(manifest.data["feature_config"].get("n_mels", 80))
+    st = normalisation(manifest, n_mels, stats)
+    collate = Collate(n_mels, mean=st["mean"], std=st["std"], dtype=BATCH_DTYPES[dtype])
+    reader = ShardReader(shards, storage_options, n_mels=n_mels)
+    pool, shards_read, samples, j = [], 0, 0, 0
+    try:
+        for shard in manifest.split(split).shards:
+            rows = [i for i, k in enumerate(shard.keys) if k in keys]
+            if not rows:
+                continue
+            shards_read += 1
+            runs = np.split(np.asarray(rows), np.flatnonzero(np.diff(rows) > 1) + 1)
+            for run in runs:
+                pool += reader.iter_range(shard, int(run[0]), int(run[-1]) + 1)
+            while len(pool) >= 8 * batch_size:
+                pool.sort(key=lambda r: r.feats.shape[0])
+                for _ in range(4):
+                    batch, pool = pool[:batch_size], pool[batch_size:]
+                    samples += len(batch)
+                    yield collate(batch, j, 0)
+                    j += 1
+        pool.sort(key=lambda r: r.feats.shape[0])
+        for a in range(0, len(pool), batch_size):
+            samples += len(pool[a : a + batch_size])
+            yield collate(pool[a : a + batch_size], j, 0)
+            j += 1
+        read_selected.last = {
+            "shards_read": shards_read,
+            "samples": samples,
+            "bytes_read": reader.stats.bytes,
+        }
+    finally:
+        reader.close()
+
+
+read_selected.last = {}
+
+
+@torch.no_grad()
 def embed_cohort(
-    model, loader, env: DistEnv, amp_dtype, per_speaker: int = COHORT_PER_SPEAKER, cohort_size: int = 0
-) -> np.ndarray:
-    """(C, E) AS-norm cohort: unit-norm mean embeddings of the loader's (training) speakers, from at
-    most ``per_speaker`` original utterances each (:func:`cohort_keys`; the others are read, not run);
-    ``cohort_size`` > 0 keeps the first that many speakers (label order). On every rank."""
-    keep = cohort_keys(loader.manifest, loader.split, per_speaker)
-    res = evaluate_distributed(model, loader, env, amp_dtype, embeddings=True, classify=False, keep=keep)
-    _, means = speaker_means(res["emb"], res["labels"])
-    return means[:cohort_size] if cohort_size > 0 else means
+    model, shards: str, manifest, split: str, device, amp_dtype=None, *, stats: dict,
+    per_speaker: int = COHORT_PER_SPEAKER, seed: int = 0, cohort_size: int = 0, batch_size: int = 64,
+    storage_options: dict | None = None,
+) -> tuple[np.ndarray, dict]:  # fmt: skip
+    """((C, E) AS-norm cohort: unit-norm mean embeddings of C training speakers, description): the
+    utterances of :func:`cohort_selection`, and only those, read (:func:`read_selected`) and embedded
+    once by the (unwrapped) model, one process. The description gains ``shards_read`` and
+    ``bytes_read`` (of the split's ``shards_total`` shards)."""
+    keys, info = cohort_selection(manifest, split, per_speaker, seed, cohort_size)
+    was_training = model.training
+    model.eval()
+    embs, labs = [], []
+    try:
+        for batch in read_selected(shards, manifest, split, keys, batch_size, stats=stats,
+                                   storage_options=storage_options):  # fmt: skip
+            mel = batch["mel"].to(device).float()
+            with autocast(device, amp_dtype):
+                emb = model.embed(mel, batch["lengths"].to(device))
+            embs.append(emb.float().cpu().numpy())
+            labs.append(batch["labels"].numpy())
+    finally:
+        model.train(was_training)
+    got = _stack(embs, labs)
+    if len(got["labels"]) != info["utterances"]:
+        raise ValueError(
+            f"AS-norm cohort: read {len(got['labels'])} of {info['utterances']} selected utterances"
+        )
+    _, means = speaker_means(got["emb"], got["labels"])
+    info.update(read_selected.last, shards_total=len(manifest.split(split).shards))
+    return means, info
 
 
 def load_trials(manifest, split: str, storage_options: dict | None = None) -> TrialList:

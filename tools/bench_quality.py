@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""Model quality of issue 14, measured: protocols x augmentation x models beside the simple baseline.
+
+    python tools/bench_quality.py --corpus data/demo --name bundled --work /tmp/quality \\
+        --protocols closed-session,open --augment 0,3 --models tiny,tiny-transformer --json q.json
+
+For every cell (corpus, protocol, augmentation) it runs, with the real CLIs and nothing else:
+
+1. ``python -m spkr.tools.shard --source CORPUS --protocol P`` (+ ``--augment-copies K
+   --augment-kinds speed,noise,reverb --speed-classes --noise-dir/--rir-dir`` from
+   ``tools/make_noise_corpus.py``'s set when K > 0) -> ``<work>/<name>/<P>-aug<K>/``;
+2. ``tools/baseline_features.py`` (mean/std of MFCC + logistic regression; cosine on open) on them;
+3. per model: ``torchrun --nproc_per_node 2 -m spkr.train`` (2 CPU ranks like the demo) with the
+   bundled config (``tiny``; ``tiny-transformer`` = the Transformer at tiny's sizes and training; ``NAME@key=value@...`` overrides ``[model]`` keys, e.g.
+   ``tiny@input_norm=utterance``), the head by protocol (``softmax`` on closed protocols; ``aam`` on
+   ``open``: issue 14's margin head), the same number of optimizer steps with and without copies
+   (epochs / (1 + K)); then ``python -m spkr.evaluate`` on the split of role test (``--as-norm`` on
+   open).
+
+Reuse: the shard tool always runs (it keeps the complete shards written under the same config, seed
+and source, and stops on any other). Every other step writes ``spec.json`` (its command, the config text, the shards' ``dataset_id`` and a
+hash of spkr's source files) and is skipped only when a finished step's spec is identical, so an
+edited spkr, config or shard set re-runs what it affects. Every row of the table (and ``--json``)
+says which source hash, dataset and config measured it. Developer tool; CPU-heavy (a tiny run on
+the bundled corpus ~2-3 min on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "spkr" / "configs"
+AUG_KINDS = "speed,noise,reverb"
+
+
+def source_hash() -> str:
+    """sha256 (16 hex) over spkr/**/*.py (path + bytes): what code measured a row."""
+    h = hashlib.sha256()
+    for p in sorted((REPO / "spkr").rglob("*.py")):
+        h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def toml_value(v: str) -> str:
+    """A flag value as a TOML literal: numbers and booleans as they are, anything else a string."""
+    if v in ("true", "false"):
+        return v
+    try:
+        float(v)
+        return v
+    except ValueError:
+        return json.dumps(v)
+
+
+def model_config(spec: str, head: str) -> str:
+    """Config text of model ``spec`` = ``NAME[@key=value...]`` (NAME a bundled config) with ``[model] head = head`` and the overrides."""
+    model, *pairs = spec.split("@")
+    overrides = {"head": toml_value(head)} | {k: toml_value(v) for k, v in (p.split("=", 1) for p in pairs)}
+    text = (CONFIGS / f"{model}.toml").read_text()
+    lines = text.splitlines()
+    start = lines.index("[model]")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")), len(lines))
+    body = [ln for ln in lines[start + 1 : end] if ln.split("=")[0].strip() not in overrides]
+    lines[start + 1 : end] = [f"{k} = {v}" for k, v in overrides.items()] + body
+    return "\n".join(lines) + "\n"
+
+
+def config_epochs(text: str) -> int:
+    import tomllib
+
+    return int(tomllib.loads(text)["train"]["epochs"])
+
+
+def run_step(out: Path, spec: dict, cmd: list[str], log: Path, env: dict | None = None) -> float | None:
+    """Run ``cmd`` unless ``out/spec.json`` (written after success) equals ``spec``; -> seconds or None."""
+    done = out / "spec.json"
+    if done.exists() and json.loads(done.read_text()) == spec:
+        print(f"  reuse {out} (same spec)", flush=True)
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    done.unlink(missing_ok=True)
+    print("  $ " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
+    if rc != 0:
+        sys.exit(f"bench_quality: step failed (exit {rc}): {' '.join(cmd)}; see {log}")
+    done.write_text(json.dumps(spec, indent=1))
+    return time.perf_counter() - t0
+
+
+def dataset_id(shards: Path) -> str:
+    return json.loads((shards / "manifest.json").read_text())["dataset_id"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", required=True, help="LibriSpeech-layout corpus (e.g. data/demo)")
+    ap.add_argument("--name", required=True, help="corpus name in the table and under --work")
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--protocols", default="closed,closed-session,open")
+    ap.add_argument("--augment", default="0,3", help="augmented copies per training utterance, e.g. 0,3")
+    ap.add_argument("--models", default="tiny,tiny-transformer")
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    src = source_hash()
+    work = args.work / args.name
+    noise = args.work / "noise"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    rows = []
+    if any(int(k) for k in args.augment.split(",")):
+        run_step(noise, {"cmd": "make_noise_corpus", "seed": 0, "demo": "data/demo"},
+                 [sys.executable, "tools/make_noise_corpus.py", "--out", str(noise), "--seed", "0",
+                  "--demo", str(REPO / "data" / "demo")], args.work / "noise.log", env)  # fmt: skip
+    for protocol in args.protocols.split(","):
+        for copies in (int(k) for k in args.augment.split(",")):
+            cell = work / f"{protocol}-aug{copies}"
+            shards = cell / "shards"
+            cmd = [sys.executable, "-m", "spkr.tools.shard", "--source", args.corpus, "--subsets", "train.100",
+                   "--protocol", protocol, "--out", str(shards), "--workers", "2"]  # fmt: skip
+            if copies:
+                cmd += ["--augment-copies", str(copies), "--augment-kinds", AUG_KINDS, "--speed-classes",
+                        "--noise-dir", str(noise), "--rir-dir", str(noise / "rirs")]  # fmt: skip
+            print(f"== {args.name} {protocol} aug{copies}", flush=True)
+            shard_log = cell / "shard.log"
+            shard_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(
+                shard_log, "a"
+            ) as f:  # always run: the tool itself keeps complete shards of this config
+                if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode:
+                    sys.exit(f"bench_quality: sharding failed; see {shard_log}")
+            did = dataset_id(shards)
+            base_json = cell / "baseline.json"
+            cmd = [
+                sys.executable,
+                "tools/baseline_features.py",
+                "--shards",
+                str(shards),
+                "--json",
+                str(base_json),
+            ]
+            run_step(cell / "baseline-step", {"cmd": cmd[1:], "dataset_id": did, "src": src}, cmd,
+                     cell / "baseline.log", env)  # fmt: skip
+            base = json.loads(base_json.read_text())
+            rows.append(
+                row(args.name, protocol, copies, "baseline", base_figures(base, protocol), did, src, None)
+            )
+            for model in args.models.split(","):
+                head = "aam" if protocol == "open" else "softmax"
+                text = model_config(model, head)
+                cfg = cell / f"{model}.toml"
+                cfg.write_text(text)
+                run = cell / f"run-{model}"
+                epochs = max(1, math.ceil(config_epochs(text) / (1 + copies)))
+                cmd = ["torchrun", "--standalone", "--nproc_per_node", str(args.nproc), "-m", "spkr.train",
+                       "--config", str(cfg), "--shards", str(shards), "--out", str(run), "--fresh",
+                       "--no-progress", "--epochs", str(epochs), "--seed", str(args.seed)]  # fmt: skip
+                spec = {"cmd": cmd, "config": text, "dataset_id": did, "src": src}
+                secs = run_step(run / "train-step", spec, cmd, cell / f"train-{model}.log", env)
+                ev = run / "eval-test.json"
+                cmd = [sys.executable, "-m", "spkr.evaluate", "--checkpoint", str(run / "last.pt"),
+                       "--shards", str(shards), "--out", str(ev)] + (["--as-norm"] if protocol == "open" else [])  # fmt: skip
+                run_step(
+                    run / "eval-step", {"cmd": cmd[1:], "train": spec}, cmd, cell / f"eval-{model}.log", env
+                )
+                figures = eval_figures(json.loads(ev.read_text()))
+                rows.append(row(args.name, protocol, copies, model, figures, did, src, secs))
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def base_figures(base: dict, protocol: str) -> dict:
+    if protocol == "open":
+        v = base["verification"]["test-verify"]
+        return {"eer": v["eer"], "min_dcf_0.01": v["min_dcf_0.01"], "trials": v["trials"]}
+    t = base["logreg"]["test"]
+    return {"acc": t["acc"], "n": t["n"]}
+
+
+def eval_figures(ev: dict) -> dict:
+    v = ev.get("verification") or {}
+    if ev.get("kind") == "verification":
+        out = {"eer": v["eer"], "min_dcf_0.01": v["min_dcf_0.01"], "trials": v["trials"]}
+        if "as_norm" in v:
+            out["eer_as_norm"] = v["as_norm"]["eer"]
+        return out
+    return {"acc": ev["acc"], "n": ev["n"]}
+
+
+def row(corpus, protocol, copies, model, figures, did, src, secs) -> dict:
+    return {"corpus": corpus, "protocol": protocol, "augment_copies": copies, "model": model,
+            **figures, "dataset_id": did, "src": src, "train_seconds": secs}  # fmt: skip
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| corpus | protocol | copies | model | test acc | EER | EER AS-norm | minDCF(0.01) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        acc = f"{100 * r['acc']:.2f} % ({r['n']})" if "acc" in r else ""
+        eer = f"{100 * r['eer']:.2f} %" if "eer" in r else ""
+        asn = f"{100 * r['eer_as_norm']:.2f} %" if "eer_as_norm" in r else ""
+        dcf = f"{r['min_dcf_0.01']:.3f}" if "min_dcf_0.01" in r else ""
+        print(
+            f"| {r['corpus']} | {r['protocol']} | {r['augment_copies']} | {r['model']} | {acc} | {eer} | {asn} | {dcf} |"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
