@@ -317,3 +317,21 @@ def test_never_opens_audio(shards, monkeypatch):
     for workers in (0, 2):
         ld = SpeakerLoader(str(shards), "train", 8, rank=0, world_size=1, num_workers=workers)
         assert sum(len(b["keys"]) for b in ld) == 53
+
+
+@pytest.mark.parametrize("context,mmap", [("forkserver", True), ("forkserver", False), ("spawn", True)])
+def test_workers_started_by_forkserver_or_spawn_resume_exactly(shards, context, mmap):
+    """Workers that get the dataset pickled (forkserver, spawn) instead of forked yield the fork
+    workers' batches, and resume mid-epoch exactly (mmap=False: the streamed read, as remote)."""
+    import multiprocessing as mp
+
+    kw = dict(train=True, seed=3, rank=0, world_size=2, num_workers=2, bucket_window=8, mmap=mmap)
+    ref = epoch_batches(SpeakerLoader(str(shards), "train", 3, **kw), epoch=1)
+    ctx = mp.get_context(context)
+    got = epoch_batches(SpeakerLoader(str(shards), "train", 3, multiprocessing_context=ctx, **kw), epoch=1)
+    assert [g["keys"] for g in got] == [r["keys"] for r in ref] and len(ref) == 9
+    resumed = SpeakerLoader(str(shards), "train", 3, multiprocessing_context=ctx, **kw)
+    resumed.load_state_dict({**resumed.state_dict(), "epoch": 1, "batches": 5})
+    rest = epoch_batches(resumed, epoch=1)
+    assert [r["keys"] for r in rest] == [r["keys"] for r in ref[5:]]
+    assert all(torch.equal(x["mel"], y["mel"]) for x, y in zip(rest, ref[5:]))

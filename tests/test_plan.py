@@ -206,3 +206,35 @@ def test_scale_simulation(world, workers):
     print(
         f"\nscale: N={N} world={world} workers={workers}: one rank's plan (all workers) {one_rank * 1e3:.2f} ms"
     )
+
+
+def test_worker_walk_memory_is_the_pool_not_the_range():
+    """A DataLoader worker walks its plan window by window (EpochPlan.windows): the same windows as
+    EpochPlan.worker, and what the walk holds at its peak is the bucketing pool's, not the worker's
+    range's: a LibriSpeech-960 sized worker range (~140k samples) peaks like a 1 %-sized one."""
+    import tracemalloc
+
+    def peak(n: int, n_shards: int) -> int:
+        counts, frames = _scale_manifest(n=n, n_shards=n_shards)
+        p = EpochPlan(counts, frames, world_size=2, rank=1, num_workers=1, batch_size=32, epoch=1)
+        tracemalloc.start()
+        batches = 0
+        for window in p.windows(0):
+            batches += len(window.batches)
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert batches == p.num_batches
+        return top
+
+    small, large = peak(2_812, 3), peak(281_241, 280)
+    assert large < 2 * small + 200_000, (small, large)  # the whole range's plan: > 2 MB
+    counts, frames = _scale_manifest(n=5_000, n_shards=7)
+    p = EpochPlan(counts, frames, world_size=3, rank=2, num_workers=2, batch_size=16, epoch=2)
+    for w in range(2):
+        walked, built = list(p.windows(w)), p.worker(w).windows
+        assert [(a.start, a.stop) for a in walked] == [(b.start, b.stop) for b in built]
+        assert all(
+            np.array_equal(x, y)
+            for a, b in zip(walked, built)
+            for x, y in zip(a.batches, b.batches, strict=True)
+        )

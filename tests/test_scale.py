@@ -96,3 +96,17 @@ def test_data_only_under_torchrun_exactly_once(small_shards, tmp_path):
     assert sorted(mem) == ["rank0", "rank0/worker", "rank1", "rank1/worker"]
     assert all(len(mem[f"rank{r}/worker"]) == 2 for r in (0, 1))  # 2 DataLoader workers per rank
     assert all(p["uss"] > 0 and p["pss"] <= p["vm_rss"] for procs in mem.values() for p in procs)
+
+
+def test_worker_phases_probe(small_shards):
+    """--worker-phases: every forked worker reports its Private_Dirty by mapping at each phase, and
+    walking the plan window by window holds no array over the worker's range."""
+    args = _args(nproc=2, workers=2, batch_size=32, seed=0)
+    got = bench.worker_phases(str(small_shards), args)
+    assert got["steps"] == 16  # rank 0 of 2: ceil(500 / 32)
+    assert sorted(got["workers"]) == ["worker0", "worker1"]
+    for marks in got["workers"].values():
+        assert [m["phase"] for m in marks] == ["start", "plan", "1 batches", "end"]  # 8 batches each
+        for m in marks:
+            assert m["total"] == m["heap"] + m["anon"] + m["file"] > 0
+        assert marks[1]["held"] < 100_000  # the plan: shard counts and cumulative sums, not samples

@@ -26,6 +26,13 @@ given multiprocessing start methods and reports each worker's USS / dirty, and t
 ``forkserver``/``spawn`` send to every worker; ``fork`` sends nothing: workers share the rank's pages
 copy-on-write until they touch them). The table is printed; ``--json`` writes every figure.
 
+``--worker-phases 0.1,1`` shows where a forked worker's private memory comes from: rank 0's loader
+with workers that record their Private_Dirty by mapping (malloc heap / anonymous / file) and what
+tracemalloc sees them hold when they start, after their plan, after 1/10/100/1000 batches and at the
+end. Memory a worker writes without holding it (Private_Dirty above tracemalloc's figures) is the
+rank's pages it copied on write: refcounts of the rank's objects it touches and its allocations
+landing in the rank's freed heap.
+
 ``--compare DIR,DIR,...`` measures several spkr trees side by side on the same shards, interleaved
 (per scale and repeat, each tree in turn, so the machine's load hits them alike), e.g. before and
 after a change::
@@ -480,6 +487,106 @@ def run_mp_probe(shards: Path, context: str, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# --------------------------------------------------------------------------- inside a worker
+
+
+def private_dirty_by_mapping() -> dict:
+    """This process's Private_Dirty kB by kind of mapping (/proc/self/smaps): "heap" (malloc's brk
+    heap), "anon" (anonymous mappings: pymalloc arenas, large numpy buffers), "file" (shards, the
+    libraries' data) and "total"."""
+    out = {"heap": 0, "anon": 0, "file": 0}
+    kind = "anon"
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+                parts = line.split()
+                name = parts[5] if len(parts) > 5 else ""
+                kind = "heap" if name == "[heap]" else "anon" if not name or name.startswith("[") else "file"
+            elif line.startswith("Private_Dirty:"):
+                out[kind] += int(line.split()[1])
+    out["total"] = sum(out.values())
+    return out
+
+
+WORKER_MARKS = (1, 10, 100, 1000)  # batches after which a phases probe records a worker's memory
+
+
+def worker_phases(shards: str, args) -> dict:
+    """Rank 0 of ``args.nproc`` iterated here with ``args.workers`` forked workers, each recording its
+    Private_Dirty by mapping (:func:`private_dirty_by_mapping`, kB) and what tracemalloc sees it
+    hold and peak at (bytes) when it starts iterating, after its plan, and after
+    ``WORKER_MARKS`` batches and at the end: where a worker's private memory comes from."""
+    import multiprocessing as mp
+    import tempfile
+    import tracemalloc
+
+    from torch.utils.data import get_worker_info
+
+    from spkr.stream import dataset as ds
+    from spkr.stream.loader import SpeakerLoader
+
+    tmp = tempfile.TemporaryDirectory(prefix="spkr-phases-")
+    out_dir = tmp.name
+
+    class Phases(ds.ShardDataset):
+        def __iter__(self):
+            marks = []
+
+            def mark(phase):
+                held, peak = tracemalloc.get_traced_memory() if tracemalloc.is_tracing() else (0, 0)
+                marks.append({"phase": phase, **private_dirty_by_mapping(), "held": held, "peak": peak})
+
+            mark("start")
+            tracemalloc.start()
+            worker = get_worker_info().id
+            plan = self.plan()
+            mark("plan")
+            reader = ds.ShardReader(self.base, **self.reader_kwargs)
+            read = ds.read_in_place if reader.random_access else ds.read_streamed
+            reporter = ds._Reporter(reader.stats)
+            n = 0
+            for t, records in read(reader, self.shards, plan, worker, 0):
+                yield ds.WorkerBatch(
+                    self.collate(records, worker + t * plan.num_workers, 0), reporter.report()
+                )
+                n += 1
+                if n in WORKER_MARKS:
+                    mark(f"{n} batches")
+            mark("end")
+            reader.close()
+            tracemalloc.stop()
+            Path(out_dir, f"worker{worker}.json").write_text(json.dumps(marks))
+
+    loader = SpeakerLoader(
+        shards,
+        SPLIT,
+        args.batch_size,
+        seed=args.seed,
+        rank=0,
+        world_size=args.nproc,
+        num_workers=args.workers,
+        multiprocessing_context=mp.get_context("fork"),
+    )
+    d = loader.dataset
+    loader.dataset = Phases(
+        d.base, d.shards, plan_args=d.plan_args, collate=d.collate, reader_kwargs=d.reader_kwargs
+    )
+    steps = sum(1 for _ in loader)
+    with tmp:
+        workers = {p.stem: json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("worker*.json"))}
+    return {"steps": steps, "workers": workers}
+
+
+def run_worker_phases(shards: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--probe-phases", str(shards), "--spkr-src", SPKR_SRC[0]]
+    cmd += ["--nproc", str(args.nproc), "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
+    cmd += ["--seed", str(args.seed)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=args.timeout)
+    if done.returncode:
+        raise RuntimeError(f"worker phases probe failed:\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -587,6 +694,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mp-scale", type=float, default=1.0, help="the scale the --mp-contexts runs use")
     p.add_argument("--mp-steps", type=int, default=0, help="batches per --mp-contexts run (0: the epoch)")
     p.add_argument(
+        "--worker-phases",
+        default="",
+        help="e.g. 0.1,1: per scale, a forked worker's Private_Dirty (heap/anon/file) and tracemalloc "
+        "figures when it starts, after its plan, after 1/10/100/1000 batches and at the end",
+    )
+    p.add_argument(
         "--spkr-src",
         default=str(REPO),
         help="directory holding the spkr package to measure (e.g. a `git archive HEAD spkr` export)",
@@ -599,6 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--probe-manifest", default=None, help=argparse.SUPPRESS)
     p.add_argument("--probe-mp", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--probe-phases", default=None, help=argparse.SUPPRESS)
     p.add_argument("--context", default="fork", help=argparse.SUPPRESS)
     return p
 
@@ -613,6 +727,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe_mp:  # internal: run in a fresh interpreter by run_mp_probe
         print(json.dumps(mp_probe(args.probe_mp, args.context, args)))
         return 0
+    if args.probe_phases:  # internal: run in a fresh interpreter by run_worker_phases
+        print(json.dumps(worker_phases(args.probe_phases, args)))
+        return 0
     sources = compared_sources(args)
     rows = []
     for scale in [float(s) for s in args.scales.split(",") if s]:
@@ -624,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
                     json.dumps({k: rows[-1][k] for k in ("src_label", "scale", "repeat", "write")}),
                     flush=True,
                 )
-    result = {"rows": rows, "growth": {}, "mp": []}
+    result = {"rows": rows, "growth": {}, "mp": [], "phases": []}
     for label in sources:
         mine = [r for r in rows if r["src_label"] == label]
         result["growth"][label] = growth(mine) if mine else {}
@@ -637,6 +754,13 @@ def main(argv: list[str] | None = None) -> int:
             result["mp"].append(
                 {"src_label": label, "scale": args.mp_scale, **run_mp_probe(shards, ctx, args)}
             )
+    for scale in [float(x) for x in args.worker_phases.split(",") if x]:
+        spec = CorpusSpec.scaled(scale, args.min_frames, args.max_frames)
+        shards = Path(args.work).resolve() / f"x{scale:g}"
+        write_corpus(shards, spec)
+        for label, source in sources.items():
+            SPKR_SRC[0] = source
+            result["phases"].append({"src_label": label, "scale": scale, **run_worker_phases(shards, args)})
     if rows:
         print_table(rows)
         print("\ngrowth (least squares over all runs; value at 10x LibriSpeech-960):")
@@ -653,6 +777,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{m['samples_per_s']:.0f} samples/s): "
             f"dataset pickles to {m['dataset_pickle_bytes'] / 1e6:.1f} MB; worker USS/dirty MB {uss}"
         )
+    for ph in result["phases"]:
+        for worker, marks in ph["workers"].items():
+            print(
+                f"{ph['src_label'][-12:]:>12} x{ph['scale']:g} {worker} Private_Dirty MB total/heap/anon (tracemalloc held/peak MB):"
+            )
+            print(
+                "    "
+                + "; ".join(
+                    f"{m['phase']} {m['total'] / 1024:.1f}/{m['heap'] / 1024:.1f}/{m['anon'] / 1024:.1f} "
+                    f"({m['held'] / 1e6:.2f}/{m['peak'] / 1e6:.2f})"
+                    for m in marks
+                )
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0 if all(r["exactly_once"]["ok"] for r in rows) else 1

@@ -31,7 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from spkr.shards.codec import ShardError
 from spkr.shards.format import ShardInfo
-from spkr.stream.plan import EpochPlan, WorkerPlan
+from spkr.stream.plan import EpochPlan
 from spkr.stream.reader import Record, ShardReader
 from spkr.stream.sources import ReadStats
 
@@ -62,12 +62,23 @@ class _Reporter:
         return out
 
 
-def _batch_index(wp: WorkerPlan) -> np.ndarray:
-    """For every stream position of the worker's range, the index (within the worker) of its batch."""
-    index = np.empty(wp.stop - wp.start, dtype=np.int64)
-    for t, positions in enumerate(wp.batches()):
-        index[positions - wp.start] = t
-    return index
+def _consumed_mask(plan: EpochPlan, worker: int, skip: int) -> np.ndarray | None:
+    """For a resumed worker (``skip`` > 0): which stream positions of its range lie in its first
+    ``skip`` batches (already consumed: not read again), one bool per position; None when ``skip`` is
+    0. Found by walking the plan's windows up to batch ``skip`` (the plan is pure: the same windows
+    as the walk that reads)."""
+    if skip <= 0:
+        return None
+    start, stop = plan.worker_range(worker)
+    mask = np.zeros(stop - start, dtype=bool)
+    t = 0
+    for window in plan.windows(worker):
+        for positions in window.batches:
+            if t >= skip:
+                return mask
+            mask[positions - start] = True
+            t += 1
+    return mask
 
 
 def _read_or_skip(reader: ShardReader, shard: ShardInfo, i: int) -> Record | None:
@@ -84,22 +95,23 @@ def read_in_place(
     """(batch index within the worker, records) of worker ``worker``'s batches from its ``skip``-th
     on, each sample parsed in place (``reader.random_access``) when its batch is made. Once the caller
     has made its batch (the batch holds copies), a batch's pages are released and a shard none of
-    whose samples is still to come is closed."""
-    wp = plan.worker(worker)
-    positions = np.arange(wp.start, wp.stop, dtype=np.int64)[_batch_index(wp) >= skip]
-    shard_idx, _ = plan.locate(positions)
-    samples_left = dict(zip(*(x.tolist() for x in np.unique(shard_idx, return_counts=True))))
-    for t, batch in enumerate(wp.batches()):
-        if t < skip:
-            continue
-        shard_idx, sample_idx = plan.locate(batch)
-        where = list(zip(shard_idx.tolist(), sample_idx.tolist()))
-        yield t, [_read_or_skip(reader, shards[s], i) for s, i in where]
-        for s, i in where:
-            reader.release_sample(shards[s], i)
-            samples_left[s] -= 1
-            if not samples_left[s]:
-                reader.close_shard(shards[s])
+    whose samples is still to come is closed. The plan is walked window by window
+    (:meth:`EpochPlan.windows`): memory per shard and per pool, not per sample of the range."""
+    samples_left = plan.shard_counts(*plan.worker_range(worker))  # consumed batches count down too
+    t = 0
+    for window in plan.windows(worker):
+        for batch in window.batches:
+            shard_idx, sample_idx = plan.locate(batch)
+            where = list(zip(shard_idx.tolist(), sample_idx.tolist()))
+            if t >= skip:
+                yield t, [_read_or_skip(reader, shards[s], i) for s, i in where]
+            for s, i in where:
+                if t >= skip:
+                    reader.release_sample(shards[s], i)
+                samples_left[s] -= 1
+                if not samples_left[s]:
+                    reader.close_shard(shards[s])
+            t += 1
 
 
 def read_streamed(
@@ -108,14 +120,16 @@ def read_streamed(
     """(batch index within the worker, records) of worker ``worker``'s batches from its ``skip``-th
     on: per plan window, the span the remaining batches need is read sequentially (one byte range per
     run of consecutive samples of a shard) into the bucketing pool, then the window's batches are
-    taken from the pool."""
-    wp = plan.worker(worker)
-    batch_index = _batch_index(wp)
+    taken from the pool. The plan is walked window by window (:meth:`EpochPlan.windows`); a resumed
+    worker also holds one bool per position of its range (:func:`_consumed_mask`)."""
+    start, _ = plan.worker_range(worker)
+    consumed = _consumed_mask(plan, worker, skip)
     pool: dict[int, Record] = {}
     t = 0
-    for window in wp.windows:
-        span = np.arange(window.start, window.stop, dtype=np.int64)
-        needed = span[batch_index[span - wp.start] >= skip]  # consumed batches' samples: not read
+    for window in plan.windows(worker):
+        needed = np.arange(window.start, window.stop, dtype=np.int64)
+        if consumed is not None:
+            needed = needed[~consumed[needed - start]]  # consumed batches' samples: not read
         shard_idx, sample_idx = plan.locate(needed)
         for s, a, b, first in _runs(shard_idx, sample_idx, needed):
             for rec in reader.iter_range(shards[s], a, b):

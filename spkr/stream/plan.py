@@ -4,7 +4,10 @@ A pure function of (per-shard sample counts and frame lengths from the manifest,
 world_size, rank, num_workers, batch_size, train flag, bucketing window). Nothing is read from the
 shards to compute it, and a rank's plan never materialises another rank's (a ``searchsorted`` over
 the cumulative shard counts finds its range), so it costs well under a millisecond per worker even
-for 1024 ranks x 8 workers over LibriSpeech-960.
+for 1024 ranks x 8 workers over LibriSpeech-960. A DataLoader worker walks its own plan window by
+window (:meth:`EpochPlan.windows`): what it holds is the bucketing pool's lengths and positions and
+one count per shard, never an array over its whole range, so its memory does not grow with the
+split (tools/bench_scale.py measures it).
 
 Training (``train=True``)
     * The shard order is shuffled per (seed, epoch); the *global stream* is the shards'
@@ -20,7 +23,7 @@ Training (``train=True``)
     * A worker buckets by length with a pool of ``bucket_window`` samples (a multiple of the batch
       size; default 24 x batch: ~3.7 % padding on LibriSpeech-like lengths, ~150 MB per worker at batch 32): it reads its range sequentially, and whenever the pool is full
       it emits the ``batch_size`` pool samples of most similar length; the last pool is sorted, cut,
-      and its batches shuffled (see :meth:`EpochPlan.worker`). Padding stays small (~4-6 % on
+      and its batches shuffled (see :meth:`EpochPlan.windows`). Padding stays small (~4-6 % on
       LibriSpeech-like lengths), memory is bounded by the pool, and a worker only ever reads a
       contiguous byte range of each shard.
 
@@ -39,7 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,8 +159,15 @@ class EpochPlan:
         out = np.empty(len(shards), dtype=np.int64)
         for s in np.unique(shards):
             sel = shards == s
-            out[sel] = np.asarray(self.frames[int(s)], dtype=np.int64)[idx[sel]]
+            out[sel] = np.asarray(self.frames[int(s)])[idx[sel]]  # only the samples asked for
         return out
+
+    def shard_counts(self, start: int, stop: int) -> dict[int, int]:
+        """{shard index (manifest order): how many of its samples lie in stream range [start, stop)},
+        shards with none left out. O(shards), whatever the sample count."""
+        lo = np.clip(self.cum[:-1], start, stop)
+        hi = np.clip(self.cum[1:], start, stop)
+        return {int(self.order[k]): int(n) for k, n in enumerate((hi - lo).tolist()) if n > 0}
 
     @staticmethod
     def batches_before(worker: int, k: int, num_workers: int) -> int:
@@ -165,8 +175,25 @@ class EpochPlan:
         return max(0, (k - worker + num_workers - 1) // num_workers)
 
     # ------------------------------------------------------------------ worker plans
+    def worker_range(self, w: int) -> tuple[int, int]:
+        """Logical worker ``w``'s stream range [start, stop)."""
+        if not 0 <= w < self.num_workers:
+            raise ValueError(f"worker {w} outside {self.num_workers} workers")
+        return int(self.worker_starts[w]), int(self.worker_starts[w + 1])
+
     def worker(self, w: int) -> WorkerPlan:
-        """Logical worker ``w``'s batches, grouped as read steps (see :class:`Window`).
+        """Logical worker ``w``'s batches, grouped as read steps (see :class:`Window`), all at once:
+        ``list(self.windows(w))`` (for tests and tools; a DataLoader worker walks :meth:`windows`)."""
+        start, stop = self.worker_range(w)
+        windows = list(self.windows(w))
+        plan = WorkerPlan(w, start, stop, int(self.worker_batches[w]), windows)
+        assert sum(len(win.batches) for win in windows) == plan.num_batches
+        return plan
+
+    def windows(self, w: int) -> Iterator[Window]:
+        """Logical worker ``w``'s read steps (:class:`Window`), made as they are walked: a worker's
+        plan memory is the bucketing pool's (``bucket_window`` lengths and positions), not its
+        range's, so it stays flat however many samples the split holds.
 
         Bucketing pool: the worker streams its range ``B`` samples at a time into a pool of at most
         ``bucket_window`` samples; whenever the pool is full it emits the ``B`` pool samples of most
@@ -175,18 +202,19 @@ class EpochPlan:
         used, so this is part of the pure plan; memory stays bounded by the pool, and for the same
         memory it pads ~2-3x less than sort-and-cut windows (4-6 % vs 13 % on LibriSpeech-like lengths
         at 16 x batch; 3.7 % at the default 24 x batch)."""
-        if not 0 <= w < self.num_workers:
-            raise ValueError(f"worker {w} outside {self.num_workers} workers")
-        start, stop = int(self.worker_starts[w]), int(self.worker_starts[w + 1])
-        lengths = self.frames_at(np.arange(start, stop)) if stop > start else np.zeros(0, np.int64)
+        start, stop = self.worker_range(w)
         B, M = self.batch_size, self.bucket_window
-        windows: list[Window] = []
+        block = M + B  # frame counts looked up a block at a time (a multiple of B): bounded memory
+        lengths, block_start = np.zeros(0, np.int64), start
         keys = np.zeros(0, np.int64)  # pool lengths, sorted
         pos = np.zeros(0, np.int64)  # pool stream positions, same order
         read_from = start
         for s in range(start, stop, B):
             e = min(stop, s + B)
-            new_len = lengths[s - start : e - start]
+            if s - block_start >= len(lengths):
+                block_start = s
+                lengths = self.frames_at(np.arange(s, min(stop, s + block), dtype=np.int64))
+            new_len = lengths[s - block_start : e - block_start]
             at = np.searchsorted(keys, new_len, side="right")
             order = np.argsort(at, kind="stable")
             keys = np.insert(keys, at[order], new_len[order])
@@ -194,7 +222,7 @@ class EpochPlan:
             if len(keys) >= M:
                 hi = keys[B - 1 :]
                 i = int(np.argmin((hi - keys[: len(keys) - B + 1]) / np.maximum(hi, 1)))
-                windows.append(Window(read_from, e, [pos[i : i + B].copy()]))
+                yield Window(read_from, e, [pos[i : i + B].copy()])
                 keys, pos = np.delete(keys, slice(i, i + B)), np.delete(pos, slice(i, i + B))
                 read_from = e
         tail = [pos[i : i + B] for i in range(0, len(pos), B)]
@@ -202,10 +230,7 @@ class EpochPlan:
             rng = np.random.default_rng([_TAG_WINDOW, self.seed & 0xFFFFFFFF, self.epoch, start])
             tail = [tail[i] for i in rng.permutation(len(tail))]
         if tail:
-            windows.append(Window(read_from, stop, tail))
-        plan = WorkerPlan(w, start, stop, int(self.worker_batches[w]), windows)
-        assert sum(len(win.batches) for win in windows) == plan.num_batches
-        return plan
+            yield Window(read_from, stop, tail)
 
     def batches(self) -> list[np.ndarray]:
         """All of this rank's batches in yield order j = 0..nb-1 (for tests and tools)."""
