@@ -28,8 +28,10 @@ def make_shards(
     sigma: float = 0.5,
     seed: int = 0,
     frames: list[list[int]] | None = None,
+    inline: bool = False,
 ) -> Path:
-    """Write ``<out>/<split>/shard-XXXXXX.tar`` (+ sidecars) and ``<out>/manifest.json``.
+    """Write ``<out>/<split>/shard-XXXXXX.tar`` (+ sidecars) and ``<out>/manifest.json`` (version 3,
+    with ``<out>/index/``; ``inline``: version 2, per-sample lists in manifest.json).
 
     ``counts``: samples per train shard (``splits`` overrides: {split: counts}). Keys are
     ``<split>-<shard>-<i>`` (unique); feats are ``float16`` with values ``label + N(0, 1)`` so that
@@ -65,15 +67,19 @@ def make_shards(
                 samples.append(Sample(key, label, {"speaker": str(label), "frames": int(fr[i])}, feats))
             infos.append(write_shard(str(out), shard_name(split, si), samples))
         infos_by_split[split] = infos
-    write_manifest(out, infos_by_split, cfg, n_classes, stats.summary())
+    write_manifest(out, infos_by_split, cfg, n_classes, stats.summary(), inline=inline)
     return out
 
 
-def write_manifest(out: str | Path, infos_by_split: dict, cfg, n_classes: int, stats: dict) -> dict:
-    """``<out>/manifest.json`` for these shards, assembled by the real writer (build_manifest)."""
-    from spkr.shards.writer import build_manifest, write_bytes_atomic
+def write_manifest(
+    out: str | Path, infos_by_split: dict, cfg, n_classes: int, stats: dict, *, inline: bool = False
+) -> dict:
+    """``<out>/manifest.json`` for these shards, assembled by the real writer (build_manifest) and
+    written by it (version 3: + index files), or with ``inline`` as one JSON (version 2). Returns
+    build_manifest's data (per-sample lists inline)."""
+    from spkr.shards import writer
 
-    data = build_manifest(
+    data = writer.build_manifest(
         infos_by_split,
         cfg,
         [str(i) for i in range(n_classes)],
@@ -82,13 +88,17 @@ def write_manifest(out: str | Path, infos_by_split: dict, cfg, n_classes: int, s
         corpus={"source": "synthetic", "subsets": [], "name": "synthetic"},
         stats=stats,
     )
-    write_bytes_atomic(str(Path(out) / "manifest.json"), json.dumps(data).encode())
+    if inline:
+        writer.write_bytes_atomic(str(Path(out) / "manifest.json"), json.dumps(data).encode())
+    else:
+        writer.write_manifest(str(out), data)
     return data
 
 
 def all_keys(out: str | Path, split: str = "train") -> list[str]:
-    data = json.loads((Path(out) / "manifest.json").read_text())
-    return [k for s in data["splits"][split]["shards"] for k in s["keys"]]
+    from spkr.shards.format import Manifest
+
+    return [k for s in Manifest.load(str(out)).split(split).shards for k in s.keys]
 
 
 def npy_bytes(a: np.ndarray) -> bytes:

@@ -34,7 +34,8 @@ def _data(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("hostile") / "shards", [4, 3], seed=7)
+    # version 2 (per-sample lists inline) to edit them; index files: tests/test_manifest_index.py
+    return make_shards(tmp_path_factory.mktemp("hostile") / "shards", [4, 3], seed=7, inline=True)
 
 
 def _copy(shards: Path, dst: Path) -> Path:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from spkr.predict import Predictor, main
+from spkr.shards.format import Manifest
 from tests.runkit import untrained_checkpoint
 
 
@@ -25,7 +26,7 @@ def trained(tmp_path_factory):
 def test_predict_names_the_speaker(trained, capsys, tmp_path):
     ckpt, shards, corpus = trained
     manifest = json.loads((shards / "manifest.json").read_text())
-    keys = [k for s in manifest["splits"]["train"]["shards"] for k in s["keys"]]
+    keys = [k for s in Manifest.load(str(shards)).split("train").shards for k in s.keys]
     by_speaker = {}
     for k in keys:
         by_speaker.setdefault(k.split("-")[0], k)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from spkr import storage
 from spkr.features import FeatureConfig, LogMel, compute_logmel, load_audio
 from spkr.shards import writer as shard_writer
 from spkr.shards.format import Manifest, ManifestError
@@ -184,7 +185,7 @@ def test_dataset_id_covers_features_labels_and_split_order(tiny_corpus, tmp_path
     out = tmp_path / "shards"
     assert run_shard(tiny_corpus, out) == 0
     m = Manifest.load(str(out))
-    data = json.loads((out / "manifest.json").read_text())
+    data = json.loads(m.to_json())  # per-sample lists inline (version 2), to edit
     # same content written again elsewhere: same id; a re-run in place keeps it
     assert run_shard(tiny_corpus, tmp_path / "again") == 0
     assert Manifest.load(str(tmp_path / "again")).dataset_id == m.dataset_id
@@ -298,12 +299,21 @@ def test_shard_to_s3_on_a_loopback_server(tiny_corpus, tmp_path, monkeypatch):
             {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
         )
         monkeypatch.setenv("SPKR_STORAGE_OPTIONS", opts)
+        monkeypatch.setenv("SPKR_INDEX_CACHE", str(tmp_path / "index-cache"))
         assert run_shard(tiny_corpus, f"s3://{bucket}/demo") == 0
         remote = Manifest.load(f"s3://{bucket}/demo")
         local = tmp_path / "local"
         assert run_shard(tiny_corpus, local) == 0
-        a, b = dict(remote.data), manifest_without_time(local)
-        a.pop("created")
+        a, b = (json.loads(m.to_json()) for m in (remote, Manifest.load(str(local))))
+        a.pop("created"), b.pop("created")
+        raw = json.loads(storage.read_bytes(f"s3://{bucket}/demo/manifest.json"))
+        assert raw["version"] == 3 and raw["splits"] == manifest_without_time(local)["splits"]
+        cached = {
+            e["sha256"] + "." + e["path"].rsplit(".", 1)[1]
+            for sd in raw["splits"].values()
+            for e in sd["index"].values()
+        }
+        assert sorted(p.name for p in (tmp_path / "index-cache").iterdir()) == sorted(cached)  # fetched once
         assert a == b  # same shards, byte for byte (sha256 in the entries)
         assert run_shard(tiny_corpus, f"s3://{bucket}/demo") == 0  # re-run: everything already complete
     finally:

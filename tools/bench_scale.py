@@ -7,9 +7,13 @@ Per scale ``s`` it writes (once, reused while its ``spec.json`` matches) ``round
 in ``round(280 s)`` shards over 2,418 classes to ``<work>/x<s>/`` with the real writer
 (``spkr.shards.writer.write_shard`` + ``build_manifest``; ``--spkr-src`` measures another spkr tree, e.g.
 ``git archive HEAD spkr | tar -x -C DIR``): short synthetic features (``--min-frames``..
-``--max-frames`` frames x 80 mels, float16), so that 10x still fits on disk. Then, per repeat:
+``--max-frames`` frames x 80 mels, float16), so that 10x still fits on disk. ``x<s>/manifest.json``
+is a version-2 manifest (per-sample lists inline: every spkr reads it); when the writing spkr has
+index files (manifest version 3), ``x<s>-v3/`` holds the same shard set's version-3 manifest and
+``index/`` (its split folder a symlink to ``x<s>/``'s), and a measured spkr tree that reads version 3
+is measured on that. Then, per repeat:
 
-* manifest: bytes on disk; ``Manifest.load`` (read + JSON + validate) times, in a fresh interpreter;
+* manifest: bytes on disk (+ index files'); ``Manifest.load`` (read + JSON + validate) times, in a fresh interpreter;
   the RSS its first load adds (what a rank keeps: the heap is not given back), the bytes the loaded
   object holds and the parse's peak (tracemalloc), and a breakdown of the held bytes by what holds
   them (key strings, int objects, list pointer arrays);
@@ -117,6 +121,8 @@ def write_corpus(out: Path, spec: CorpusSpec) -> dict:
     spec_file = out / "spec.json"
     if spec_file.exists() and (out / "manifest.json").exists():
         if json.loads(spec_file.read_text()) == asdict(spec):
+            if not (index_view(out) / "manifest.json").exists():  # written by a spkr without index files
+                _write_index_view(out, json.loads((out / "manifest.json").read_text()))
             return {"reused": True, "write_s": None}
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(spec.seed)
@@ -138,8 +144,38 @@ def write_corpus(out: Path, spec: CorpusSpec) -> dict:
         stats=stats.summary(),
     )
     write_bytes_atomic(str(out / "manifest.json"), json.dumps(data).encode())
+    _write_index_view(out, data)
     spec_file.write_text(json.dumps(asdict(spec)))
     return {"reused": False, "write_s": time.perf_counter() - t0}
+
+
+def index_view(out: Path) -> Path:
+    """Where write_corpus puts the version-3 manifest of ``out``'s shards."""
+    return out.parent / f"{out.name}-v3"
+
+
+def _write_index_view(out: Path, data: dict) -> None:
+    """``index_view(out)``: the same shards (split folder symlinked) with a version-3 manifest and
+    its index files, when the writing spkr has them."""
+    from spkr.shards import writer
+
+    if not hasattr(writer, "write_manifest"):
+        return
+    view = index_view(out)
+    view.mkdir(parents=True, exist_ok=True)
+    if not (view / SPLIT).is_symlink():
+        (view / SPLIT).symlink_to(out / SPLIT, target_is_directory=True)
+    writer.write_manifest(str(view), data)
+
+
+def shards_for(shards: Path, source: str) -> Path:
+    """The shard set a spkr tree (``source``) is measured on: the version-3 view when that tree reads
+    index files and the view exists, else the version-2 one."""
+    fmt = Path(source) / "spkr" / "shards" / "format.py"
+    view = index_view(shards)
+    if fmt.exists() and "INDEX_FILES" in fmt.read_text() and (view / "manifest.json").exists():
+        return view
+    return shards
 
 
 def shards_bytes(out: Path) -> int:
@@ -270,6 +306,8 @@ def manifest_probe(shards: str, repeats: int = 3) -> dict:
     from spkr.shards.format import MANIFEST_NAME, Manifest
 
     size = os.path.getsize(os.path.join(shards, MANIFEST_NAME))
+    index_dir = os.path.join(shards, "index")
+    index_bytes = sum(e.stat().st_size for e in os.scandir(index_dir)) if os.path.isdir(index_dir) else 0
     gc.collect()
     rss0 = proc_memory(os.getpid())["vm_rss"]
     times = []
@@ -289,6 +327,7 @@ def manifest_probe(shards: str, repeats: int = 3) -> dict:
     tracemalloc.stop()
     return {
         "manifest_bytes": size,
+        "index_bytes": index_bytes,
         "load_s": times,
         "held_bytes": held,
         "peak_bytes": peak,
@@ -310,10 +349,12 @@ def object_breakdown(data: dict) -> dict:
         for shard in sd["shards"]:
             for field, values in shard.items():
                 if hasattr(values, "array"):  # spkr.shards.format.PackedInts
-                    add(f"{field}: array", values.array.nbytes)
+                    mapped = " (mapped)" if isinstance(values.array, np.memmap) else ""
+                    add(f"{field}: array{mapped}", values.array.nbytes)
                 elif hasattr(values, "ends"):  # PackedStrs
-                    add(f"{field}: buffer", len(values.text))
-                    add(f"{field}: ends", values.ends.nbytes)
+                    mapped = " (mapped)" if isinstance(values.text, np.memmap) else ""
+                    add(f"{field}: buffer{mapped}", len(values.text))
+                    add(f"{field}: ends{mapped}", values.ends.nbytes)
                 elif type(values) is list:
                     add(f"{field}: list pointers", sys.getsizeof(values))
                     add(
@@ -650,12 +691,14 @@ def measure_scale(scale: float, repeat: int, args) -> dict:
     shards = Path(args.work).resolve() / f"x{scale:g}"
     written = write_corpus(shards, spec)
     logdir = shards.parent / f"keys-x{scale:g}-run{repeat}"
-    manifest = run_manifest_probe(shards)
-    data = run_data_only(shards, logdir, args)
+    measured = shards_for(shards, SPKR_SRC[0])
+    manifest = run_manifest_probe(measured)
+    data = run_data_only(measured, logdir, args)
     once = check_exactly_once(shards, logdir, args.nproc, data["per_rank"])
     return {
         "scale": scale,
         "repeat": repeat,
+        "shards": str(measured),
         "spec": asdict(spec),
         "write": {**written, "shards_bytes": shards_bytes(shards)},
         "manifest": manifest,
@@ -752,7 +795,11 @@ def main(argv: list[str] | None = None) -> int:
         for label, source in sources.items():
             SPKR_SRC[0] = source
             result["mp"].append(
-                {"src_label": label, "scale": args.mp_scale, **run_mp_probe(shards, ctx, args)}
+                {
+                    "src_label": label,
+                    "scale": args.mp_scale,
+                    **run_mp_probe(shards_for(shards, source), ctx, args),
+                }
             )
     for scale in [float(x) for x in args.worker_phases.split(",") if x]:
         spec = CorpusSpec.scaled(scale, args.min_frames, args.max_frames)
@@ -760,7 +807,8 @@ def main(argv: list[str] | None = None) -> int:
         write_corpus(shards, spec)
         for label, source in sources.items():
             SPKR_SRC[0] = source
-            result["phases"].append({"src_label": label, "scale": scale, **run_worker_phases(shards, args)})
+            phases = run_worker_phases(shards_for(shards, source), args)
+            result["phases"].append({"src_label": label, "scale": scale, **phases})
     if rows:
         print_table(rows)
         print("\ngrowth (least squares over all runs; value at 10x LibriSpeech-960):")

@@ -8,10 +8,11 @@ A shards directory (local or URL) holds ``manifest.json`` and, per split, tar sh
     <out>/<split>/shard-000000.tar.json   sidecar: that shard's manifest entry, written after the tar
     <out>/trials/<split>.txt              verification splits' trial lists (protocol ``open``)
     <out>/augment.jsonl                   one description per augmented copy (``<key>~aug<k>``)
+    <out>/index/<split>.<field>.npy|.txt  the per-sample fields (version 3; the table below)
 
 A shard is complete iff its sidecar exists (it is written last); ``manifest.json`` is written only
-when every planned shard is complete, and after the trial files and ``augment.jsonl``, so nothing
-half-written is ever listed.
+when every planned shard is complete, and after the trial files, ``augment.jsonl`` and the index
+files, so nothing half-written is ever listed.
 
 Optional top-level entries (docs/protocols.md): ``protocol`` (absent = ``closed``): each split's kind
 (classification: labels are class ids < ``len(labels)``; verification: labels index that split's own
@@ -21,13 +22,37 @@ sha256. Copies appear only in the split with role train. The split name ``trials
 and the charts need is here, so neither opens audio: per-sample keys, frame counts, labels and byte
 offsets, per-shard bytes and sha256, the feature config, the label map, class weights and the
 training split's per-mel-bin statistics. The tar layout of a sample is :mod:`spkr.shards.codec`'s.
+
+Version 3 keeps a shard entry's per-sample fields out of ``manifest.json``: they are per-split index
+files beside it, written (atomically) before it, listed in the split's ``index`` object (each file's
+``path``, ``bytes`` and ``sha256``, checked at load) and memory-mapped by every reader (a remote shard
+set's index files are fetched once into a local cache keyed by their sha256,
+``$SPKR_INDEX_CACHE`` or ``$XDG_CACHE_HOME/spkr/index``). N: samples in the split, S: its shards.
+
+================================  =========  ========  ============================================================
+file (``<out>/index/``)           dtype      shape     holds
+================================  =========  ========  ============================================================
+``<split>.keys.txt``              UTF-8      bytes     the split's keys joined by ``\\n`` (what dataset_id hashes)
+``<split>.key_ends.npy``          uint       (N,)      end of each key in its shard's part of keys.txt
+``<split>.frames.npy``            uint       (N,)      frame count of each sample
+``<split>.labels.npy``            uint       (N,)      label of each sample (see ``protocol``)
+``<split>.offsets.npy``           uint       (N,)      byte offset of each sample's first tar header
+``<split>.checksums.npy``         uint64     (N,)      xxh3_64 of each sample's byte span
+``<split>.shard_starts.npy``      uint       (S + 1,)  index of each shard's first sample; last = N
+================================  =========  ========  ============================================================
+
+``.npy`` files are little-endian, 1-D, in the smallest unsigned dtype that holds their values, read
+with ``allow_pickle=False``. A shard's part of keys.txt starts after the previous non-empty shard's
+part and its newline. Version 2 (per-sample lists inline in each shard entry) still loads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -35,13 +60,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spkr import storage
+from spkr import atomic, storage
 from spkr.augment import COPY_SEPARATOR
 from spkr.corpus.protocols import CLASSIFICATION, CLOSED, PROTOCOLS, TRIALS_DIR, VERIFICATION, trials_path
 from spkr.features import FeatureConfig
 
 FORMAT = "spkr-shards"
-VERSION = 2  # 2: dataset_id + per-sample checksums
+VERSION = 3  # 2: dataset_id + per-sample checksums; 3: per-sample fields in index files
+INLINE_VERSION = 2  # per-sample fields inline: what build_manifest assembles and older shard sets hold
+READ_VERSIONS = (INLINE_VERSION, VERSION)
+INDEX_DIR = "index"
+# The index files of a split (module docstring): field -> file suffix.
+INDEX_FILES = {
+    "keys": "keys.txt",
+    "key_ends": "key_ends.npy",
+    "frames": "frames.npy",
+    "labels": "labels.npy",
+    "offsets": "offsets.npy",
+    "checksums": "checksums.npy",
+    "shard_starts": "shard_starts.npy",
+}
 SAMPLE_CHECKSUM = "xxh3_64"  # the per-sample checksum's algorithm, as named in the manifest
 MANIFEST_NAME = "manifest.json"
 AUGMENT_NAME = "augment.jsonl"  # one description per augmented copy (spkr.augment), manifest key order
@@ -122,10 +160,18 @@ class PackedInts(Sequence):
     pages, and it pickles as one array. Items are Python ints, slices lists; ``np.asarray`` gives the
     array without a copy; it equals any sequence of the same ints (the JSON's list included)."""
 
-    __slots__ = ("array",)
+    __slots__ = ("array", "source")
 
     def __init__(self, array: np.ndarray):
-        self.array = _narrowed(array)
+        self.array, self.source = _narrowed(array), None
+
+    @classmethod
+    def mapped(cls, array: np.ndarray, source: tuple) -> PackedInts:
+        """A view of a memory-mapped index array, as is; ``source`` (path, bytes, start, stop) is what
+        it pickles as, so a spawned worker maps the file again instead of receiving the numbers."""
+        obj = cls.__new__(cls)
+        obj.array, obj.source = array, source
+        return obj
 
     def __len__(self) -> int:
         return len(self.array)
@@ -151,7 +197,9 @@ class PackedInts(Sequence):
     __hash__ = None
 
     def __reduce__(self):
-        return type(self), (self.array,)
+        if self.source is not None:
+            return _remap_ints, self.source
+        return type(self), (np.ascontiguousarray(self.array),)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.tolist()})"
@@ -162,10 +210,18 @@ class PackedStrs(Sequence):
     strings joined by ``\\n``) and the int64 end of each in it (``ends``): a loaded manifest's keys.
     An item is decoded when asked for; otherwise as :class:`PackedInts`."""
 
-    __slots__ = ("text", "ends")
+    __slots__ = ("text", "ends", "source")
 
     def __init__(self, text: bytes, ends: np.ndarray):
-        self.text, self.ends = text, _narrowed(ends)
+        self.text, self.ends, self.source = text, _narrowed(ends), None
+
+    @classmethod
+    def mapped(cls, text: np.ndarray, ends: np.ndarray, source: tuple) -> PackedStrs:
+        """Views of memory-mapped index files (``text``: uint8 bytes of keys.txt); ``source``: (text
+        path, bytes, start, stop, ends path, bytes, start, stop), what it pickles as."""
+        obj = cls.__new__(cls)
+        obj.text, obj.ends, obj.source = text, ends, source
+        return obj
 
     @classmethod
     def pack(cls, strs: list[str]) -> PackedStrs:
@@ -185,13 +241,13 @@ class PackedStrs(Sequence):
         i = int(i) + n if int(i) < 0 else int(i)
         if not 0 <= i < n:
             raise IndexError(f"index {i} outside {n} strings")
-        return self.text[int(self.ends[i - 1]) + 1 if i else 0 : int(self.ends[i])].decode()
+        return bytes(self.text[int(self.ends[i - 1]) + 1 if i else 0 : int(self.ends[i])]).decode()
 
     def __iter__(self):
         return iter(self.tolist())
 
     def tolist(self) -> list[str]:
-        return self.text.decode().split("\n") if len(self.ends) else []
+        return bytes(self.text).decode().split("\n") if len(self.ends) else []
 
     def lengths(self) -> np.ndarray:
         """The UTF-8 byte length of each string."""
@@ -201,13 +257,54 @@ class PackedStrs(Sequence):
     __hash__ = None
 
     def __reduce__(self):
-        return type(self), (self.text, self.ends)
+        if self.source is not None:
+            return _remap_strs, self.source
+        return type(self), (bytes(self.text), np.ascontiguousarray(self.ends))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.tolist()})"
 
 
 _PACKED = (PackedInts, PackedStrs)
+_MAPPED: dict[tuple, np.ndarray] = {}  # (path, device, inode, mtime, size) -> this process's map of it
+
+
+def _map_file(path: str, size: int) -> np.ndarray:
+    """``path`` memory-mapped read-only (once per process): a ``.npy`` as its array, else its bytes as
+    uint8. ``size``: the bytes the manifest says it has (a file changed since is refused)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise ManifestError(f"{path}: index file is missing") from None
+    key = (path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)  # a file replaced since is mapped anew
+    arr = _MAPPED.get(key)
+    if arr is None:
+        actual = st.st_size
+        if actual != size:
+            raise ManifestError(f"{path}: index file has {actual} bytes, the manifest says {size}")
+        try:
+            if path.endswith(".npy"):
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            else:
+                arr = np.memmap(path, np.uint8, "r") if size else np.zeros(0, np.uint8)
+        except (ValueError, OSError, EOFError) as e:
+            raise ManifestError(f"{path}: not a valid index file: {e}") from None
+        for old in [k for k in _MAPPED if k[0] == path]:  # a replaced file: its views keep their map
+            del _MAPPED[old]
+        _MAPPED[key] = arr
+    return arr
+
+
+def _remap_ints(path: str, size: int, start: int, stop: int) -> PackedInts:
+    return PackedInts.mapped(_map_file(path, size)[start:stop], (path, size, start, stop))
+
+
+def _remap_strs(tpath, tsize, tstart, tstop, epath, esize, estart, estop) -> PackedStrs:
+    text = _map_file(tpath, tsize)[tstart:tstop]
+    ends = _map_file(epath, esize)[estart:estop]
+    return PackedStrs.mapped(text, ends, (tpath, tsize, tstart, tstop, epath, esize, estart, estop))
+
+
 PER_SAMPLE_FIELDS = ("keys", "frames", "labels", "offsets", "checksums")  # a shard entry's packed lists
 
 
@@ -326,10 +423,18 @@ class Manifest:
     those lists; a sample costs its key's bytes + 48 and no Python object; :meth:`to_json` writes
     them as the lists they were)."""
 
-    def __init__(self, data: dict, url: str = "<memory>"):
+    def __init__(
+        self,
+        data: dict,
+        url: str = "<memory>",
+        storage_options: dict | None = None,
+        retry: storage.RetryPolicy | None = None,
+    ):
         self.data = data
         self.url = url
+        self._index_access = (storage_options, retry)  # where a version-3 manifest's index files are read
         self.validate()
+        del self._index_access
 
     # ---------------------------------------------------------------- I/O
     @classmethod
@@ -359,10 +464,16 @@ class Manifest:
             raise ManifestError(f"{url}: manifest is not valid JSON: {e}") from None
         except RecursionError:
             raise ManifestError(f"{url}: manifest JSON is nested too deeply") from None
-        return cls(data, url=url)
+        return cls(data, url=url, storage_options=storage_options, retry=retry)
 
     def to_json(self) -> str:
-        return json.dumps(self.data, indent=1, sort_keys=False, default=_plain)
+        """The manifest as one JSON with every per-sample list inline (a version-2 manifest;
+        :func:`index_files` splits it into manifest.json + index files)."""
+        splits = {
+            name: {k: v for k, v in sd.items() if k != "index"} for name, sd in self.data["splits"].items()
+        }
+        data = {**self.data, "version": INLINE_VERSION, "splits": splits}
+        return json.dumps(data, indent=1, sort_keys=False, default=_plain)
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> None:
@@ -373,10 +484,10 @@ class Manifest:
             raise ManifestError(f"{where}: not a {FORMAT} manifest")
         _string_keys(d, "manifest", where)
         version = d.get("version")
-        if type(version) is not int or version != VERSION:
-            old = type(version) is int and version < VERSION
+        if type(version) is not int or version not in READ_VERSIONS:
+            old = type(version) is int and version < INLINE_VERSION
             raise ManifestError(
-                f"{where}: manifest version {_show(version)} (this spkr reads {VERSION})"
+                f"{where}: manifest version {_show(version)} (this spkr reads {' and '.join(map(str, READ_VERSIONS))})"
                 + (f": the manifest predates this spkr version; {_REMAKE}" if old else "")
             )
         for key in ("feature_config", "labels", "splits", "class_weights"):
@@ -400,6 +511,8 @@ class Manifest:
             if problem:
                 raise ManifestError(f"{where}: split name {_show(split)} {problem}")
         label_bounds = _check_protocol(d.get("protocol"), list(d["splits"]), n_classes, where)
+        if version == VERSION:  # the per-sample fields are in index files: mapped into the shard entries
+            d = {**d, "splits": {k: self._attach_index(k, sd) for k, sd in d["splits"].items()}}
         self._checked: dict[str, list[ShardInfo]] = {}  # split() hands out copies: validated once
         packed_splits = {}
         for split, sd in d["splits"].items():
@@ -417,6 +530,108 @@ class Manifest:
         self._check_split_keys()
         _check_augment_entry(d.get("augment"), where)
         self._check_identity()
+
+    def _attach_index(self, split: str, sd) -> dict:
+        """Split entry ``sd`` of a version-3 manifest with its index files checked (bytes, sha256,
+        dtype, shape, key separators) and mapped: each shard entry gets its per-sample fields as
+        views of them (checked further, as inline ones are, by the caller)."""
+        where = f"{self.url} [{split}]"
+        if not isinstance(sd, dict) or type(sd.get("shards")) is not list:
+            raise ManifestError(f"{where}: split '{split}' is not an object with a 'shards' list")
+        shards, index = sd["shards"], sd.get("index")
+        if index is not None:
+            _string_keys(index, "index", where)
+        if index is None or sorted(index) != sorted(INDEX_FILES):
+            raise ManifestError(
+                f"{where}: split '{split}' lists index files {sorted(index or [])}, not {sorted(INDEX_FILES)} "
+                f"(a version-{VERSION} manifest)"
+            )
+        for s in shards:
+            inline = sorted(set(PER_SAMPLE_FIELDS) & set(s)) if isinstance(s, dict) else []
+            if inline:
+                raise ManifestError(
+                    f"{where}: a shard entry lists {inline} inline (a version-{VERSION} manifest)"
+                )
+        maps, sources = {}, {}
+        for field, suffix in INDEX_FILES.items():
+            entry, at = index[field], f"{where}: index '{field}'"
+            _string_keys(entry, f"index '{field}'", where)
+            expected = f"{INDEX_DIR}/{split}.{suffix}"
+            if entry.get("path") != expected:
+                raise ManifestError(f"{at}: path {_show(entry.get('path'))} is not {expected!r}")
+            size = _count(entry.get("bytes"), "bytes", at)
+            if not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
+                raise ManifestError(f"{at}: sha256 {_show(entry.get('sha256'))} is not 64 hex digits")
+            path = self._index_file(storage.join(self._base(), expected), size, entry["sha256"])
+            arr = _map_file(path, size)
+            if field != "keys" and (arr.ndim != 1 or arr.dtype.kind not in "iu"):
+                raise ManifestError(
+                    f"{path}: holds a {arr.dtype} array of shape {arr.shape}, not 1-D integers"
+                )
+            maps[field], sources[field] = arr, (path, size)
+        starts, n = maps["shard_starts"], len(maps["frames"])
+        if len(starts) != len(shards) + 1 or (len(starts) and (starts[0] != 0 or int(starts[-1]) != n)):
+            raise ManifestError(
+                f"{sources['shard_starts'][0]}: {len(starts)} shard starts for {len(shards)} shards of {n} "
+                "samples (needs S + 1, from 0 to N)"
+            )
+        starts = starts.astype(np.int64)
+        if (np.diff(starts) < 0).any():
+            raise ManifestError(f"{sources['shard_starts'][0]}: shard starts are not increasing")
+        for field in ("key_ends", "labels", "offsets", "checksums"):
+            if len(maps[field]) != n:
+                raise ManifestError(f"{sources[field][0]}: lists {len(maps[field])} values for {n} samples")
+        text, ends = maps["keys"], maps["key_ends"].astype(np.int64)
+        counts = np.diff(starts)
+        lasts = np.where(counts > 0, ends[np.maximum(starts[1:] - 1, 0)] if n else 0, -1)  # -1: empty shard
+        bases = np.concatenate([[0], np.cumsum(lasts + 1)])[:-1]  # each shard's first byte in keys.txt
+        seps = (np.repeat(bases, counts) + ends)[:-1]  # where each key but the last ends: a newline
+        text_bytes = int((lasts + 1).sum()) - 1 if n else 0  # every key and a newline between two
+        if len(text) != text_bytes or not np.array_equal(np.flatnonzero(text == 10), seps):
+            raise ManifestError(
+                f"{sources['keys'][0]}: keys, {INDEX_FILES['key_ends']} and {INDEX_FILES['shard_starts']} "
+                "disagree (a key end that is not a newline, a newline inside a key, or bytes left over)"
+            )
+        try:
+            bytes(text).decode()
+        except UnicodeDecodeError as e:
+            raise ManifestError(f"{sources['keys'][0]}: keys are not UTF-8 ({e})") from None
+        out = []
+        for i, s in enumerate(shards):
+            if not isinstance(s, dict):
+                out.append(s)  # refused by the caller's checks
+                continue
+            a, b, t0 = int(starts[i]), int(starts[i + 1]), int(bases[i])
+            t1 = t0 + max(int(lasts[i]), 0)
+            fields = {f: _remap_ints(*sources[f], a, b) for f in ("frames", "labels", "offsets", "checksums")}
+            fields["keys"] = _remap_strs(*sources["keys"], t0, t1, *sources["key_ends"], a, b)
+            out.append({**s, **fields})
+        return {**sd, "shards": out}
+
+    def _base(self) -> str:
+        return self.url.rsplit("/", 1)[0] if "/" in self.url else "."
+
+    def _index_file(self, url: str, size: int, sha256: str) -> str:
+        """A local path of index file ``url`` whose bytes and sha256 are the manifest's: the file
+        itself for a local shard set, else a copy fetched once into the index cache (named by its
+        sha256, written atomically)."""
+        storage_options, retry = getattr(self, "_index_access", (None, None))
+        if storage.is_url(url):
+            path = os.path.join(index_cache_dir(), sha256 + os.path.splitext(url)[1])
+            if not (os.path.exists(path) and _file_sha256(path) == sha256):
+                try:
+                    raw = storage.read_bytes(url, storage_options, retry)
+                except FileNotFoundError:
+                    raise ManifestError(f"{url}: index file is missing") from None
+                except storage.ReadFailed as e:
+                    raise ManifestError(f"cannot read index file {url}: {e}") from e
+                _check_index_bytes(url, len(raw), hashlib.sha256(raw).hexdigest(), size, sha256)
+                atomic.write_bytes(path, raw, fsync=False)
+            return path
+        if not os.path.exists(url):
+            raise ManifestError(f"{url}: index file is missing")
+        _check_index_bytes(url, os.path.getsize(url), _file_sha256(url), size, sha256)
+        return url
 
     def _check_split_keys(self) -> None:
         """Augmented copies (``<key>~aug<k>``) only in the training split; enrollment keys of a
@@ -625,6 +840,76 @@ class Manifest:
             raise ManifestError(f"{url}: not JSON lines: {e}") from None
 
 
+def index_cache_dir() -> str:
+    """Where remote index files are cached: ``$SPKR_INDEX_CACHE``, else ``$XDG_CACHE_HOME/spkr/index``
+    (``~/.cache/spkr/index``)."""
+    if os.environ.get("SPKR_INDEX_CACHE"):
+        return os.environ["SPKR_INDEX_CACHE"]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "spkr", "index")
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _check_index_bytes(url: str, size: int, sha256: str, want_size: int, want_sha256: str) -> None:
+    if size != want_size:
+        raise ManifestError(f"{url}: index file has {size} bytes, the manifest says {want_size}")
+    if sha256 != want_sha256:
+        raise ManifestError(
+            f"{url}: sha256 {sha256[:16]}... differs from the manifest's {want_sha256[:16]}...: the index "
+            "file was changed or belongs to another shard set"
+        )
+
+
+def index_files(data: dict) -> tuple[dict, dict[str, bytes]]:
+    """Split manifest ``data`` with per-sample lists inline (:func:`spkr.shards.writer.build_manifest`,
+    version 2) into a version-3 manifest and its index files ({path relative to the shards directory:
+    bytes}); see the module docstring."""
+    files, splits = {}, {}
+    for split, sd in data["splits"].items():
+        shards = sd["shards"]
+        keys = [list(s["keys"]) for s in shards]
+        arrays = {
+            "key_ends": np.concatenate(
+                [np.zeros(0, np.int64)]
+                + [
+                    np.cumsum(np.fromiter((len(k.encode()) + 1 for k in ks), np.int64, len(ks))) - 1
+                    for ks in keys
+                ]
+            ),
+            "shard_starts": np.cumsum([0] + [len(ks) for ks in keys], dtype=np.int64),
+        }
+        for field in ("frames", "labels", "offsets"):
+            arrays[field] = np.concatenate(
+                [np.zeros(0, np.int64)] + [np.asarray(s[field], np.int64) for s in shards]
+            )
+        arrays["checksums"] = np.concatenate(
+            [np.zeros(0, np.uint64)] + [np.asarray(s["checksums"], np.uint64) for s in shards]
+        )
+        index = {}
+        for field, suffix in INDEX_FILES.items():
+            path = f"{INDEX_DIR}/{split}.{suffix}"
+            if field == "keys":
+                payload = "\n".join(k for ks in keys for k in ks).encode()
+            else:
+                buf = io.BytesIO()
+                a = _narrowed(arrays[field])
+                np.save(buf, a.astype(a.dtype.newbyteorder("<"), copy=False), allow_pickle=False)
+                payload = buf.getvalue()
+            files[path] = payload
+            index[field] = {
+                "path": path,
+                "bytes": len(payload),
+                "sha256": hashlib.sha256(payload).hexdigest(),
+            }
+        entries = [{k: v for k, v in s.items() if k not in PER_SAMPLE_FIELDS} for s in shards]
+        splits[split] = {**sd, "shards": entries, "index": index}
+    return {**data, "version": VERSION, "splits": splits}, files
+
+
 def _checked_text(raw: bytes, sha256: str, url: str) -> str:
     actual = hashlib.sha256(raw).hexdigest()
     if actual != sha256:
@@ -745,9 +1030,12 @@ def _ints(x, what: str, at: str, n: int | None = None, lo: int = 0, hi: int = IN
     int64 when hi <= 2**63, else (lo >= 0, hi <= 2**64) as uint64."""
     _list(x, what, at, n)
     arr = None
-    if isinstance(x, PackedInts):  # packed while parsing: ints that fit; checked as int64 / uint64
-        arr = x.array.astype(np.int64 if hi <= INT64_END else np.uint64, copy=False)
-        a, b = (int(arr.min()), int(arr.max())) if len(arr) else (lo, lo)
+    if isinstance(x, PackedInts):  # packed while parsing or mapped: ints; checked as int64 / uint64
+        if x.array.dtype.kind not in "iu":
+            raise ManifestError(f"{at}: {what} are {x.array.dtype} numbers, not integers")
+        a, b = (int(x.array.min()), int(x.array.max())) if len(x.array) else (lo, lo)
+        if a >= lo and b < hi:
+            arr = x.array.astype(np.int64 if hi <= INT64_END else np.uint64, copy=False)
     elif x and set(map(type, x)) != {int}:
         bad = next(v for v in x if type(v) is not int)
         raise ManifestError(f"{at}: {what} holds {_show(bad)} (a {type(bad).__name__}), not integers")
@@ -764,6 +1052,11 @@ def _ints(x, what: str, at: str, n: int | None = None, lo: int = 0, hi: int = IN
     if a < lo or b >= hi:
         raise ManifestError(f"{at}: {what} holds {_show(a if a < lo else b)}, outside {lo}..{hi - 1}")
     return arr if arr is not None else np.fromiter(x, np.uint64, len(x))
+
+
+def _kept(x, arr: np.ndarray) -> PackedInts:
+    """The checked numbers as packed: a packed (or mapped) input as it is, else ``arr`` packed."""
+    return x if isinstance(x, PackedInts) else PackedInts(arr)
 
 
 def _floats(x, what: str, at: str, n: int | None = None, lo: float = -math.inf) -> np.ndarray:
@@ -827,8 +1120,12 @@ def _shard_from_dict(cls, d, where: str, split: str | None, n_classes: int | Non
     if "sha256" in fields and not isinstance(d["sha256"], str):
         raise ManifestError(f"{at}: sha256 is {_show(d['sha256'])}, not a string")
     keys = _strs(d["keys"], "keys", at, n)
-    if isinstance(keys, PackedStrs):  # packed while parsing: no key holds a newline
-        joined, empty = keys.text.decode().replace("\n", ""), n and not keys.lengths().all()
+    if isinstance(keys, PackedStrs):  # packed while parsing or mapped: no key holds a newline
+        try:
+            joined = bytes(keys.text).decode().replace("\n", "")
+        except UnicodeDecodeError as e:
+            raise ManifestError(f"{at}: keys are not UTF-8 ({e})") from None
+        empty = n and not keys.lengths().all()
     else:
         joined, empty = "".join(keys), "" in keys
     # str.isprintable and `in` scan in C (a regex takes 2.5x as long)
@@ -840,8 +1137,8 @@ def _shard_from_dict(cls, d, where: str, split: str | None, n_classes: int | Non
     label_end = INT64_END if n_classes is None else max(n_classes, 1)
     packed = {
         "keys": keys if isinstance(keys, PackedStrs) else PackedStrs.pack(keys),
-        "frames": PackedInts(_ints(d["frames"], "frames", at, n)),
-        "labels": PackedInts(_ints(d["labels"], "labels", at, n, hi=label_end)),
+        "frames": _kept(d["frames"], _ints(d["frames"], "frames", at, n)),
+        "labels": _kept(d["labels"], _ints(d["labels"], "labels", at, n, hi=label_end)),
     }
     off = _ints(d["offsets"], "offsets", at, n, hi=max(size, 1))
     if n:
@@ -851,9 +1148,10 @@ def _shard_from_dict(cls, d, where: str, split: str | None, n_classes: int | Non
             raise ManifestError(f"{at}: offsets are not on 512-byte tar block boundaries")
         if off[-1] >= size:
             raise ManifestError(f"{at}: offset {int(off[-1])} lies beyond the shard's {size} bytes")
-    packed["offsets"] = PackedInts(off)
+    packed["offsets"] = _kept(d["offsets"], off)
     if "checksums" in fields or "checksums" in d:
-        packed["checksums"] = PackedInts(_ints(d.get("checksums"), "checksums", at, n, hi=2**64))
+        sums = d.get("checksums")
+        packed["checksums"] = _kept(sums, _ints(sums, "checksums", at, n, hi=2**64))
     return cls(**{k: packed.get(k, d[k]) for k in fields})
 
 

@@ -5,7 +5,8 @@ itself is :mod:`spkr.shards.codec`'s).
     run(jobs, rank, world, workers) each rank writes the jobs i with i % world == rank, in parallel
     write_shard(...)               one tar, written under a temporary name, then renamed; then its sidecar
     merge_manifest(...)            when every planned shard has a sidecar: the protocol's trial files,
-                                   augment.jsonl, then manifest.json (each atomically)
+                                   augment.jsonl, the index files, then manifest.json (each atomically)
+    write_manifest(out, data)      the index files of build_manifest's data, then manifest.json (version 3)
 
 Labels: per split, the index of the sample's speaker in that split's label space (the class list for
 classification splits, the split's own speakers for a protocol's verification splits). With an
@@ -54,15 +55,16 @@ from spkr.shards.codec import Sample, digest_tar, write_tar
 from spkr.shards.format import (
     AUGMENT_NAME,
     FORMAT,
+    INLINE_VERSION,
     MANIFEST_NAME,
     SAMPLE_CHECKSUM,
     SIDECAR_SUFFIX,
-    VERSION,
     Manifest,
     ManifestError,
     ShardInfo,
     dataset_extras,
     dataset_id,
+    index_files,
     shard_name,
     split_summary,
 )
@@ -575,10 +577,11 @@ def build_manifest(
     """The manifest's data for these shards (the one place its fields are assembled): ``stats`` is
     :meth:`RunningStats.summary` of the training split; ``identity`` the run's (run_identity);
     ``protocol`` ``Protocol.manifest_entry()``; ``augment`` the copies' entry (:func:`augment_entry`).
-    The last two are stored only when given (older manifests have neither)."""
+    The last two are stored only when given (older manifests have neither). The per-sample fields
+    are inline (a version-2 manifest): :func:`write_manifest` writes them as index files."""
     data = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": INLINE_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "dataset_id": dataset_id(
             cfg.fingerprint(),
@@ -692,11 +695,28 @@ def merge_manifest(
         protocol=protocol.manifest_entry() if protocol is not None else None,
         augment=entry,
     )
-    manifest = Manifest(data, url=storage.join(out, MANIFEST_NAME))  # validated before anything is written
+    Manifest(data, url=storage.join(out, MANIFEST_NAME))  # validated before anything is written
     for path, text in files.items():
         write_bytes_atomic(storage.join(out, path), text.encode(), storage_options)
-    write_bytes_atomic(storage.join(out, MANIFEST_NAME), manifest.to_json().encode(), storage_options)
-    return manifest
+    return write_manifest(out, data, storage_options)
+
+
+def write_manifest(out: str, data: dict, storage_options: dict | None = None) -> Manifest:
+    """Write build_manifest's ``data`` as a version-3 shard set's manifest: an old manifest.json is
+    removed, then the per-split index files are written (each atomically), manifest.json last (so
+    manifest.json existing means every file it lists is complete). Returns the manifest as loaded."""
+    url = storage.join(out, MANIFEST_NAME)
+    if storage.is_url(url):
+        fs, path = storage.get_fs(url, storage_options)
+        if fs.exists(path):
+            fs.rm(path)
+    elif os.path.exists(url):
+        os.unlink(url)
+    manifest_data, files = index_files(data)
+    for path, payload in files.items():
+        write_bytes_atomic(storage.join(out, path), payload, storage_options)
+    write_bytes_atomic(url, json.dumps(manifest_data, indent=1).encode(), storage_options)
+    return Manifest.load(out, storage_options)
 
 
 __all__ = [
@@ -718,4 +738,5 @@ __all__ = [
     "write_job",
     "run_jobs",
     "merge_manifest",
+    "write_manifest",
 ]
