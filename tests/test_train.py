@@ -242,15 +242,16 @@ def _altered_shards(src: Path, dst: Path, edit) -> Path:
     """A copy of the shards whose manifest is edited, then made coherent again (fingerprint and
     dataset_id recomputed), as a shard set made that way would be."""
     from spkr.features import FeatureConfig
-    from spkr.shards.format import dataset_id
+    from spkr.shards.format import Manifest, dataset_id
+    from spkr.shards.writer import write_manifest
 
     shutil.copytree(src, dst)
-    m = json.loads((dst / "manifest.json").read_text())
+    m = json.loads(Manifest.load(str(dst)).to_json())  # per-sample lists inline, to edit
     edit(m)
     m["feature_fingerprint"] = FeatureConfig.from_dict(m["feature_config"]).fingerprint()
     keys = {name: [k for s in sd["shards"] for k in s["keys"]] for name, sd in m["splits"].items()}
     m["dataset_id"] = dataset_id(m["feature_fingerprint"], m["feature_backend"], m["labels"], keys)
-    (dst / "manifest.json").write_text(json.dumps(m))
+    write_manifest(str(dst), m)  # index files + manifest.json, as the shard tool writes them
     return dst
 
 
