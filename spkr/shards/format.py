@@ -619,12 +619,7 @@ class Manifest:
         if storage.is_url(url):
             path = os.path.join(index_cache_dir(), sha256 + os.path.splitext(url)[1])
             if not (os.path.exists(path) and _file_sha256(path) == sha256):
-                try:
-                    raw = storage.read_bytes(url, storage_options, retry)
-                except FileNotFoundError:
-                    raise ManifestError(f"{url}: index file is missing") from None
-                except storage.ReadFailed as e:
-                    raise ManifestError(f"cannot read index file {url}: {e}") from e
+                raw = _read_listed(url, "index file", storage_options, retry)
                 _check_index_bytes(url, len(raw), hashlib.sha256(raw).hexdigest(), size, sha256)
                 atomic.write_bytes(path, raw, fsync=False)
             return path
@@ -812,12 +807,7 @@ class Manifest:
         ``spkr.scoring.parse_trials``), after checking its sha256 against the manifest's."""
         entry = self._verification(name, "trial file")["trials"]
         url = self.trials_url(name)
-        try:
-            raw = storage.read_bytes(url, storage_options, retry)
-        except FileNotFoundError:
-            raise ManifestError(f"{url}: trial file of split '{name}' is missing") from None
-        except storage.ReadFailed as e:
-            raise ManifestError(f"cannot read the trial file of split '{name}': {e}") from e
+        raw = _read_listed(url, f"trial file of split '{name}'", storage_options, retry)
         return _checked_text(raw, entry["sha256"], url)
 
     def read_augment_descriptions(
@@ -829,10 +819,7 @@ class Manifest:
         if entry is None:
             return []
         url = storage.join(self.base_url, entry["path"])
-        try:
-            raw = storage.read_bytes(url, storage_options, retry)
-        except FileNotFoundError:
-            raise ManifestError(f"{url}: augmentation descriptions are missing") from None
+        raw = _read_listed(url, "augmentation descriptions file", storage_options, retry)
         lines = _checked_text(raw, entry["sha256"], url).splitlines()
         try:
             return [json.loads(line) for line in lines]
@@ -908,6 +895,17 @@ def index_files(data: dict) -> tuple[dict, dict[str, bytes]]:
         entries = [{k: v for k, v in s.items() if k not in PER_SAMPLE_FIELDS} for s in shards]
         splits[split] = {**sd, "shards": entries, "index": index}
     return {**data, "version": VERSION, "splits": splits}, files
+
+
+def _read_listed(url: str, what: str, storage_options: dict | None, retry) -> bytes:
+    """The bytes of a file the manifest lists (index file, trial file, augment.jsonl), read under
+    ``retry``; missing or unreadable is a ManifestError naming ``what`` and the URL."""
+    try:
+        return storage.read_bytes(url, storage_options, retry)
+    except FileNotFoundError:
+        raise ManifestError(f"{url}: {what} is missing") from None
+    except storage.ReadFailed as e:
+        raise ManifestError(f"cannot read the {what} {url}: {e}") from e
 
 
 def _checked_text(raw: bytes, sha256: str, url: str) -> str:
