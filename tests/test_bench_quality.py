@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 from spkr.models import ModelConfig
 
@@ -45,3 +48,15 @@ def test_a_step_is_reused_only_for_an_identical_spec(tmp_path):
     assert bq.run_step(out, spec, cmd, log) is None and marker.read_text() == "x"  # reused
     assert bq.run_step(out, {**spec, "src": "abd"}, cmd, log) is not None  # other sources: run again
     assert marker.read_text() == "xx" and json.loads((out / "spec.json").read_text())["src"] == "abd"
+
+
+def test_augment_entries_name_their_recipe_and_cell():
+    assert bq.parse_augment("0,3,speed:6") == [("mixed", 0), ("mixed", 3), ("speed", 6)]
+    assert [bq.cell_name("open", r, k) for r, k in bq.parse_augment("0,3,speed:6,speed:0")] == [
+        "open-aug0", "open-aug3", "open-speed6", "open-aug0"
+    ]  # fmt: skip
+    for bad in ("speed", "thunder:3", "speed:x"):
+        with pytest.raises(SystemExit, match=re.escape(repr(bad))):
+            bq.parse_augment(bad)
+    speeds = bq.RECIPES["speed"][bq.RECIPES["speed"].index("--augment-speeds") + 1]
+    assert len(speeds.split(",")) == 12 and "1" not in speeds.split(",")

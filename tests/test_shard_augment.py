@@ -167,9 +167,10 @@ def test_another_noise_set_is_a_conflict(aug_shards, corpus, noise_dir, tmp_path
     assert "never reused" in err and "augment.sources" in err
 
 
-def test_speed_classes_are_appended_and_weighted(corpus, noise_dir, tmp_path):
+@pytest.mark.parametrize("speeds", [["--augment-config", '{"speeds": [0.9]}'], ["--augment-speeds", "0.9"]])
+def test_speed_classes_are_appended_and_weighted(corpus, noise_dir, tmp_path, speeds):
     out = tmp_path / "shards"
-    extra = ["--augment-kinds", "speed", "--speed-classes", "--augment-config", '{"speeds": [0.9]}']
+    extra = ["--augment-kinds", "speed", "--speed-classes", *speeds]
     assert run_shard(corpus, out, noise_dir, *extra) == 0
     m = Manifest.load(str(out))
     speakers = [str(s) for s in range(1, 7)]
@@ -209,6 +210,12 @@ def test_changed_descriptions_are_refused(aug_shards, tmp_path):
         (["--noise-dir", "n"], "--noise-dir needs --augment-copies"),
         (["--speed-classes"], "--speed-classes needs --augment-copies"),
         (["--augment-kinds", "noise"], "--augment-kinds needs --augment-copies"),
+        (["--augment-speeds", "0.9"], "--augment-speeds needs --augment-copies"),
+        (
+            ["--augment-copies", "1", "--augment-speeds", "0.9,fast"],
+            "not a comma list of numbers: '0.9,fast'",
+        ),
+        (["--augment-copies", "1", "--augment-speeds", ","], "empty list of speed factors"),
     ],
 )
 def test_augment_options_need_copies(argv, says, capsys):
@@ -222,6 +229,7 @@ def test_augment_options_need_copies(argv, says, capsys):
     [
         (["--augment-kinds", "noise,thunder"], "augment kind 'thunder'"),
         (["--augment-config", '{"snr": 3}'], "snr"),
+        (["--augment-kinds", "speed", "--augment-speeds", "0.9,1.0"], "augment speed 1.0 must be"),
     ],
 )
 def test_bad_augment_config_is_named(corpus, noise_dir, tmp_path, argv, says, capsys):

@@ -6,9 +6,12 @@
 
 For every cell (corpus, protocol, augmentation) it runs, with the real CLIs and nothing else:
 
-1. ``python -m spkr.tools.shard --source CORPUS --protocol P`` (+ ``--augment-copies K
-   --augment-kinds speed,noise,reverb --speed-classes --noise-dir/--rir-dir`` from
-   ``tools/make_noise_corpus.py``'s set when K > 0) -> ``<work>/<name>/<P>-aug<K>/``;
+1. ``python -m spkr.tools.shard --source CORPUS --protocol P`` (+ ``--augment-copies K`` and a recipe
+   when K > 0) -> ``<work>/<name>/<P>-aug<K>/`` or ``<P>-<recipe><K>/``. ``--augment`` entries are
+   ``K`` (recipe ``mixed``) or ``RECIPE:K``; the recipes (:data:`RECIPES`):
+   ``mixed`` = ``--augment-kinds speed,noise,reverb --speed-classes`` with noise/RIRs from
+   ``tools/make_noise_corpus.py``'s set (Kaldi's speeds 0.9/1.1); ``speed`` = ``--augment-kinds speed
+   --speed-classes --augment-speeds 0.7,0.75,...,1.3`` (12 factors: each copy a new pseudo-speaker);
 2. ``tools/baseline_features.py`` (mean/std of MFCC + logistic regression; cosine on open) on them;
 3. per model: ``torchrun --nproc_per_node 2 -m spkr.train`` (2 CPU ranks like the demo) with the
    bundled config (``tiny``; ``tiny-transformer`` = the Transformer at tiny's sizes and training; ``NAME@key=value@...`` overrides ``[model]`` keys, e.g.
@@ -39,7 +42,32 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "spkr" / "configs"
-AUG_KINDS = "speed,noise,reverb"
+SPEEDS = ",".join(f"{f:g}" for f in (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 1.2, 1.25, 1.3))
+# recipe -> shard flags after --augment-copies K ({noise}: the make_noise_corpus.py set under --work)
+RECIPES = {
+    "mixed": ["--augment-kinds", "speed,noise,reverb", "--speed-classes", "--noise-dir", "{noise}",
+              "--rir-dir", "{noise}/rirs"],
+    "speed": ["--augment-kinds", "speed", "--speed-classes", "--augment-speeds", SPEEDS],
+}  # fmt: skip
+
+
+def parse_augment(entries: str) -> list[tuple[str, int]]:
+    """``--augment`` "0,3,speed:6" -> [("mixed", 0), ("mixed", 3), ("speed", 6)] (K alone = mixed)."""
+    out = []
+    for entry in entries.split(","):
+        recipe, _, k = entry.strip().rpartition(":")
+        recipe = recipe or "mixed"
+        if recipe not in RECIPES or not k.isdigit():
+            raise SystemExit(
+                f"bench_quality: --augment entry {entry!r}: want K or RECIPE:K, RECIPE in {list(RECIPES)}"
+            )
+        out.append((recipe, int(k)))
+    return out
+
+
+def cell_name(protocol: str, recipe: str, copies: int) -> str:
+    """``open-aug3`` (mixed, the directories earlier runs wrote) or ``open-speed6``."""
+    return f"{protocol}-{'aug' if recipe == 'mixed' or not copies else recipe}{copies}"
 
 
 def source_hash() -> str:
@@ -108,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", required=True, help="corpus name in the table and under --work")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--protocols", default="closed,closed-session,open")
-    ap.add_argument("--augment", default="0,3", help="augmented copies per training utterance, e.g. 0,3")
+    ap.add_argument(
+        "--augment", default="0,3", help="copies per training utterance, K or RECIPE:K: 0,3,speed:6"
+    )
     ap.add_argument("--models", default="tiny,tiny-transformer")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0, help="training seed")
@@ -120,20 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     noise = args.work / "noise"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     rows = []
-    if any(int(k) for k in args.augment.split(",")):
+    augment = parse_augment(args.augment)
+    if any(k and recipe == "mixed" for recipe, k in augment):
         run_step(noise, {"cmd": "make_noise_corpus", "seed": 0, "demo": "data/demo"},
                  [sys.executable, "tools/make_noise_corpus.py", "--out", str(noise), "--seed", "0",
                   "--demo", str(REPO / "data" / "demo")], args.work / "noise.log", env)  # fmt: skip
     for protocol in args.protocols.split(","):
-        for copies in (int(k) for k in args.augment.split(",")):
-            cell = work / f"{protocol}-aug{copies}"
+        for recipe, copies in augment:
+            cell = work / cell_name(protocol, recipe, copies)
             shards = cell / "shards"
             cmd = [sys.executable, "-m", "spkr.tools.shard", "--source", args.corpus, "--subsets", "train.100",
                    "--protocol", protocol, "--out", str(shards), "--workers", "2"]  # fmt: skip
             if copies:
-                cmd += ["--augment-copies", str(copies), "--augment-kinds", AUG_KINDS, "--speed-classes",
-                        "--noise-dir", str(noise), "--rir-dir", str(noise / "rirs")]  # fmt: skip
-            print(f"== {args.name} {protocol} aug{copies}", flush=True)
+                cmd += ["--augment-copies", str(copies)] + [a.format(noise=noise) for a in RECIPES[recipe]]
+            print(f"== {args.name} {cell.name}", flush=True)
             shard_log = cell / "shard.log"
             shard_log.parent.mkdir(parents=True, exist_ok=True)
             with open(
@@ -154,9 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             run_step(cell / "baseline-step", {"cmd": cmd[1:], "dataset_id": did, "src": src}, cmd,
                      cell / "baseline.log", env)  # fmt: skip
             base = json.loads(base_json.read_text())
-            rows.append(
-                row(args.name, protocol, copies, "baseline", base_figures(base, protocol), did, src, None)
-            )
+            figures = base_figures(base, protocol)
+            rows.append(row(args.name, protocol, (recipe, copies), "baseline", figures, did, src, None))
             for model in args.models.split(","):
                 head = "aam" if protocol == "open" else "softmax"
                 text = model_config(model, head)
@@ -176,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                     run / "eval-step", {"cmd": cmd[1:], "train": spec}, cmd, cell / f"eval-{model}.log", env
                 )
                 figures = eval_figures(json.loads(ev.read_text()))
-                rows.append(row(args.name, protocol, copies, model, figures, did, src, secs))
+                rows.append(row(args.name, protocol, (recipe, copies), model, figures, did, src, secs))
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
@@ -201,9 +230,15 @@ def eval_figures(ev: dict) -> dict:
     return {"acc": ev["acc"], "n": ev["n"]}
 
 
-def row(corpus, protocol, copies, model, figures, did, src, secs) -> dict:
-    return {"corpus": corpus, "protocol": protocol, "augment_copies": copies, "model": model,
+def row(corpus, protocol, augment, model, figures, did, src, secs) -> dict:
+    recipe, copies = augment
+    return {"corpus": corpus, "protocol": protocol, "augment_copies": copies,
+            "augment_recipe": recipe if copies else None, "model": model,
             **figures, "dataset_id": did, "src": src, "train_seconds": secs}  # fmt: skip
+
+
+def copies(r: dict) -> str:
+    return f"{r['augment_copies']} {r['augment_recipe']}" if r["augment_copies"] else "0"
 
 
 def print_table(rows: list[dict]) -> None:
@@ -215,7 +250,7 @@ def print_table(rows: list[dict]) -> None:
         asn = f"{100 * r['eer_as_norm']:.2f} %" if "eer_as_norm" in r else ""
         dcf = f"{r['min_dcf_0.01']:.3f}" if "min_dcf_0.01" in r else ""
         print(
-            f"| {r['corpus']} | {r['protocol']} | {r['augment_copies']} | {r['model']} | {acc} | {eer} | {asn} | {dcf} |"
+            f"| {r['corpus']} | {r['protocol']} | {copies(r)} | {r['model']} | {acc} | {eer} | {asn} | {dcf} |"
         )
 
 

@@ -71,7 +71,14 @@ OPEN_OPTIONS = {  # option -> default; only with --protocol open
     "enroll_per_speaker": DEFAULT_ENROLL_PER_SPEAKER,
     "valid_fraction": DEFAULT_VALID_FRACTION,
 }
-AUGMENT_OPTIONS = ("augment_kinds", "noise_dir", "rir_dir", "speed_classes", "augment_config")
+AUGMENT_OPTIONS = (
+    "augment_kinds",
+    "augment_speeds",
+    "noise_dir",
+    "rir_dir",
+    "speed_classes",
+    "augment_config",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -122,6 +129,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument(
         "--augment-kinds", default=None, help="comma list of noise,music,babble,reverb,speed (a+b chains)"
     )
+    g.add_argument(
+        "--augment-speeds",
+        type=speed_list,
+        default=None,
+        help="comma list of speed factors a speed copy draws from (default 0.9,1.1; e.g. 0.7,0.75,...,1.3 "
+        "with --speed-classes for open-set training)",
+    )
     g.add_argument("--noise-dir", default=None, help="MUSAN-style folder: noise/ music/ speech/")
     g.add_argument("--rir-dir", default=None, help="room impulse responses (default: synthetic RIRs)")
     g.add_argument("--speed-classes", action="store_true", help="speed copies are new classes <spk>@sp<f>")
@@ -138,6 +152,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def speed_list(text: str) -> list[float]:
+    """``--augment-speeds``: comma-separated positive factors, e.g. ``0.9,1.1``."""
+    try:
+        factors = [float(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of numbers: {text!r}") from None
+    if not factors:
+        raise argparse.ArgumentTypeError("empty list of speed factors")
+    return factors
+
+
 def augment_config(args) -> AugmentConfig | None:
     """The copies' recipe from --augment-* (flags override --augment-config); None without copies.
     Its seed is --seed unless --augment-config sets one."""
@@ -146,6 +171,8 @@ def augment_config(args) -> AugmentConfig | None:
     fields = {"seed": args.seed, **(args.augment_config or {}), "copies": args.augment_copies}
     if args.augment_kinds:
         fields["kinds"] = [k.strip() for k in args.augment_kinds.split(",") if k.strip()]
+    if args.augment_speeds:
+        fields["speeds"] = args.augment_speeds
     for name in ("noise_dir", "rir_dir"):
         if getattr(args, name):
             fields[name] = getattr(args, name)
