@@ -59,4 +59,4 @@ def test_augment_entries_name_their_recipe_and_cell():
         with pytest.raises(SystemExit, match=re.escape(repr(bad))):
             bq.parse_augment(bad)
     speeds = bq.RECIPES["speed"][bq.RECIPES["speed"].index("--augment-speeds") + 1]
-    assert len(speeds.split(",")) == 12 and "1" not in speeds.split(",")
+    assert len(speeds.split(",")) == 18 and "1" not in speeds.split(",") and speeds.startswith("0.6,0.65,")

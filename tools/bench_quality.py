@@ -11,7 +11,7 @@ For every cell (corpus, protocol, augmentation) it runs, with the real CLIs and 
    ``K`` (recipe ``mixed``) or ``RECIPE:K``; the recipes (:data:`RECIPES`):
    ``mixed`` = ``--augment-kinds speed,noise,reverb --speed-classes`` with noise/RIRs from
    ``tools/make_noise_corpus.py``'s set (Kaldi's speeds 0.9/1.1); ``speed`` = ``--augment-kinds speed
-   --speed-classes --augment-speeds 0.7,0.75,...,1.3`` (12 factors: each copy a new pseudo-speaker);
+   --speed-classes --augment-speeds 0.6,0.65,...,1.5`` (18 factors: each copy a new pseudo-speaker);
 2. ``tools/baseline_features.py`` (mean/std of MFCC + logistic regression; cosine on open) on them;
 3. per model: ``torchrun --nproc_per_node 2 -m spkr.train`` (2 CPU ranks like the demo) with the
    bundled config (``tiny``; ``tiny-transformer`` = the Transformer at tiny's sizes and training; ``NAME@key=value@...`` overrides ``[model]`` keys, e.g.
@@ -42,7 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "spkr" / "configs"
-SPEEDS = ",".join(f"{f:g}" for f in (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 1.2, 1.25, 1.3))
+SPEEDS = ",".join(f"{f / 100:g}" for f in range(60, 155, 5) if f != 100)  # 0.6, 0.65, ..., 1.5: 18
 # recipe -> shard flags after --augment-copies K ({noise}: the make_noise_corpus.py set under --work)
 RECIPES = {
     "mixed": ["--augment-kinds", "speed,noise,reverb", "--speed-classes", "--noise-dir", "{noise}",
