@@ -17,7 +17,7 @@ import torch
 from spkr import checkpoint as ck
 from spkr.config import ConfigError
 from spkr.run.configs import TrainConfig, load_configs
-from spkr.run.trainer import lr_factor, spec_augment
+from spkr.run.trainer import eq_augment, lr_factor, spec_augment
 from spkr.train import main, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +75,31 @@ def test_spec_augment_masks_within_lengths_only():
     # time masks never exceed a fifth of the utterance each and never touch padding positions' meaning
     full_frames = masked.all(dim=2).sum(dim=1)
     assert (full_frames <= 2 * (lengths // 5) + (60 - lengths)).all()
+
+
+def test_eq_augment_adds_one_smooth_curve_per_utterance_within_lengths():
+    B, T, n_freq = 6, 50, 80
+    mel = torch.randn(B, T, n_freq)
+    lengths = torch.tensor([50, 40, 30, 20, 10, 1])
+    std = torch.linspace(5.0, 15.0, n_freq)  # dB per bin
+    assert eq_augment(mel, lengths, TrainConfig(), std) is mel  # off by default
+    torch.manual_seed(0)
+    out = eq_augment(mel, lengths, TrainConfig(eq_db=6.0), std)
+    offset = out - mel
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.all(offset[b, n:] == 0)  # padding untouched
+        rows = offset[b, :n]
+        assert torch.allclose(rows, rows[0].expand_as(rows), atol=1e-5)  # one curve for the whole utterance
+        curve_db = rows[0] * std  # back in dB
+        assert curve_db.abs().max() <= 6.0 * (1 + 3) + 1e-4  # tilt + 3 bumps, each <= eq_db
+        assert curve_db.abs().max() > 0.1
+        assert curve_db.diff().abs().max() < 6.0 * 4 * 0.5  # smooth: no bin-to-bin jump of a full gain
+    first = offset[:, 0]
+    assert not torch.allclose(first[0], first[1])  # a different curve per utterance
+    torch.manual_seed(0)
+    assert torch.equal(eq_augment(mel, lengths, TrainConfig(eq_db=6.0), std), out)  # seeded by the torch RNG
+    with pytest.raises(ValueError, match="eq_db"):
+        TrainConfig(eq_db=-1.0)
 
 
 # --------------------------------------------------------------------------- config

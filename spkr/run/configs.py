@@ -47,6 +47,8 @@ class TrainConfig:
     freq_mask_width: int = 8  # ... each up to this many mel bins wide
     time_masks: int = 0  # SpecAugment: this many time masks per training utterance ...
     time_mask_width: int = 20  # ... each up to this many frames long
+    eq_db: float = 0.0  # random microphone EQ: per training utterance a smooth gain curve over the mel
+    #   bins (tilt + 3 bumps, each gain uniform in +-eq_db dB) added to its log-mels (0 = off)
     num_workers: int = 2  # DataLoader workers per rank
     seed: int = 0
     dtype: str = "auto"  # "auto" | "bf16" | "fp16" | "fp32" (spkr.run.distributed.resolve_dtype)
@@ -70,6 +72,8 @@ class TrainConfig:
         ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.eq_db <= 40:
+            raise ValueError(f"eq_db must be in [0, 40] dB, got {self.eq_db}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("need lr > 0 and 0 <= min_lr_ratio <= 1")
 

@@ -45,6 +45,7 @@ from spkr.run.evaluation import eval_loader, evaluate_distributed, load_trials, 
 from spkr.run.metrics import Logger, TrainWindow, eval_line, eval_row, train_line
 from spkr.run.phases import PhaseClock
 from spkr.scoring import verification
+from spkr.stream.loader import normalisation
 
 
 def spec_augment(mel: torch.Tensor, lengths: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
@@ -66,6 +67,38 @@ def spec_augment(mel: torch.Tensor, lengths: torch.Tensor, cfg: TrainConfig) -> 
         t0 = (torch.rand(B, 1) * (lens - w + 1).clamp(min=1)).long()
         keep &= ~((t_idx >= t0) & (t_idx < t0 + w))[:, :, None]
     return mel * keep.to(mel.device, mel.dtype)
+
+
+EQ_BUMPS = 3  # Gaussian bumps of the random EQ curve (besides its tilt)
+
+
+def eq_augment(
+    mel: torch.Tensor, lengths: torch.Tensor, cfg: TrainConfig, std_db: torch.Tensor
+) -> torch.Tensor:
+    """Random microphone EQ of a normalised (B, T, F) batch: per utterance a smooth gain curve g(f) in
+    dB over the mel axis x = f / (F - 1) in [0, 1] -- a tilt a * (2x - 1) plus ``EQ_BUMPS`` Gaussian bumps
+    b * exp(-(x - c)^2 / 2w^2), a and b uniform in [-eq_db, eq_db], c in [0, 1], w in [0.03, 0.15] --
+    added to its log-mels within its length. The batch is normalised per bin, so the curve is divided by
+    each bin's std (``std_db``, (F,), the loader's normalisation). A log-mel is the log of the power
+    spectrum, so a linear filter (microphone, EQ, telephone band) is an additive per-bin offset: this
+    teaches the embedding to ignore a fixed colouring without removing each speaker's own spectrum as
+    per-utterance mean normalisation (``input_norm = "utterance"``) does. Global torch RNG (saved in
+    checkpoints), like :func:`spec_augment`."""
+    if cfg.eq_db <= 0:
+        return mel
+    B, T, n_freq = mel.shape
+    x = torch.linspace(0.0, 1.0, n_freq)[None, :]
+
+    def gain() -> torch.Tensor:
+        return (torch.rand(B, 1) * 2 - 1) * cfg.eq_db
+
+    curve = gain() * (2 * x - 1)
+    for _ in range(EQ_BUMPS):
+        b, c, w = gain(), torch.rand(B, 1), 0.03 + 0.12 * torch.rand(B, 1)
+        curve = curve + b * torch.exp(-0.5 * ((x - c) / w) ** 2)
+    inside = torch.arange(T)[None, :] < lengths.cpu()[:, None]  # (B, T)
+    offset = (curve / std_db.cpu()[None, :])[:, None, :] * inside[:, :, None]  # (B, T, F)
+    return mel + offset.to(mel.device, mel.dtype)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -191,6 +224,7 @@ class Trainer:
     shards: str
     thresholds: dict | None = None  # verification thresholds of the last validation (protocol open)
     clock: PhaseClock = field(default_factory=PhaseClock)  # step phase timing (spkr.run.phases)
+    feature_std: torch.Tensor | None = None  # (F,) dB per mel bin of the loader's normalisation (eq_augment)
 
     @property
     def last(self) -> Path:
@@ -215,9 +249,10 @@ def build(model_cfg, cfg: TrainConfig, env: DistEnv, data: Data, amp_dtype, logg
         optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.min_lr_ratio)
     )
     weights = torch.tensor(manifest.class_weights, dtype=torch.float32, device=env.device)
+    std = torch.tensor(normalisation(manifest, manifest.feature_config.n_mels)["std"]) if cfg.eq_db else None
     return Trainer(
         cfg, model_cfg, env, data, model, model, optimizer, scheduler, make_scaler(env.device, amp_dtype),
-        weights if cfg.class_weighted else None, amp_dtype, logger, Path(out), str(shards),
+        weights if cfg.class_weighted else None, amp_dtype, logger, Path(out), str(shards), feature_std=std,
     )  # fmt: skip
 
 
@@ -295,6 +330,8 @@ def micro_step(t: Trainer, batch: dict, group_size: int, sync: bool) -> tuple[fl
     mel = batch["mel"].to(device, non_blocking=True).float()
     lengths = batch["lengths"].to(device, non_blocking=True)
     y = batch["labels"].to(device, non_blocking=True)
+    if t.cfg.eq_db > 0:
+        mel = eq_augment(mel, lengths, t.cfg, t.feature_std)
     mel = spec_augment(mel, lengths, t.cfg)
     no_sync = t.env.ddp and not sync
     with t.model.no_sync() if no_sync else contextlib.nullcontext():
