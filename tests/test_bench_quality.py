@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from spkr.models import ModelConfig
+from spkr.run.configs import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,25 @@ def test_model_spec_overrides_only_the_named_model_keys():
     ModelConfig(**got["model"])  # a valid model config
     tt = tomllib.loads(bq.model_config("tiny-transformer", "softmax"))
     assert tt["model"]["arch"] == "transformer" and tt["train"] == base["train"]
+    eq = tomllib.loads(bq.model_config("tiny@eq_db=6@input_norm=utterance", "aam"))  # each key to its table
+    assert eq["train"] == {**base["train"], "eq_db": 6} and eq["model"]["input_norm"] == "utterance"
+    TrainConfig(**eq["train"])
+    for bad in ("tiny@thunder=3", "tiny@eq_db"):
+        with pytest.raises(SystemExit, match="is not key=value of"):
+            bq.model_config(bad, "aam")
+
+
+def test_seed_runs_keep_their_own_directories_and_are_averaged():
+    assert [bq.run_name("tiny", s) for s in (0, 1)] == ["tiny", "tiny-seed1"]
+    cell = ("open", ("speed", 8))
+    figs = [{"eer": 0.02, "eer_as_norm": 0.01}, {"eer": 0.04, "eer_as_norm": 0.03}]
+    rows = [bq.row("b", *cell, "baseline", {"eer": 0.05}, "d", "s", None)]
+    rows += [bq.row("b", *cell, "tiny", f, "d", "s", 9.0, seed) for seed, f in enumerate(figs)]
+    rows.append(bq.row("b", "open", ("mixed", 8), "tiny", {"eer": 0.5}, "d", "s", 9.0, 0))  # another cell
+    (mean,) = bq.seed_means(rows, "b", *cell)
+    assert mean["seed"] == "mean" and mean["seeds"] == [0, 1] and mean["model"] == "tiny"
+    assert mean["eer"] == pytest.approx(0.03) and mean["eer_range"] == [0.02, 0.04]
+    assert mean["eer_as_norm"] == pytest.approx(0.02) and "acc" not in mean
 
 
 def test_a_step_is_reused_only_for_an_identical_spec(tmp_path):

@@ -14,15 +14,16 @@ For every cell (corpus, protocol, augmentation) it runs, with the real CLIs and 
    --speed-classes --augment-speeds 0.6,0.65,...,1.5`` (18 factors: each copy a new pseudo-speaker);
 2. ``tools/baseline_features.py`` (mean/std of MFCC + logistic regression; cosine on open) on them;
 3. per model: ``torchrun --nproc_per_node 2 -m spkr.train`` (2 CPU ranks like the demo) with the
-   bundled config (``tiny``; ``tiny-transformer`` = the Transformer at tiny's sizes and training; ``NAME@key=value@...`` overrides ``[model]`` keys, e.g.
-   ``tiny@input_norm=utterance``), the head by protocol (``softmax`` on closed protocols; ``aam`` on
-   ``open``: issue 14's margin head), the same number of optimizer steps with and without copies
-   (epochs / (1 + K)); then ``python -m spkr.evaluate`` on the split of role test (``--as-norm`` on
+   bundled config (``tiny``; ``tiny-transformer`` = the Transformer at tiny's sizes and training;
+   ``NAME@key=value@...`` overrides ``[model]`` or ``[train]`` keys, e.g. ``tiny@input_norm=utterance``,
+   ``tiny@eq_db=6``), once per ``--seeds`` seed (rows per seed and their mean), the head by protocol
+   (``softmax`` on closed protocols; ``aam`` on ``open``: issue 14's margin head), the same number of
+   optimizer steps with and without copies (epochs / (1 + K)); then ``python -m spkr.evaluate`` on the split of role test (``--as-norm`` on
    open).
 
 Reuse: the shard tool always runs (it keeps the complete shards written under the same config, seed
-and source, and stops on any other). Every other step writes ``spec.json`` (its command, the config text, the shards' ``dataset_id`` and a
-hash of spkr's source files) and is skipped only when a finished step's spec is identical, so an
+and source, and stops on any other). Every other step writes ``spec.json`` (its command, the config
+text, the shards' ``dataset_id`` and a hash of spkr's source files) and is skipped only when a finished step's spec is identical, so an
 edited spkr, config or shard set re-runs what it affects. Every row of the table (and ``--json``)
 says which source hash, dataset and config measured it. Developer tool; CPU-heavy (a tiny run on
 the bundled corpus ~2-3 min on 2 cores).
@@ -90,15 +91,28 @@ def toml_value(v: str) -> str:
 
 
 def model_config(spec: str, head: str) -> str:
-    """Config text of model ``spec`` = ``NAME[@key=value...]`` (NAME a bundled config) with ``[model] head = head`` and the overrides."""
+    """Config text of model ``spec`` = ``NAME[@key=value...]`` (NAME a bundled config) with ``[model]
+    head = head`` and the overrides, each put in the table whose dataclass has the key (``[model]``:
+    ModelConfig, e.g. ``input_norm``; ``[train]``: TrainConfig, e.g. ``eq_db``); another key exits."""
+    from dataclasses import fields
+
+    from spkr.models import ModelConfig
+    from spkr.run.configs import TrainConfig
+
     model, *pairs = spec.split("@")
-    overrides = {"head": toml_value(head)} | {k: toml_value(v) for k, v in (p.split("=", 1) for p in pairs)}
-    text = (CONFIGS / f"{model}.toml").read_text()
-    lines = text.splitlines()
-    start = lines.index("[model]")
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")), len(lines))
-    body = [ln for ln in lines[start + 1 : end] if ln.split("=")[0].strip() not in overrides]
-    lines[start + 1 : end] = [f"{k} = {v}" for k, v in overrides.items()] + body
+    tables = {"model": {"head": toml_value(head)}, "train": {}}
+    known = {t: {f.name for f in fields(c)} for t, c in (("model", ModelConfig), ("train", TrainConfig))}
+    for k, v in (p.split("=", 1) if "=" in p else (p, "") for p in pairs):
+        table = next((t for t in ("model", "train") if k in known[t]), None)
+        if table is None or not v:
+            raise SystemExit(f"bench_quality: model {spec!r}: {k!r} is not key=value of [model] or [train]")
+        tables[table][k] = toml_value(v)
+    lines = (CONFIGS / f"{model}.toml").read_text().splitlines()
+    for table, overrides in tables.items():
+        start = lines.index(f"[{table}]")
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")), len(lines))
+        body = [ln for ln in lines[start + 1 : end] if ln.split("=")[0].strip() not in overrides]
+        lines[start + 1 : end] = [f"{k} = {v}" for k, v in overrides.items()] + body
     return "\n".join(lines) + "\n"
 
 
@@ -141,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--models", default="tiny,tiny-transformer")
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--seeds", default="0", help="training seeds, one run each: 0,1,2 (rows + their mean)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -151,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     rows = []
     augment = parse_augment(args.augment)
+    seeds = [int(x) for x in args.seeds.split(",")]
     if any(k and recipe == "mixed" for recipe, k in augment):
         run_step(noise, {"cmd": "make_noise_corpus", "seed": 0, "demo": "data/demo"},
                  [sys.executable, "tools/make_noise_corpus.py", "--out", str(noise), "--seed", "0",
@@ -186,26 +201,29 @@ def main(argv: list[str] | None = None) -> int:
             base = json.loads(base_json.read_text())
             figures = base_figures(base, protocol)
             rows.append(row(args.name, protocol, (recipe, copies), "baseline", figures, did, src, None))
-            for model in args.models.split(","):
+            for model, seed in ((m, sd) for m in args.models.split(",") for sd in seeds):
                 head = "aam" if protocol == "open" else "softmax"
                 text = model_config(model, head)
                 cfg = cell / f"{model}.toml"
                 cfg.write_text(text)
-                run = cell / f"run-{model}"
+                name = run_name(model, seed)
+                run = cell / f"run-{name}"
                 epochs = max(1, math.ceil(config_epochs(text) / (1 + copies)))
                 cmd = ["torchrun", "--standalone", "--nproc_per_node", str(args.nproc), "-m", "spkr.train",
                        "--config", str(cfg), "--shards", str(shards), "--out", str(run), "--fresh",
-                       "--no-progress", "--epochs", str(epochs), "--seed", str(args.seed)]  # fmt: skip
+                       "--no-progress", "--epochs", str(epochs), "--seed", str(seed)]  # fmt: skip
                 spec = {"cmd": cmd, "config": text, "dataset_id": did, "src": src}
-                secs = run_step(run / "train-step", spec, cmd, cell / f"train-{model}.log", env)
+                secs = run_step(run / "train-step", spec, cmd, cell / f"train-{name}.log", env)
                 ev = run / "eval-test.json"
                 cmd = [sys.executable, "-m", "spkr.evaluate", "--checkpoint", str(run / "last.pt"),
                        "--shards", str(shards), "--out", str(ev)] + (["--as-norm"] if protocol == "open" else [])  # fmt: skip
                 run_step(
-                    run / "eval-step", {"cmd": cmd[1:], "train": spec}, cmd, cell / f"eval-{model}.log", env
+                    run / "eval-step", {"cmd": cmd[1:], "train": spec}, cmd, cell / f"eval-{name}.log", env
                 )
                 figures = eval_figures(json.loads(ev.read_text()))
-                rows.append(row(args.name, protocol, (recipe, copies), model, figures, did, src, secs))
+                rows.append(row(args.name, protocol, (recipe, copies), model, figures, did, src, secs, seed))
+            if len(seeds) > 1:
+                rows += seed_means(rows, args.name, protocol, (recipe, copies))
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
@@ -230,27 +248,62 @@ def eval_figures(ev: dict) -> dict:
     return {"acc": ev["acc"], "n": ev["n"]}
 
 
-def row(corpus, protocol, augment, model, figures, did, src, secs) -> dict:
+def run_name(model: str, seed: int) -> str:
+    """``tiny`` for seed 0 (the directories earlier runs wrote), ``tiny-seed1`` for others."""
+    return model if seed == 0 else f"{model}-seed{seed}"
+
+
+def row(corpus, protocol, augment, model, figures, did, src, secs, seed=None) -> dict:
     recipe, copies = augment
     return {"corpus": corpus, "protocol": protocol, "augment_copies": copies,
-            "augment_recipe": recipe if copies else None, "model": model,
+            "augment_recipe": recipe if copies else None, "model": model, "seed": seed,
             **figures, "dataset_id": did, "src": src, "train_seconds": secs}  # fmt: skip
+
+
+FIGURES = ("acc", "eer", "eer_as_norm", "min_dcf_0.01")
+
+
+def seed_means(rows: list[dict], corpus, protocol, augment) -> list[dict]:
+    """Per model of this cell, a row with the mean of each figure over its seeds' rows (``seed`` =
+    "mean", ``seeds`` = them, ``<figure>_range`` = [min, max])."""
+    recipe, copies = augment
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows if isinstance(r["seed"], int)):
+        runs = [r for r in rows if r["corpus"] == corpus and r["protocol"] == protocol and r["model"] == model
+                and r["augment_copies"] == copies and r["augment_recipe"] == (recipe if copies else None)
+                and isinstance(r["seed"], int)]  # fmt: skip
+        if len(runs) < 2:
+            continue
+        mean = {**runs[0], "seed": "mean", "seeds": [r["seed"] for r in runs], "train_seconds": None}
+        for f in FIGURES:
+            if f in runs[0]:
+                vals = [r[f] for r in runs]
+                mean[f], mean[f + "_range"] = sum(vals) / len(vals), [min(vals), max(vals)]
+        out.append(mean)
+    return out
 
 
 def copies(r: dict) -> str:
     return f"{r['augment_copies']} {r['augment_recipe']}" if r["augment_copies"] else "0"
 
 
+def seed(r: dict) -> str:
+    if r.get("seed") == "mean":
+        return "mean of " + ",".join(map(str, r["seeds"]))
+    return "" if r.get("seed") is None else str(r["seed"])
+
+
 def print_table(rows: list[dict]) -> None:
-    print("| corpus | protocol | copies | model | test acc | EER | EER AS-norm | minDCF(0.01) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| corpus | protocol | copies | model | seed | test acc | EER | EER AS-norm | minDCF(0.01) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         acc = f"{100 * r['acc']:.2f} % ({r['n']})" if "acc" in r else ""
         eer = f"{100 * r['eer']:.2f} %" if "eer" in r else ""
         asn = f"{100 * r['eer_as_norm']:.2f} %" if "eer_as_norm" in r else ""
         dcf = f"{r['min_dcf_0.01']:.3f}" if "min_dcf_0.01" in r else ""
         print(
-            f"| {r['corpus']} | {r['protocol']} | {copies(r)} | {r['model']} | {acc} | {eer} | {asn} | {dcf} |"
+            f"| {r['corpus']} | {r['protocol']} | {copies(r)} | {r['model']} | {seed(r)} | {acc} | {eer} | {asn} "
+            f"| {dcf} |"
         )
 
 
