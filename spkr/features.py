@@ -187,6 +187,13 @@ def _mel_to_hz(m: torch.Tensor, scale: str) -> torch.Tensor:
     return torch.where(m >= min_log_mel, min_log_hz * torch.exp(logstep * (m - min_log_mel)), f_sp * m)
 
 
+def mel_centres(cfg: FeatureConfig) -> torch.Tensor:
+    """Centre frequency in Hz of each mel filter, (n_mels,)."""
+    m_min = _hz_to_mel(torch.tensor(float(cfg.f_min)), cfg.mel_scale)
+    m_max = _hz_to_mel(torch.tensor(float(cfg.f_max)), cfg.mel_scale)
+    return _mel_to_hz(torch.linspace(float(m_min), float(m_max), cfg.n_mels + 2), cfg.mel_scale)[1:-1]
+
+
 def mel_filterbank(cfg: FeatureConfig) -> torch.Tensor:
     """Triangular mel filters, (n_freqs, n_mels), unnormalised (torchaudio's norm=None)."""
     n_freqs = cfg.n_fft // 2 + 1

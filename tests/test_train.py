@@ -16,6 +16,7 @@ import torch
 
 from spkr import checkpoint as ck
 from spkr.config import ConfigError
+from spkr.features import FeatureConfig, mel_centres
 from spkr.run.configs import TrainConfig, load_configs
 from spkr.run.trainer import eq_augment, lr_factor, spec_augment
 from spkr.train import main, parse_args
@@ -77,27 +78,60 @@ def test_spec_augment_masks_within_lengths_only():
     assert (full_frames <= 2 * (lengths // 5) + (60 - lengths)).all()
 
 
-def test_eq_augment_adds_one_smooth_curve_per_utterance_within_lengths():
-    B, T, n_freq = 6, 50, 80
-    mel = torch.randn(B, T, n_freq)
+def _eq_batch(B=6, T=50, n_freq=80):
+    torch.manual_seed(1)
+    mel = 0.5 * torch.randn(B, T, n_freq)
     lengths = torch.tensor([50, 40, 30, 20, 10, 1])
-    std = torch.linspace(5.0, 15.0, n_freq)  # dB per bin
-    assert eq_augment(mel, lengths, TrainConfig(), std) is mel  # off by default
+    stats = {
+        "mean": torch.linspace(-30.0, -60.0, n_freq).tolist(),
+        "std": torch.linspace(5.0, 15.0, n_freq).tolist(),
+    }
+    return mel, lengths, stats
+
+
+def _in_db(mel, stats):
+    return mel * torch.tensor(stats["std"]) + torch.tensor(stats["mean"])
+
+
+def test_eq_augment_adds_one_smooth_curve_in_db_per_utterance_within_lengths():
+    mel, lengths, stats = _eq_batch()
+    features = FeatureConfig()
+    assert eq_augment(mel, lengths, TrainConfig(), stats, features) is mel  # off by default
     torch.manual_seed(0)
-    out = eq_augment(mel, lengths, TrainConfig(eq_db=6.0), std)
-    offset = out - mel
+    out = eq_augment(mel, lengths, TrainConfig(eq_db=6.0), stats, features)
+    offset = _in_db(out, stats) - _in_db(mel, stats)  # dB
     for b, n in enumerate(lengths.tolist()):
-        assert torch.all(offset[b, n:] == 0)  # padding untouched
+        assert torch.equal(out[b, n:], mel[b, n:])  # padding untouched
         rows = offset[b, :n]
-        assert torch.allclose(rows, rows[0].expand_as(rows), atol=1e-5)  # one curve for the whole utterance
-        curve_db = rows[0] * std  # back in dB
-        assert curve_db.abs().max() <= 6.0 * (1 + 3) + 1e-4  # tilt + 3 bumps, each <= eq_db
-        assert curve_db.abs().max() > 0.1
-        assert curve_db.diff().abs().max() < 6.0 * 4 * 0.5  # smooth: no bin-to-bin jump of a full gain
-    first = offset[:, 0]
-    assert not torch.allclose(first[0], first[1])  # a different curve per utterance
+        assert torch.allclose(rows, rows[0].expand_as(rows), atol=1e-4)  # one curve for the utterance
+        curve = rows[0]
+        assert 0.1 < curve.abs().max() <= 6.0 * (1 + 3) + 1e-3  # tilt + 3 bumps, each <= eq_db
+        assert curve.diff().abs().max() < 6.0  # smooth: no bin-to-bin jump of a whole gain
+    assert not torch.allclose(offset[0, 0], offset[1, 0])  # a different curve per utterance
     torch.manual_seed(0)
-    assert torch.equal(eq_augment(mel, lengths, TrainConfig(eq_db=6.0), std), out)  # seeded by the torch RNG
+    assert torch.equal(eq_augment(mel, lengths, TrainConfig(eq_db=6.0), stats, features), out)  # torch RNG
+
+
+def test_eq_augment_band_limits_attenuate_the_band_edges_down_to_the_floor():
+    mel, lengths, stats = _eq_batch()
+    features = FeatureConfig()  # 80 mels, 20-7600 Hz, top_db 80
+    hz = mel_centres(features)
+    assert hz.shape == (80,) and 20 < hz[0] < hz[-1] < 7600
+    torch.manual_seed(0)
+    cfg = TrainConfig(eq_lowpass_hz=500.0, eq_highpass_hz=300.0)
+    out = eq_augment(mel, lengths, cfg, stats, features)
+    before, after = _in_db(mel, stats), _in_db(out, stats)
+    for b, n in enumerate(lengths.tolist()):
+        drop = (before[b, :n] - after[b, :n]).min(dim=0).values  # least attenuation per bin, dB
+        assert (drop >= -1e-3).all()  # a filter only removes energy
+        assert drop[-1] > 3.0 and drop[0] > 3.0  # both edges lie beyond their cutoffs (<= f_max, >= f_min)
+        peak = before[b, :n].max()
+        assert after[b, :n].min() >= peak - features.top_db - 1e-3  # floored like the features
+        mid = int((hz - 400).abs().argmin())  # inside [highpass <= 300, lowpass >= 500] for every draw
+        assert drop[mid] < 6.1  # two 4th-order edges: at most 3 dB each at the band's edges
+        assert torch.equal(out[b, n:], mel[b, n:])
+    with pytest.raises(ValueError, match="eq_lowpass_hz"):
+        TrainConfig(eq_lowpass_hz=-1.0)
     with pytest.raises(ValueError, match="eq_db"):
         TrainConfig(eq_db=-1.0)
 

@@ -48,7 +48,9 @@ class TrainConfig:
     time_masks: int = 0  # SpecAugment: this many time masks per training utterance ...
     time_mask_width: int = 20  # ... each up to this many frames long
     eq_db: float = 0.0  # random microphone EQ: per training utterance a smooth gain curve over the mel
-    #   bins (tilt + 3 bumps, each gain uniform in +-eq_db dB) added to its log-mels (0 = off)
+    #   bins (tilt + 3 bumps, each gain uniform in +-eq_db dB) added to its log-mels (0 = off) ...
+    eq_lowpass_hz: float = 0.0  # ... and a band limit: a low-pass at a cutoff log-uniform in [this, f_max]
+    eq_highpass_hz: float = 0.0  # ... and a high-pass at a cutoff log-uniform in [f_min, this] (0 = off)
     num_workers: int = 2  # DataLoader workers per rank
     seed: int = 0
     dtype: str = "auto"  # "auto" | "bf16" | "fp16" | "fp32" (spkr.run.distributed.resolve_dtype)
@@ -74,6 +76,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.eq_db <= 40:
             raise ValueError(f"eq_db must be in [0, 40] dB, got {self.eq_db}")
+        if self.eq_lowpass_hz < 0 or self.eq_highpass_hz < 0:
+            raise ValueError("eq_lowpass_hz and eq_highpass_hz must be >= 0 (0 = off)")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("need lr > 0 and 0 <= min_lr_ratio <= 1")
 

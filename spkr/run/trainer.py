@@ -70,35 +70,65 @@ def spec_augment(mel: torch.Tensor, lengths: torch.Tensor, cfg: TrainConfig) -> 
 
 
 EQ_BUMPS = 3  # Gaussian bumps of the random EQ curve (besides its tilt)
+EQ_ORDER = 4  # Butterworth order of the random band limit (24 dB per octave beyond the cutoff)
+
+
+def eq_active(cfg: TrainConfig) -> bool:
+    return bool(cfg.eq_db or cfg.eq_lowpass_hz or cfg.eq_highpass_hz)
 
 
 def eq_augment(
-    mel: torch.Tensor, lengths: torch.Tensor, cfg: TrainConfig, std_db: torch.Tensor
+    mel: torch.Tensor, lengths: torch.Tensor, cfg: TrainConfig, stats: dict, features
 ) -> torch.Tensor:
-    """Random microphone EQ of a normalised (B, T, F) batch: per utterance a smooth gain curve g(f) in
-    dB over the mel axis x = f / (F - 1) in [0, 1] -- a tilt a * (2x - 1) plus ``EQ_BUMPS`` Gaussian bumps
-    b * exp(-(x - c)^2 / 2w^2), a and b uniform in [-eq_db, eq_db], c in [0, 1], w in [0.03, 0.15] --
-    added to its log-mels within its length. The batch is normalised per bin, so the curve is divided by
-    each bin's std (``std_db``, (F,), the loader's normalisation). A log-mel is the log of the power
-    spectrum, so a linear filter (microphone, EQ, telephone band) is an additive per-bin offset: this
-    teaches the embedding to ignore a fixed colouring without removing each speaker's own spectrum as
-    per-utterance mean normalisation (``input_norm = "utterance"``) does. Global torch RNG (saved in
+    """Random microphone of a normalised (B, T, F) batch. A linear filter (microphone, EQ, a telephone
+    or codec band) multiplies the power spectrum, so it adds a per-bin offset g(f) in dB to the log-mels;
+    per utterance, with x = f / (F - 1) in [0, 1] and h the mel centre in Hz:
+
+        g = a (2x - 1) + sum of EQ_BUMPS  b exp(-(x - c)^2 / 2w^2)     (``eq_db``: a, b in +-eq_db dB,
+                                                                         c in [0, 1], w in [0.03, 0.15])
+            - 10 log10(1 + (h / lp)^8)     (``eq_lowpass_hz``: lp log-uniform in [eq_lowpass_hz, f_max])
+            - 10 log10(1 + (hp / h)^8)     (``eq_highpass_hz``: hp log-uniform in [f_min, eq_highpass_hz])
+
+    added in dB (``stats``: the loader's per-bin mean/std; ``features``: the shards' FeatureConfig) within
+    the utterance's length, floored like the features at (its peak - top_db). This teaches the embedding
+    to ignore a recording's colouring and bandwidth without removing each speaker's own average spectrum
+    as per-utterance mean normalisation (``input_norm = "utterance"``) does. Global torch RNG (saved in
     checkpoints), like :func:`spec_augment`."""
-    if cfg.eq_db <= 0:
+    if not eq_active(cfg):
         return mel
+    from spkr.features import mel_centres
+
     B, T, n_freq = mel.shape
     x = torch.linspace(0.0, 1.0, n_freq)[None, :]
+    hz = mel_centres(features)[None, :]
+    curve = torch.zeros(B, n_freq)
 
-    def gain() -> torch.Tensor:
-        return (torch.rand(B, 1) * 2 - 1) * cfg.eq_db
+    def log_uniform(lo: float, hi: float) -> torch.Tensor:
+        return torch.exp(math.log(lo) + torch.rand(B, 1) * (math.log(hi) - math.log(lo)))
 
-    curve = gain() * (2 * x - 1)
-    for _ in range(EQ_BUMPS):
-        b, c, w = gain(), torch.rand(B, 1), 0.03 + 0.12 * torch.rand(B, 1)
-        curve = curve + b * torch.exp(-0.5 * ((x - c) / w) ** 2)
-    inside = torch.arange(T)[None, :] < lengths.cpu()[:, None]  # (B, T)
-    offset = (curve / std_db.cpu()[None, :])[:, None, :] * inside[:, :, None]  # (B, T, F)
-    return mel + offset.to(mel.device, mel.dtype)
+    if cfg.eq_db:
+
+        def gain() -> torch.Tensor:
+            return (torch.rand(B, 1) * 2 - 1) * cfg.eq_db
+
+        curve = curve + gain() * (2 * x - 1)
+        for _ in range(EQ_BUMPS):
+            b, c, w = gain(), torch.rand(B, 1), 0.03 + 0.12 * torch.rand(B, 1)
+            curve = curve + b * torch.exp(-0.5 * ((x - c) / w) ** 2)
+    if cfg.eq_lowpass_hz:
+        lp = log_uniform(min(cfg.eq_lowpass_hz, features.f_max), features.f_max)
+        curve = curve - 10 * torch.log10(1 + (hz / lp) ** (2 * EQ_ORDER))
+    if cfg.eq_highpass_hz:
+        f_min = max(features.f_min, 1.0)
+        hp = log_uniform(f_min, max(cfg.eq_highpass_hz, f_min))
+        curve = curve - 10 * torch.log10(1 + (hp / hz) ** (2 * EQ_ORDER))
+    device = mel.device
+    mean, std = (torch.tensor(stats[k], dtype=torch.float32, device=device) for k in ("mean", "std"))
+    inside = (torch.arange(T, device=device)[None, :] < lengths[:, None])[:, :, None]  # (B, T, 1)
+    db = mel.float() * std + mean
+    peak = db.masked_fill(~inside, -math.inf).amax(dim=(1, 2), keepdim=True)  # (B, 1, 1)
+    coloured = torch.maximum(db + curve.to(device)[:, None, :], peak - features.top_db)
+    return torch.where(inside, ((coloured - mean) / std).to(mel.dtype), mel)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -224,7 +254,7 @@ class Trainer:
     shards: str
     thresholds: dict | None = None  # verification thresholds of the last validation (protocol open)
     clock: PhaseClock = field(default_factory=PhaseClock)  # step phase timing (spkr.run.phases)
-    feature_std: torch.Tensor | None = None  # (F,) dB per mel bin of the loader's normalisation (eq_augment)
+    eq_stats: dict | None = None  # the loader's normalisation {"mean", "std"} when eq_augment is on
 
     @property
     def last(self) -> Path:
@@ -249,10 +279,10 @@ def build(model_cfg, cfg: TrainConfig, env: DistEnv, data: Data, amp_dtype, logg
         optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.min_lr_ratio)
     )
     weights = torch.tensor(manifest.class_weights, dtype=torch.float32, device=env.device)
-    std = torch.tensor(normalisation(manifest, manifest.feature_config.n_mels)["std"]) if cfg.eq_db else None
+    eq_stats = normalisation(manifest, manifest.feature_config.n_mels) if eq_active(cfg) else None
     return Trainer(
         cfg, model_cfg, env, data, model, model, optimizer, scheduler, make_scaler(env.device, amp_dtype),
-        weights if cfg.class_weighted else None, amp_dtype, logger, Path(out), str(shards), feature_std=std,
+        weights if cfg.class_weighted else None, amp_dtype, logger, Path(out), str(shards), eq_stats=eq_stats,
     )  # fmt: skip
 
 
@@ -330,8 +360,8 @@ def micro_step(t: Trainer, batch: dict, group_size: int, sync: bool) -> tuple[fl
     mel = batch["mel"].to(device, non_blocking=True).float()
     lengths = batch["lengths"].to(device, non_blocking=True)
     y = batch["labels"].to(device, non_blocking=True)
-    if t.cfg.eq_db > 0:
-        mel = eq_augment(mel, lengths, t.cfg, t.feature_std)
+    if t.eq_stats is not None:
+        mel = eq_augment(mel, lengths, t.cfg, t.eq_stats, t.data.manifest.feature_config)
     mel = spec_augment(mel, lengths, t.cfg)
     no_sync = t.env.ddp and not sync
     with t.model.no_sync() if no_sync else contextlib.nullcontext():
