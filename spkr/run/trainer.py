@@ -36,6 +36,7 @@ from spkr import storage
 from spkr.checkpoint import load as load_checkpoint
 from spkr.checkpoint import rng_state, save_atomic, to_plain
 from spkr.config import to_dict
+from spkr.features import mel_centres
 from spkr.run import TrainError
 from spkr.run import checkpoint as state
 from spkr.run.checkpoint import Position
@@ -96,8 +97,6 @@ def eq_augment(
     checkpoints), like :func:`spec_augment`."""
     if not eq_active(cfg):
         return mel
-    from spkr.features import mel_centres
-
     B, T, n_freq = mel.shape
     x = torch.linspace(0.0, 1.0, n_freq)[None, :]
     hz = mel_centres(features)[None, :]
