@@ -164,13 +164,13 @@ def check_dataset(ckpt: dict, manifest, what: str, *, allow_other_dataset: bool 
 def inference_config(ckpt: dict, device: str | torch.device = "cpu", backend: str = "auto"):
     """The checkpoint's ModelConfig with the Mamba backend to run it with on ``device``.
 
-    The backend (model_config "backend": torch | mamba_ssm | auto) only picks the scan kernel; both run
-    the same parameters (spkr.models.mamba), so this is the one place that chooses it for inference,
-    whatever the checkpoint was trained with: ``backend="auto"`` (default) = mamba_ssm's kernels when
-    ``device`` is CUDA and they import, else the pure-torch scan -- a mamba_ssm-trained checkpoint
-    evaluates on CPU, a torch-trained one uses the kernels on a GPU. ``"torch"`` forces the pure-torch
-    scan; ``"mamba_ssm"`` insists on the kernels (BackendUnavailable where they cannot run). The
-    returned ``backend`` is concrete: "torch" | "mamba_ssm"."""
+    The backend (model_config "backend": auto | torch | triton | mamba_ssm) only picks the scan kernel;
+    all run the same parameters (spkr.models.mamba), so this is the one place that chooses it for
+    inference, whatever the checkpoint was trained with: ``backend="auto"`` (default) = on CUDA
+    mamba_ssm's kernels if they import, else spkr's Triton scan, else the pure-torch scan; elsewhere the
+    pure-torch scan -- a GPU-trained checkpoint evaluates on CPU, a CPU-trained one uses the kernels on a
+    GPU. ``"torch"``, ``"triton"``, ``"mamba_ssm"`` insist on one (BackendUnavailable where it cannot
+    run). The returned ``backend`` is concrete: "torch" | "triton" | "mamba_ssm"."""
     import dataclasses
 
     from spkr.config import from_dict

@@ -18,6 +18,7 @@ import torch
 from spkr.checkpoint import build_model_from_checkpoint, load, resolve_device, save_atomic
 from spkr.config import from_dict
 from spkr.models import BackendUnavailable, ModelConfig, build_model, mamba_ssm_available
+from spkr.models.mamba import triton_scan_available
 from tests.runkit import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +31,10 @@ PAIRS = [("mamba-ssm", "mamba-torch"), ("mamba2-torch", "mamba2-torch")]
 
 def _train_config(name: str, dst: Path) -> Path:
     """The bundled config ``name`` with backend "torch" (what trains on this CPU-only machine)."""
-    text = (CONFIGS / f"{name}.toml").read_text().replace('backend = "mamba_ssm"', 'backend = "torch"')
+    text = (CONFIGS / f"{name}.toml").read_text()
+    text = text.replace('backend = "mamba_ssm"', 'backend = "torch"').replace(
+        'backend = "auto"', 'backend = "torch"'
+    )
     dst.write_text(text)
     assert from_dict(ModelConfig, tomllib.loads(text)["model"], "cfg").backend == "torch"
     return dst
@@ -73,7 +77,8 @@ def _reference(ckpt: dict, torch_config: str):
     """The pure-torch model of the same architecture (its config file, not the checkpoint's) with the
     checkpoint's weights: load_state_dict is strict, so names and shapes must match."""
     cfg = ModelConfig.from_toml(CONFIGS / f"{torch_config}.toml")
-    assert cfg.backend == "torch"
+    assert cfg.backend in ("auto", "torch")
+    cfg.backend = "torch"  # the pure-torch scan, whatever "auto" would pick on this machine
     model = build_model(cfg, N_MELS, len(ckpt["labels"]))
     model.load_state_dict(ckpt["model"])
     return model.eval()
@@ -105,6 +110,7 @@ def test_backends_share_parameter_names_and_shapes(name, torch_name):
     ref = build_model(ModelConfig.from_toml(CONFIGS / f"{torch_name}.toml"), N_MELS, 5).state_dict()
     want = {k: v.shape for k, v in ref.items()}
     backends = ["torch", "auto"] + (["mamba_ssm"] if mamba_ssm_available() is None else [])
+    backends += ["triton"] if triton_scan_available() is None else []
     for backend in backends:
         model = build_model(ModelConfig(**{**cfg.__dict__, "backend": backend}), N_MELS, 5)
         assert {k: v.shape for k, v in model.state_dict().items()} == want, backend

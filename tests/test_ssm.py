@@ -151,6 +151,31 @@ def test_causal_conv_backward_is_bitwise_autograd(dtype, l):
         assert torch.equal(_causal_conv(conv, x[:, :1]), ours[:, :1])
 
 
+@pytest.mark.parametrize("cls", ["conv", Mamba1, Mamba2])
+def test_compiled_gradients_equal_eager_ones(cls):
+    """torch.compile'd training must get the eager gradients: with torch 2.11 the causal conv's
+    autograd.Function (then updating its output in place) got zero gradients for x, w and bias when
+    compiled. aot_eager: the same autograd tracing as inductor, without code generation."""
+    from spkr.models.mamba import _causal_conv
+
+    torch.manual_seed(0)
+    if cls == "conv":
+        conv = torch.nn.Conv1d(12, 12, 4, groups=12, padding=3)
+        module, u = (lambda x: _causal_conv(conv, x)), torch.randn(2, 30, 12)
+        params = dict(conv.named_parameters())
+    else:
+        layer = cls(16, d_state=8, headdim=8, backend="torch") if cls is Mamba2 else cls(16, d_state=4)
+        module, u, params = layer, torch.randn(2, 30, 16), dict(layer.named_parameters())
+    results = []
+    for fn in (module, torch.compile(module, backend="aot_eager", dynamic=True)):
+        x = u.clone().requires_grad_()
+        y = fn(x)
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        results.append(torch.autograd.grad((y * w).sum(), [x, *params.values()]))
+    for name, a, b in zip(["input", *params], *results):
+        assert b.abs().max() > 0 and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * a.abs().max()), name
+
+
 def _mamba2_inputs(b, l, h, p, n, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, l, h, p, generator=g)

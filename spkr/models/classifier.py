@@ -280,7 +280,7 @@ class SpeakerClassifier(nn.Module):
         return param_groups(self, weight_decay)
 
     def backend_name(self) -> str:
-        """ "transformer", or the SSM backend used for this model's device: "torch" | "mamba_ssm"."""
+        """ "transformer", or the SSM backend used for this model's device: "torch" | "triton" | "mamba_ssm"."""
         if self.cfg.arch == "transformer":
             return "transformer"
         return resolve_backend(self.cfg.backend, self.embedding.weight.device)
@@ -357,5 +357,5 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_model(cfg: ModelConfig, n_mels: int, n_classes: int) -> SpeakerClassifier:
-    """The classifier for ``cfg`` (raises BackendUnavailable for backend='mamba_ssm' without mamba_ssm)."""
+    """The classifier for ``cfg`` (raises BackendUnavailable for a backend that cannot be imported here)."""
     return SpeakerClassifier(cfg, n_mels, n_classes)

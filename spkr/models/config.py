@@ -8,7 +8,7 @@ from pathlib import Path
 from spkr.config import ConfigError, from_dict, load_toml
 
 ARCHS = ("mamba", "mamba2", "transformer")
-BACKENDS = ("auto", "torch", "mamba_ssm")
+BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
 POOLINGS = ("mean", "attentive_stats")
 HEADS = ("softmax", "aam")
 INPUT_NORMS = ("none", "utterance")
@@ -27,9 +27,9 @@ class ModelConfig:
     headdim: int = 32  # Mamba-2 head dim p (d_inner must be a multiple)
     chunk_size: int = 0  # scan chunk; 0 = auto (8 for mamba, 64 for mamba2)
     bidirectional: bool = True  # forward + within-length-reversed backward Mamba per layer, summed
-    backend: str = (
-        "auto"  # "auto" | "torch" | "mamba_ssm" (CUDA kernels; "auto" uses them on CUDA if importable)
-    )
+    # Mamba scan kernel: "auto" | "torch" | "triton" | "mamba_ssm" (spkr.models.mamba says which is which;
+    # "auto" = mamba_ssm, else triton, on CUDA; torch elsewhere). Weights are the same for every backend.
+    backend: str = "auto"
     # input: "none" (the loader's global per-bin normalisation only) | "utterance" (also subtract each
     # utterance's mean log-mel per bin over its valid frames: cepstral mean normalisation, which removes a
     # fixed channel colouring -- microphone, room EQ -- the way Kaldi's x-vector recipe does with CMN)

@@ -1,15 +1,21 @@
-"""Mamba-1 and Mamba-2 mixer blocks (pure PyTorch; optional ``mamba_ssm`` CUDA kernels).
+"""Mamba-1 and Mamba-2 mixer blocks (pure PyTorch, spkr's Triton scan, or ``mamba_ssm``'s CUDA kernels).
 
 Parameter names follow ``mamba_ssm`` / ``mambapy`` (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj;
 Mamba-2: in_proj, conv1d, dt_bias, A_log, D, norm, out_proj) so weights can be copied across.
 
-Backends: ``"torch"`` always uses :mod:`spkr.models.ssm`; ``"mamba_ssm"`` requires the package (checked
-at construction, clear error) and CUDA tensors; ``"auto"`` uses mamba_ssm only when it imports *and* the
-input is on CUDA. ``mamba_ssm`` is imported lazily, never at module import. The backend chooses only the
-scan kernel: both run the very same parameters of the same module (the mamba_ssm calls below take
-``dt_proj.weight`` / ``dt_proj.bias``, ``A_log``, ``D``, ``dt_bias`` exactly as the torch path does), so
-a state dict trained with one backend loads and runs with the other (spkr.checkpoint picks the backend
-for the inference device).
+Backends choose only the scan kernel; every backend runs the very same parameters of the same module (the
+mamba_ssm calls below take ``dt_proj.weight`` / ``dt_proj.bias``, ``A_log``, ``D``, ``dt_bias`` exactly as
+the other paths do), so a state dict trained with one loads and runs with any other (spkr.checkpoint
+picks the backend for the inference device):
+
+    "torch"      :mod:`spkr.models.ssm`'s fast paths (the Mamba-1 one is written for CPU caches); anywhere
+    "triton"     Mamba-1: :mod:`spkr.models.scan_triton` (chunked parallel scan; Triton ships with torch's
+                 CUDA builds, nothing to compile); Mamba-2: ssm's chunked SSD, which torch.compile fuses.
+                 CUDA tensors (CPU tensors only under ``TRITON_INTERPRET=1``, for tests)
+    "mamba_ssm"  the ``mamba_ssm`` package's kernels (a source build); CUDA tensors
+    "auto"       on CUDA: mamba_ssm if it imports, else triton if it imports, else torch; elsewhere torch
+
+``mamba_ssm`` and Triton are imported lazily, never at module import.
 
 Shapes: u (b, l, d_model) -> (b, l, d_model); the blocks are causal along l.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -25,6 +32,7 @@ import torch.nn.functional as F
 
 from spkr.config import ConfigError
 from spkr.models import ssm
+from spkr.models.config import BACKENDS
 
 
 class BackendUnavailable(ConfigError, RuntimeError):
@@ -43,31 +51,53 @@ def mamba_ssm_available() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def triton_scan_available() -> str | None:
+    """None if spkr's Triton scan (and so Triton) imports, else the reason why not."""
+    try:
+        import spkr.models.scan_triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising something else
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``): CPU tensors then
+    run the Triton scan (slowly; tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def check_backend(backend: str) -> None:
     """Raise BackendUnavailable if ``backend`` can never work on this machine."""
-    if backend not in ("auto", "torch", "mamba_ssm"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'mamba_ssm', got {backend!r}")
-    if backend == "mamba_ssm":
-        why = mamba_ssm_available()
-        if why is not None:
-            raise BackendUnavailable(
-                "backend='mamba_ssm' requested but mamba_ssm cannot be imported "
-                f"({why}); install the CUDA extra (pip install 'spkr[cuda]') on a CUDA machine, "
-                "or use backend='auto' / 'torch'"
-            )
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    why = {"mamba_ssm": mamba_ssm_available, "triton": triton_scan_available}.get(backend, lambda: None)()
+    if why is not None:
+        fix = {
+            "mamba_ssm": "install the CUDA extra (pip install 'spkr[cuda]') on a CUDA machine",
+            "triton": "install torch's CUDA build (it ships Triton)",
+        }[backend]
+        raise BackendUnavailable(
+            f"backend={backend!r} requested but it cannot be imported ({why}); {fix}, "
+            "or use backend='auto' / 'torch'"
+        )
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend actually used for tensors on ``device``: "torch" or "mamba_ssm"."""
+    """The backend actually used for tensors on ``device``: "torch", "triton" or "mamba_ssm"."""
     if backend == "torch":
         return "torch"
     on_cuda = device.type == "cuda"
-    if backend == "mamba_ssm":
+    if backend in ("mamba_ssm", "triton"):
         check_backend(backend)
-        if not on_cuda:
-            raise BackendUnavailable("backend='mamba_ssm' needs CUDA tensors; got device " + str(device))
+        if not (on_cuda or (backend == "triton" and device.type == "cpu" and triton_interpreted())):
+            raise BackendUnavailable(f"backend={backend!r} needs CUDA tensors; got device {device}")
+        return backend
+    if not on_cuda:
+        return "torch"
+    if mamba_ssm_available() is None:
         return "mamba_ssm"
-    return "mamba_ssm" if on_cuda and mamba_ssm_available() is None else "torch"
+    return "triton" if triton_scan_available() is None else "torch"
 
 
 class RMSNorm(nn.Module):
@@ -108,11 +138,13 @@ class _CausalConv(torch.autograd.Function):
         l, K = x.shape[1], w.shape[1]
         xp = F.pad(x, (0, 0, K - 1, 0))  # K-1 zero frames in front
         y = xp[:, 0:l] * w[:, 0]
+        # out of place: under torch 2.11's torch.compile, in-place updates of y here left x, w and bias
+        # with zero gradients (tests/test_ssm.py checks the compiled gradients against eager ones)
         for k in range(1, K):
-            y = y.addcmul_(xp[:, k : k + l], w[:, k])  # in place: one (b, l, d) buffer, not 2K-1
+            y = torch.addcmul(y, xp[:, k : k + l], w[:, k])
         ctx.save_for_backward(xp, w)
         ctx.has_bias = bias is not None
-        return y.add_(bias) if bias is not None else y
+        return y + bias if bias is not None else y
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
@@ -185,14 +217,18 @@ class Mamba1(nn.Module):
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
             delta = F.linear(dt_r, self.dt_proj.weight)  # bias + softplus fused in the kernel
+
+            def channels_first(t):  # the kernel wants (b, d, l) and one dtype for x, delta, B, C, z:
+                return t.transpose(1, 2).to(delta.dtype).contiguous()  # autocast's (the conv gives fp32)
+
             y = selective_scan_fn(
-                x.transpose(1, 2).contiguous(),
-                delta.transpose(1, 2).contiguous(),
+                channels_first(x),
+                channels_first(delta),
                 A,
-                B.transpose(1, 2).contiguous(),
-                C.transpose(1, 2).contiguous(),
+                channels_first(B),
+                channels_first(C),
                 self.D.float(),
-                z=z.transpose(1, 2).contiguous(),
+                z=channels_first(z),
                 delta_bias=self.dt_proj.bias.float(),
                 delta_softplus=True,
             ).transpose(1, 2)
@@ -200,6 +236,10 @@ class Mamba1(nn.Module):
         dt = F.softplus(self.dt_proj(dt_r).float())  # (b, l, d)
         if scan == "ref":
             y = ssm.selective_scan_ref(x, dt, A, B, C, self.D)
+        elif self.backend_name(u.device) == "triton":
+            from spkr.models.scan_triton import selective_scan_triton
+
+            y = selective_scan_triton(x, dt, A, B, C, self.D)
         else:
             y = ssm.selective_scan_chunked(x, dt, A, B, C, self.D, chunk_size=self.chunk_size)
         y = y * F.silu(z.float())

@@ -148,7 +148,8 @@ def resolve_config(spec: str) -> Path:
 
 def default_config(device_arg: str | None) -> tuple[str, str]:
     """(bundled config name, why) used without ``--config``: mamba-ssm where its CUDA kernels run,
-    else the pure-PyTorch Mamba-1 with the same weights, mamba-torch."""
+    else mamba-torch, the Mamba-1 with the same weights and no compiled extension (spkr's Triton scan on
+    CUDA, the pure-torch scan on CPU)."""
     if not wants_cuda(device_arg):
         return "mamba-torch", "default for cpu; mamba-ssm needs CUDA"
     from spkr.models import mamba_ssm_available
@@ -156,7 +157,7 @@ def default_config(device_arg: str | None) -> tuple[str, str]:
     why = mamba_ssm_available()
     if why is None:
         return "mamba-ssm", "default for cuda with the mamba_ssm kernels"
-    return "mamba-torch", f"default for cuda without mamba_ssm: {why}"
+    return "mamba-torch", f"default for cuda without mamba_ssm, spkr's Triton scan: {why}"
 
 
 def config_source(args) -> tuple[Path, str]:
