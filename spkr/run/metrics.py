@@ -8,6 +8,7 @@ metrics.jsonl holds one JSON object per line, appended (a killed run leaves at m
      "data_wait"}                       # means over the steps since the previous train row
         + "phases": {"data_wait", "forward", "backward", "allreduce", "optimizer", "other"},
           "allreduce_inflight"          # seconds per optimizer step (spkr.run.phases; CPU runs)
+        + "gpu_mem_peak_gib"            # CUDA runs: this rank's peak allocated GPU memory so far
     {"kind": "valid" | "test", "time", "epoch", "step", "loss", "acc", "n",
      "dataset_id", "weights", "eval_dtype"}   # + "verification" on the test row
     {"kind": "valid", ..., "verification": {"split": "valid-verify", "eer", "min_dcf_0.01",
@@ -25,6 +26,8 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from spkr.checkpoint import weights_fingerprint
 from spkr.run.distributed import dtype_name
@@ -113,6 +116,8 @@ class TrainWindow:
         and ``allreduce_inflight`` given :meth:`spkr.run.phases.PhaseClock.take`'s result)."""
         dt = time.perf_counter() - self.start
         extra = {"phases": phases[0], "allreduce_inflight": phases[1]} if phases is not None else {}
+        if torch.cuda.is_initialized():
+            extra["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return {
             "kind": "train",
             "time": time.time(),

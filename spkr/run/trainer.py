@@ -189,7 +189,7 @@ def build_data(shards: str, cfg: TrainConfig, env: DistEnv, storage_options: dic
     train = SpeakerLoader(
         shards, "train", cfg.batch_size, train=True, seed=cfg.seed, rank=env.rank, world_size=env.world,
         num_workers=cfg.num_workers, crop_frames=cfg.crop_frames or None, normalize=True, dtype="float16",
-        storage_options=storage_options,
+        storage_options=storage_options, pin_memory=env.device.type == "cuda",
     )  # fmt: skip
     evals = [
         eval_loader(
