@@ -41,12 +41,13 @@ import numpy as np
 import torch
 
 from spkr import atomic
+from spkr.errors import SpkrError
 
 FORMAT = "spkr-checkpoint"
 VERSION = 2
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SpkrError, RuntimeError):
     """A checkpoint that is missing, unreadable, unsafe or from something else."""
 
 

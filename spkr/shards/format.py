@@ -63,6 +63,7 @@ import numpy as np
 from spkr import atomic, storage
 from spkr.augment import COPY_SEPARATOR
 from spkr.corpus.protocols import CLASSIFICATION, CLOSED, PROTOCOLS, TRIALS_DIR, VERIFICATION, trials_path
+from spkr.errors import SpkrError
 from spkr.features import FeatureConfig
 
 FORMAT = "spkr-shards"
@@ -90,7 +91,7 @@ SIDECAR_SUFFIX = ".json"  # shard-000000.tar -> shard-000000.tar.json
 MEMBER_EXTS = ("cls", "json", "mel.npy")
 
 
-class ManifestError(ValueError):
+class ManifestError(SpkrError, ValueError):
     """A manifest that is missing, malformed, or inconsistent with its shards."""
 
 
