@@ -664,6 +664,12 @@ class Manifest:
             raise ManifestError(
                 f"{where}: per-sample checksum {d.get('sample_checksum')!r} (this spkr checks {SAMPLE_CHECKSUM!r})"
             )
+        fingerprint = self.feature_config.fingerprint()
+        if d["feature_fingerprint"] != fingerprint:
+            raise ManifestError(
+                f"{where}: feature_fingerprint {d['feature_fingerprint']} does not match its feature_config "
+                f"({fingerprint}): the manifest was edited; re-run python -m spkr.tools.shard"
+            )
         expected = dataset_id(
             d["feature_fingerprint"],
             d["feature_backend"],
