@@ -268,6 +268,9 @@ class PackedStrs(Sequence):
 
 _PACKED = (PackedInts, PackedStrs)
 _MAPPED: dict[tuple, np.ndarray] = {}  # (path, device, inode, mtime, size) -> this process's map of it
+# Maps the cache keeps (oldest dropped first; arrays still in use keep their own map): one open file
+# each, so a process that loads many shard sets does not run out of file descriptors.
+MAPPED_MAX = 256
 
 
 def _map_file(path: str, size: int) -> np.ndarray:
@@ -293,6 +296,8 @@ def _map_file(path: str, size: int) -> np.ndarray:
         for old in [k for k in _MAPPED if k[0] == path]:  # a replaced file: its views keep their map
             del _MAPPED[old]
         _MAPPED[key] = arr
+        while len(_MAPPED) > MAPPED_MAX:
+            del _MAPPED[next(iter(_MAPPED))]
     return arr
 
 
