@@ -57,6 +57,7 @@ import numpy as np
 import soundfile as sf
 
 from spkr.config import from_dict
+from spkr.errors import SpkrError
 from spkr.features import AudioError, resample
 
 KINDS: tuple[str, ...] = ("speed", "reverb", "noise", "music", "babble")  # also the order of chained steps
@@ -66,7 +67,7 @@ COPY_SEPARATOR = "~aug"
 SPEED_SEPARATOR = "@sp"
 
 
-class AugmentError(ValueError):
+class AugmentError(SpkrError, ValueError):
     """An augmentation config or source folder that cannot be used; the message says what and where."""
 
 

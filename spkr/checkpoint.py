@@ -34,6 +34,7 @@ from __future__ import annotations
 import io
 import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,13 @@ import numpy as np
 import torch
 
 from spkr import atomic
+from spkr.errors import SpkrError
 
 FORMAT = "spkr-checkpoint"
 VERSION = 2
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SpkrError, RuntimeError):
     """A checkpoint that is missing, unreadable, unsafe or from something else."""
 
 
@@ -76,11 +78,24 @@ def save_atomic(obj: dict, *paths: str | Path) -> None:
         atomic.write_bytes(path, data)
 
 
+def check_archive(path: Path) -> None:
+    """Every member of the checkpoint's zip archive against its CRC-32 (torch.load checks none, so a
+    flipped bit in a tensor would load as a different weight); CheckpointError naming the member."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as e:  # not a zip, truncated, a broken directory, a corrupt deflate stream
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: checkpoint is corrupt: member {bad!r} fails its CRC-32 check")
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint with ``weights_only=True``; anything else is refused with CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    check_archive(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

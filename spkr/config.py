@@ -15,10 +15,12 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from spkr.errors import SpkrError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(SpkrError, ValueError):
     """A config file or mapping that does not fit its dataclass (unknown key, wrong type)."""
 
 

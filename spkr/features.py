@@ -26,6 +26,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from spkr.errors import SpkrError
+
 AMIN = 1e-10  # power floor before log10, as torchaudio's AmplitudeToDB(stype="power")
 
 
@@ -85,7 +87,7 @@ class FeatureConfig:
         return self.n_fft
 
 
-class AudioError(ValueError):
+class AudioError(SpkrError, ValueError):
     """An audio file that cannot become features; the message names the file and the problem."""
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spkr.errors import SpkrError
 from spkr.scoring import l2_normalize
 
 FORMAT = "spkr-gallery"
@@ -50,7 +51,7 @@ FIELDS = ("format", "version", "names", "embeddings", "counts", "weights_fingerp
 OPTIONAL_FIELDS = ("checkpoint", "checkpoint_relative")  # where the model is (absent in older files)
 
 
-class GalleryError(ValueError):
+class GalleryError(SpkrError, ValueError):
     """A gallery file or request that cannot be used (names the file / speaker / what is wrong)."""
 
 

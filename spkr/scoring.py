@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spkr.errors import SpkrError
+
 
 def _error_rates(scores, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Miss and false-alarm rates for "accept iff score >= t" at t = +inf and every distinct score,
@@ -301,7 +303,7 @@ def verification(
 # --------------------------------------------------------------------------- trial lists
 
 
-class TrialListError(ValueError):
+class TrialListError(SpkrError, ValueError):
     """A trial list that does not follow the format (names the file and line)."""
 
 

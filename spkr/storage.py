@@ -35,6 +35,8 @@ from typing import Any
 
 import fsspec
 
+from spkr.errors import SpkrError
+
 
 def is_url(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
@@ -93,7 +95,7 @@ class RetryPolicy:
         return min(self.backoff * 2 ** (failures - 1), self.max_sleep)
 
 
-class ReadFailed(OSError):
+class ReadFailed(SpkrError, OSError):
     """A remote read that failed ``failures`` times in a row without progress (``url``, ``offset``:
     where it stood; ``cause``: the last error). Never retried itself."""
 

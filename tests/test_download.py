@@ -262,7 +262,7 @@ def test_cli(tmp_path, server, tarballs, capsys):
     args = ["--subsets", "dev-clean", "--dest", str(dest), "--base-url", server.url, "--no-progress"]
     assert cli.main(args + ["--md5", f"dev-clean={md5}"]) == 0
     assert is_extracted(dest, "dev-clean")
-    assert cli.main(args + ["--subsets", "train.100", "--md5", "train-clean-100=" + "1" * 32]) == 1
+    assert cli.main(args + ["--subsets", "train.100", "--md5", "train-clean-100=" + "1" * 32]) == 2
     assert "checksum mismatch" in capsys.readouterr().err
 
 
@@ -331,7 +331,7 @@ def test_sha256_verification(tmp_path, tarballs, capsys):
         # a wrong sha256 is caught even when the md5 given alongside matches
         wrong = ("0" if sha["dev-clean"][0] != "0" else "1") + sha["dev-clean"][1:]
         md5_flag = f"dev-clean={md5['dev-clean']}"
-        assert run("c", "--subsets", "dev-clean", "--md5", md5_flag, "--sha256", f"dev-clean={wrong}") == 1
+        assert run("c", "--subsets", "dev-clean", "--md5", md5_flag, "--sha256", f"dev-clean={wrong}") == 2
         err = capsys.readouterr().err
         assert "checksum mismatch" in err and f"sha256 expected {wrong}" in err and "md5 expected" not in err
         assert not is_extracted(tmp_path / "c", "dev-clean") and not list((tmp_path / "c").glob("*.tar.gz*"))
@@ -348,7 +348,7 @@ def test_sha256_verification(tmp_path, tarballs, capsys):
             download_openslr("dev-clean", tmp_path / "e", base_url=srv.url, progress=False)
         assert KNOWN_SHA256["dev-clean"].startswith("76f87d09")
         # a checksum file URL that is not there is a clean error
-        assert run("f", "--subsets", "dev-clean", "--checksum-file", srv.url + "/nope.txt") == 1
+        assert run("f", "--subsets", "dev-clean", "--checksum-file", srv.url + "/nope.txt") == 2
         assert "nope.txt: HTTP 404" in capsys.readouterr().err
 
 

@@ -10,6 +10,7 @@ PKG = Path(__file__).resolve().parents[1] / "spkr"
 
 # Stages in data-flow order; a module may import its own stage or an earlier one, never a later one.
 STAGES = [
+    ("spkr.errors",),
     ("spkr.config", "spkr.atomic", "spkr.runtime"),
     ("spkr.storage",),
     ("spkr.corpus",),

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 import requests
 
 from spkr import atomic
+from spkr.errors import SpkrError
 
 from .librispeech import expand_subsets
 
@@ -50,15 +51,15 @@ COMPLETE_MARKER = ".complete"
 _CHUNK = 1 << 16  # download block: at most this much is lost (re-fetched) when a connection drops
 
 
-class DownloadError(RuntimeError):
+class DownloadError(SpkrError, RuntimeError):
     """The download failed (HTTP error, retries exhausted, truncated file)."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(SpkrError, ValueError):
     """The downloaded archive does not match its published checksum."""
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(SpkrError, ValueError):
     """A tar member would be written outside the extraction directory."""
 
 

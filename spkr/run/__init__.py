@@ -13,6 +13,8 @@
 This stage imports earlier ones (config, manifest, stream, models, scoring); nothing earlier imports it.
 """
 
+from spkr.errors import SpkrError
 
-class TrainError(RuntimeError):
+
+class TrainError(SpkrError, RuntimeError):
     """A problem the user can fix (bad input, incompatible checkpoint); printed without a traceback."""

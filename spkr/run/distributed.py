@@ -153,6 +153,54 @@ def teardown() -> None:
             dist.destroy_process_group()
 
 
+# ------------------------------------------------------------------ one rank's error, told to the others
+
+FAILURE_KEY = "spkr/failed"  # in the process group's store: "<rank>\n<message>" of the first rank to fail
+_STORE_TIMEOUT = datetime.timedelta(seconds=10)
+
+
+def _store():
+    """The default process group's store (torchrun's agent store, or rank 0's), None without one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(_STORE_TIMEOUT)
+        return store
+    except Exception:
+        return None
+
+
+def announce_failure(message: str) -> None:
+    """Record this rank's error in the store before the rank leaves (a no-op without a process
+    group): a rank its exit releases from a collective then reports it (:func:`peer_failure`) in one
+    line instead of the transport's traceback. The store outlives the ranks under torchrun (its agent
+    holds it); a store that cannot be reached is ignored."""
+    store = _store()
+    if store is None:
+        return
+    with contextlib.suppress(Exception):
+        store.compare_set(FAILURE_KEY, "", f"{dist.get_rank()}\n{message}")
+
+
+def peer_failure() -> str | None:
+    """``rank R failed, so rank Q stopped: <message>`` when another rank recorded its error
+    (:func:`announce_failure`), else None (also without a process group or when the store is gone)."""
+    store = _store()
+    if store is None:
+        return None
+    try:
+        if not store.check([FAILURE_KEY]):
+            return None
+        rank, _, message = store.get(FAILURE_KEY).decode("utf-8", "replace").partition("\n")
+        return f"rank {int(rank)} failed, so rank {dist.get_rank()} stopped: {message}"
+    except Exception:
+        return None
+
+
+# ------------------------------------------------------------------ collectives
+
+
 def all_reduce_sums(values: list[float], env: DistEnv) -> list[float]:
     """Element-wise sums of ``values`` over all ranks (float64; the values themselves without DDP)."""
     t = torch.tensor(values, dtype=torch.float64, device=env.device)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
+from spkr.errors import SpkrError
 from spkr.shards.format import MEMBER_EXTS
 
 BLOCK = 512
@@ -41,11 +42,19 @@ _ZERO_BLOCK = bytes(BLOCK)  # a tar end-of-archive block
 PICKLE_EXTS = ("pth", "pt", "pkl", "pickle", "ckpt", "bin", "npz")
 
 
-class ShardError(RuntimeError):
-    """A shard that cannot be read: corrupt, truncated, unsafe, or unreachable."""
+class ShardError(SpkrError, RuntimeError):
+    """A shard that cannot be read: corrupt, truncated, unsafe, or unreachable. ``ShardError(shard,
+    message, member, offset)`` formats ``<shard> [<member>] at byte <offset>: <message>``; one argument
+    alone is such a message already formatted (how the error is rebuilt in another process: there
+    ``shard`` is that message and ``member`` / ``offset`` / ``reason`` are None)."""
 
-    def __init__(self, shard: str, message: str, member: str | None = None, offset: int | None = None):
+    def __init__(
+        self, shard: str, message: str | None = None, member: str | None = None, offset: int | None = None
+    ):
         self.shard, self.member, self.offset, self.reason = shard, member, offset, message
+        if message is None:
+            super().__init__(shard)
+            return
         where = (
             shard + (f" [{member}]" if member else "") + (f" at byte {offset}" if offset is not None else "")
         )

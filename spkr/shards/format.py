@@ -63,6 +63,7 @@ import numpy as np
 from spkr import atomic, storage
 from spkr.augment import COPY_SEPARATOR
 from spkr.corpus.protocols import CLASSIFICATION, CLOSED, PROTOCOLS, TRIALS_DIR, VERIFICATION, trials_path
+from spkr.errors import SpkrError
 from spkr.features import FeatureConfig
 
 FORMAT = "spkr-shards"
@@ -90,7 +91,7 @@ SIDECAR_SUFFIX = ".json"  # shard-000000.tar -> shard-000000.tar.json
 MEMBER_EXTS = ("cls", "json", "mel.npy")
 
 
-class ManifestError(ValueError):
+class ManifestError(SpkrError, ValueError):
     """A manifest that is missing, malformed, or inconsistent with its shards."""
 
 
@@ -267,6 +268,9 @@ class PackedStrs(Sequence):
 
 _PACKED = (PackedInts, PackedStrs)
 _MAPPED: dict[tuple, np.ndarray] = {}  # (path, device, inode, mtime, size) -> this process's map of it
+# Maps the cache keeps (oldest dropped first; arrays still in use keep their own map): one open file
+# each, so a process that loads many shard sets does not run out of file descriptors.
+MAPPED_MAX = 256
 
 
 def _map_file(path: str, size: int) -> np.ndarray:
@@ -292,6 +296,8 @@ def _map_file(path: str, size: int) -> np.ndarray:
         for old in [k for k in _MAPPED if k[0] == path]:  # a replaced file: its views keep their map
             del _MAPPED[old]
         _MAPPED[key] = arr
+        while len(_MAPPED) > MAPPED_MAX:
+            del _MAPPED[next(iter(_MAPPED))]
     return arr
 
 
@@ -662,6 +668,12 @@ class Manifest:
         if d.get("sample_checksum") != SAMPLE_CHECKSUM:
             raise ManifestError(
                 f"{where}: per-sample checksum {d.get('sample_checksum')!r} (this spkr checks {SAMPLE_CHECKSUM!r})"
+            )
+        fingerprint = self.feature_config.fingerprint()
+        if d["feature_fingerprint"] != fingerprint:
+            raise ManifestError(
+                f"{where}: feature_fingerprint {d['feature_fingerprint']} does not match its feature_config "
+                f"({fingerprint}): the manifest was edited; re-run python -m spkr.tools.shard"
             )
         expected = dataset_id(
             d["feature_fingerprint"],

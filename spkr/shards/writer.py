@@ -357,8 +357,8 @@ def read_sidecar(out: str, job: ShardJob, storage_options: dict | None = None) -
     url = storage.join(out, job.name + SIDECAR_SUFFIX)
     try:  # remote: under the same retry policy as every read (storage.ReadFailed after its budget)
         side = json.loads(storage.read_bytes(url, storage_options))
-    except (FileNotFoundError, ValueError):  # absent, or torn by a power loss: not complete
-        return None
+    except (FileNotFoundError, ValueError, RecursionError):  # absent, torn by a power loss, or
+        return None  # nested past what JSON parses: not complete (written again)
     return side if isinstance(side, dict) else None
 
 

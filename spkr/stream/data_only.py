@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from spkr.errors import EXIT_ERROR, KNOWN_ERRORS, one_line
+
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="spkr.stream.data_only", description=__doc__.split("\n")[0])
@@ -38,7 +40,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors: one line ``[data_only] error: ...`` and exit 2, like every spkr CLI."""
     args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KNOWN_ERRORS as e:
+        print(one_line("data_only", e), file=sys.stderr, flush=True)
+        return EXIT_ERROR
+
+
+def run(args) -> int:
+    """Iterate the loader for ``args.epochs`` epochs, logging keys and throughput per rank."""
     import torch.distributed as dist
 
     from spkr.stream.loader import SpeakerLoader

@@ -16,8 +16,11 @@ A sample that cannot be read (``on_error="skip"``) is ``None`` in its batch's re
 The dataset yields :class:`WorkerBatch` ``(batch, report)``: ``batch`` is what ``collate`` made of
 the records (the loader's batch dict, nothing else in it), ``report`` a :class:`ReadReport` of what
 this worker's reader did since its previous batch (retries, skipped samples) and in total (bytes);
-:class:`~spkr.stream.loader.SpeakerLoader` unwraps it. Reports travel with their batch, so they are
-ordered, complete and need no second channel between worker processes and the main process.
+:class:`~spkr.stream.loader.SpeakerLoader` unwraps it. A spkr error in a DataLoader worker ends that
+worker's epoch with a last ``WorkerBatch(None, report, error)``, which the loader raises in order: the
+error's own type and message, not torch's ``Caught ShardError in DataLoader worker ...`` traceback.
+Reports travel with their batch, so they are ordered, complete and need no second channel between
+worker processes and the main process.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from spkr.errors import SpkrError
 from spkr.shards.codec import ShardError
 from spkr.shards.format import ShardInfo
 from spkr.stream.plan import EpochPlan
@@ -45,8 +49,11 @@ class ReadReport(NamedTuple):
 
 
 class WorkerBatch(NamedTuple):
-    batch: dict
+    batch: dict | None
     report: ReadReport
+    # The spkr error that ended a DataLoader worker's epoch (then ``batch`` is None), handed over whole
+    # for the loader to raise: torch would re-raise it with the worker's traceback as its message.
+    error: SpkrError | None = None
 
 
 class _Reporter:
@@ -200,6 +207,10 @@ class ShardDataset(IterableDataset):
             for t, records in read(reader, self.shards, plan, worker, skip):
                 batch = self.collate(records, worker + t * num_workers, plan.epoch)
                 yield WorkerBatch(batch, reporter.report())
+        except SpkrError as e:
+            if info is None:
+                raise
+            yield WorkerBatch(None, reporter.report(), e)
         finally:
             reader.close()
 

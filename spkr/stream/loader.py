@@ -307,11 +307,13 @@ class SpeakerLoader:
             return
         self.dataset.epoch, self.dataset.start_batch = self.epoch, start
         source = iter(self.dataset) if self.num_workers == 0 else self._start_workers()
-        for j, (batch, report) in enumerate(source, start):
+        for j, (batch, report, error) in enumerate(source, start):
             self.retries += report.retries
             self.skipped.extend(report.skipped)
             self._bytes_by_worker[j % plan.num_workers] = report.bytes
             self.bytes_read = sum(self._bytes_by_worker.values())
+            if error is not None:  # a worker's error, as it was raised there
+                raise error
             if self.num_workers == 0 and self.pin_memory and torch.cuda.is_available():
                 batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
             self._consumed = j + 1

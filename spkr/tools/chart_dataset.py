@@ -18,7 +18,8 @@ import sys
 import numpy as np
 
 from spkr import storage
-from spkr.shards.format import Manifest, ManifestError
+from spkr.run.cli import cli_main
+from spkr.shards.format import Manifest
 
 
 def dataset_summary(manifest: Manifest) -> dict:
@@ -158,12 +159,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m spkr.tools.chart_dataset", description=__doc__.split("\n")[0])
     p.add_argument("--shards", required=True, help="shards directory or URL (reads manifest.json only)")
     p.add_argument("--out", default=None, help="where to write dataset.png/json")
-    args = p.parse_args(argv)
-    try:
-        manifest = Manifest.load(args.shards)
-    except ManifestError as e:
-        print(f"[chart_dataset] error: {e}", file=sys.stderr)
-        return 2
+    return cli_main("chart_dataset", run, p.parse_args(argv))
+
+
+def run(args) -> int:
+    """The command: read the manifest, write dataset.png and dataset.json, print the summary."""
+    manifest = Manifest.load(args.shards)
     out = args.out or (args.shards if not storage.is_url(args.shards) else ".")
     os.makedirs(out, exist_ok=True)
     summary = dataset_summary(manifest)

@@ -16,14 +16,13 @@ from spkr.corpus.download import (
     KNOWN_MD5,
     KNOWN_SHA256,
     OPENSLR_BASE_URL,
-    ChecksumError,
     DownloadError,
-    UnsafeArchiveError,
     download_openslr,
     read_checksum_file,
     subset_of_file,
 )
 from spkr.corpus.librispeech import expand_subsets, load_hf_split
+from spkr.run.cli import cli_main
 
 
 def _parse_assignments(
@@ -119,31 +118,36 @@ def _run_hf(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.hf:
+def run(args, parser: argparse.ArgumentParser) -> int:
+    """The command: a Hugging Face dataset's counts (``--hf``), or download, verify and extract."""
+    if args.hf:
+        try:
             return _run_hf(args)
-        if args.save_to_disk:
-            raise SystemExit("--save-to-disk needs --hf")
-        md5s, sha256s = expected_checksums(args, parser)
-        dirs = download_openslr(
-            args.subsets,
-            args.dest,
-            base_url=args.base_url,
-            md5s=md5s,
-            sha256s=sha256s,
-            keep_archive=args.keep_archive,
-            retries=args.retries,
-            progress=not args.no_progress,
-        )
-    except (ValueError, DownloadError, ChecksumError, UnsafeArchiveError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        except KeyError as e:  # a split the saved dataset does not have
+            raise DownloadError(str(e.args[0])) from e
+    if args.save_to_disk:
+        raise ValueError("--save-to-disk needs --hf")
+    md5s, sha256s = expected_checksums(args, parser)
+    dirs = download_openslr(
+        args.subsets,
+        args.dest,
+        base_url=args.base_url,
+        md5s=md5s,
+        sha256s=sha256s,
+        keep_archive=args.keep_archive,
+        retries=args.retries,
+        progress=not args.no_progress,
+    )
     for d in dirs:
         print(d)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Errors: one line ``[download] error: ...`` and exit 2 (:func:`spkr.run.cli.cli_main`)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return cli_main("download", run, args, parser)
 
 
 if __name__ == "__main__":

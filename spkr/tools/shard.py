@@ -31,8 +31,8 @@ import os
 import sys
 import time
 
-from spkr.augment import AugmentConfig, AugmentError, speed_classes
-from spkr.config import ConfigError, add_storage_options, json_object
+from spkr.augment import AugmentConfig, speed_classes
+from spkr.config import add_storage_options, json_object
 from spkr.corpus.labels import class_weights
 from spkr.corpus.librispeech import (
     Utterance,
@@ -54,8 +54,8 @@ from spkr.corpus.protocols import (
     Protocol,
     make_protocol,
 )
+from spkr.errors import EXIT_ERROR, KNOWN_ERRORS, one_line
 from spkr.features import AudioError, FeatureConfig
-from spkr.shards.format import ManifestError
 from spkr.shards.writer import (
     WriteOptions,
     augment_run_identity,
@@ -409,9 +409,9 @@ def main(argv=None) -> int:
             protocol=protocol,
             augment=aug,
         )
-    except (AudioError, AugmentError, ConfigError, ManifestError, ValueError, FileNotFoundError) as e:
-        print(f"[shard] error: {e}", file=sys.stderr)
-        return 2
+    except KNOWN_ERRORS as e:
+        print(one_line("shard", e), file=sys.stderr)
+        return EXIT_ERROR
     if manifest is None:
         print(
             "[shard] other ranks' shards are not complete yet; the last rank writes the manifest",

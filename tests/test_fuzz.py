@@ -1,0 +1,125 @@
+"""The fuzzer as a standing test (issue 23, item 7): tools/fuzz.py's seeded cases of every target,
+a few dozen each. A read of a mutated file returns what it returned before or raises a documented
+spkr error: no other exception, no silent change, no read over the memory bound. The long mode is
+``python tools/fuzz.py --cases 10000`` (the README's figure)."""
+
+from __future__ import annotations
+
+import importlib.util
+import struct
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CASES = 50  # per target: ~300 cases in all for this branch's targets, ~30 s on 2 cores
+
+
+def _load_fuzz():
+    spec = importlib.util.spec_from_file_location("spkr_fuzz", REPO / "tools" / "fuzz.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+fuzz = _load_fuzz()
+MINE = [n for n, t in fuzz.TARGETS.items() if not t.other_branch]
+# fixed on branch trust-a: trial flags vs labels, gallery .npy headers, config and JSON option validation
+OTHER_BRANCH = [n for n, t in fuzz.TARGETS.items() if t.other_branch]
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory) -> Path:
+    return fuzz.build_fixtures(tmp_path_factory.mktemp("fuzz"))
+
+
+@pytest.mark.parametrize("target", MINE)
+def test_fuzz(fixtures, target):
+    report = fuzz.fuzz_target(fuzz.TARGETS[target], fixtures, CASES, seed=0)
+    assert report.cases == CASES
+    assert report.findings == [], "\n".join(report.findings)
+    assert report.refused > 0  # the mutations reach the checks
+
+
+@pytest.mark.xfail(strict=False, reason="fixed on branch trust-a (configs, galleries, trial lists)")
+@pytest.mark.parametrize("target", OTHER_BRANCH)
+def test_fuzz_other_branch(fixtures, target):
+    report = fuzz.fuzz_target(fuzz.TARGETS[target], fixtures, CASES, seed=0)
+    assert report.findings == [], "\n".join(report.findings)
+
+
+def test_the_fuzzer_sees_a_silent_change(fixtures, monkeypatch):
+    """The classification itself: a reader that ignores a flipped weight would be reported."""
+    import spkr.checkpoint
+
+    monkeypatch.setattr(spkr.checkpoint, "check_archive", lambda path: None)
+    report = fuzz.fuzz_target(fuzz.TARGETS["checkpoint"], fixtures, 20, seed=0)
+    assert report.silent
+
+
+# --------------------------------------------------------------------------- what it found, pinned
+
+
+def test_a_flipped_bit_in_a_checkpoint_tensor_is_refused(tmp_path):
+    """torch.load checks no CRC: the flipped weight loaded silently before the archive check."""
+    from spkr.checkpoint import CheckpointError, load
+    from tests.runkit import untrained_checkpoint
+
+    path = untrained_checkpoint(tmp_path / "c.pt")
+    with zipfile.ZipFile(path) as z:  # the largest tensor's data: after its local header
+        member = max(z.infolist(), key=lambda m: m.file_size)
+    blob = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", blob[member.header_offset + 26 : member.header_offset + 30])
+    blob[member.header_offset + 30 + name_len + extra_len + member.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match=r"c\.pt: (checkpoint is corrupt|cannot read)"):
+        load(path)
+
+
+def test_an_edited_feature_config_is_refused(tmp_path):
+    """The dataset_id hashes the stored feature_fingerprint: an edited feature_config loaded as is."""
+    import json
+
+    from spkr.shards.format import Manifest, ManifestError
+    from tests.shardkit import make_shards
+
+    d = make_shards(tmp_path / "s", [3], n_mels=8)
+    data = json.loads((d / "manifest.json").read_text())
+    data["feature_config"]["top_db"] = 1e308
+    (d / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="feature_fingerprint .* does not match its feature_config"):
+        Manifest.load(str(d))
+
+
+def test_a_deeply_nested_sidecar_is_a_shard_to_write_again(tmp_path):
+    from spkr.shards.writer import ShardJob, read_sidecar
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "shard-000000.tar.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert read_sidecar(str(tmp_path), ShardJob("train", 0, [], [])) is None
+
+
+def test_loading_many_shard_sets_keeps_file_descriptors_bounded(tmp_path, monkeypatch):
+    """Each index file stayed mapped (one open file) for the life of the process: the fuzzer ran out
+    of file descriptors after ~1,000 shard sets."""
+    import os
+    import shutil
+
+    import spkr.shards.format as fmt
+    from tests.shardkit import make_shards
+
+    monkeypatch.setattr(fmt, "MAPPED_MAX", 8)
+    src = make_shards(tmp_path / "s", [3, 2], n_mels=8)
+    counts = []
+    for i in range(12):
+        d = shutil.copytree(src, tmp_path / f"copy{i}")
+        m = fmt.Manifest.load(str(d))
+        assert list(m.split("train").shards[0].keys)
+        del m
+        shutil.rmtree(d)
+        counts.append(len(os.listdir("/proc/self/fd")))
+    assert len(fmt._MAPPED) <= 8
+    assert counts[-1] <= counts[3], counts  # no growth once the cache is full
