@@ -67,6 +67,7 @@ from spkr.shards.format import (
     index_files,
     shard_name,
     split_summary,
+    with_digest,
 )
 from spkr.shards.stats import RunningStats
 
@@ -578,7 +579,8 @@ def build_manifest(
     :meth:`RunningStats.summary` of the training split; ``identity`` the run's (run_identity);
     ``protocol`` ``Protocol.manifest_entry()``; ``augment`` the copies' entry (:func:`augment_entry`).
     The last two are stored only when given (older manifests have neither). The per-sample fields
-    are inline (a version-2 manifest): :func:`write_manifest` writes them as index files."""
+    are inline (a version-2 manifest): :func:`write_manifest` writes them as index files. Its
+    ``digest`` (:func:`spkr.shards.format.manifest_digest`) covers every field."""
     data = {
         "format": FORMAT,
         "version": INLINE_VERSION,
@@ -609,7 +611,7 @@ def build_manifest(
         data["protocol"] = protocol
     if augment is not None:
         data["augment"] = augment
-    return data
+    return with_digest(data)
 
 
 def augment_entry(cfg: AugmentConfig, identity: dict, split: str, payload: bytes, count: int) -> dict:
