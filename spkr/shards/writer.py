@@ -46,7 +46,9 @@ from spkr.augment import (
     copy_key,
     copy_speaker,
     description_json,
+    known_contents,
     load_sources,
+    remember_contents,
 )
 from spkr.corpus.librispeech import Utterance
 from spkr.corpus.protocols import Protocol
@@ -479,10 +481,12 @@ class _Lazy:
 # --------------------------------------------------------------------------- running and merging
 
 
-def _worker_init():
+def _worker_init(source_contents: dict):
+    """A shard worker: one torch thread; the parent's noise/RIR file hashes (not read again)."""
     import torch
 
     torch.set_num_threads(1)
+    remember_contents(source_contents)
 
 
 def _run_job(args):
@@ -542,7 +546,7 @@ def run_jobs(
     manager = ctx.Manager()
     queue = manager.Queue()
     results = []
-    with ctx.Pool(workers, initializer=_worker_init) as pool:
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(known_contents(),)) as pool:
         pending = pool.imap_unordered(_run_job, [(out, j, cfg, opts, storage_options, queue) for j in mine])
         it = iter(pending)
         done = 0
