@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from spkr.config import from_dict
+from spkr.config import check_fields, from_dict
 from spkr.features import AudioError, resample
 
 KINDS: tuple[str, ...] = ("speed", "reverb", "noise", "music", "babble")  # also the order of chained steps
@@ -90,6 +90,7 @@ class AugmentConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_fields(self)
         if self.copies < 0:
             raise AugmentError(f"augment copies must be >= 0, got {self.copies}")
         if self.copies and not self.kinds:

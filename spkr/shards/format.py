@@ -67,6 +67,7 @@ import numpy as np
 
 from spkr import atomic, storage
 from spkr.augment import COPY_SEPARATOR
+from spkr.config import loads_json
 from spkr.corpus.protocols import CLASSIFICATION, CLOSED, PROTOCOLS, TRIALS_DIR, VERIFICATION, trials_path
 from spkr.features import FeatureConfig
 
@@ -482,8 +483,8 @@ class Manifest:
                 pass
             raise ManifestError(f"{url}: no manifest found{hint}") from None
         try:
-            data = json.loads(raw, object_hook=_pack_shard_entry)
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits
+            data = loads_json(raw, object_hook=_pack_shard_entry)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits, NaN
             raise ManifestError(f"{url}: manifest is not valid JSON: {e}") from None
         except RecursionError:
             raise ManifestError(f"{url}: manifest JSON is nested too deeply") from None

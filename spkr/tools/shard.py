@@ -359,7 +359,7 @@ def main(argv=None) -> int:
     if args.n_mels:
         overrides["n_mels"] = args.n_mels
     try:
-        cfg = FeatureConfig.from_dict({**FeatureConfig().to_dict(), **overrides})
+        cfg = FeatureConfig.from_dict({**FeatureConfig().to_dict(), **overrides}, "--feature-config")
         pre_skipped: list[dict] = []
         train, dev, test, subsets = load_corpus(args, pre_skipped)
         if not train:
