@@ -268,6 +268,24 @@ def test_a_manifest_without_digest_loads_and_a_wrong_one_is_named(tiny_corpus, t
         Manifest.load(str(out))
 
 
+@pytest.mark.parametrize("key", ["2-21-0003 b", "2-21-0003\u00a0b", "2-21-0003.b"])
+def test_keys_the_trial_format_cannot_hold_are_refused_before_any_work(tiny_corpus, tmp_path, capsys, key):
+    """Trial lists separate keys by whitespace and the manifest refuses '.', so such an utterance id
+    is named before anything is written (or skipped and listed with --on-error skip)."""
+    d = tiny_corpus / "LibriSpeech" / "train-clean-100" / "2" / "21"
+    (d / "2-21-0003.flac").rename(d / f"{key}.flac")
+    trans = d / "2-21.trans.txt"
+    trans.write_text(trans.read_text().replace("2-21-0003 ", f"{key} "))
+    out = tmp_path / "shards"
+    capsys.readouterr()
+    assert run_shard(tiny_corpus, out) == 2
+    err = capsys.readouterr().err
+    assert f"{key}.flac: utterance id {key!r} holds whitespace, '.', '/', '\\' or an unprintable" in err, err
+    assert not out.exists()
+    assert run_shard(tiny_corpus, out, "--on-error", "skip") == 0
+    assert [s["key"] for s in Manifest.load(str(out)).data["skipped"]] == [key]
+
+
 def _break(corpus: Path, kind: str) -> str:
     """Damage one training utterance of speaker 2; returns the file name the error must name."""
     d = corpus / "LibriSpeech" / "train-clean-100" / "2" / "21"

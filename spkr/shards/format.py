@@ -1010,6 +1010,16 @@ def shard_name_problem(name, split: str | None = None) -> str | None:
     return None
 
 
+def sample_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a new sample's key, or None: empty, or holding whitespace (trial lists
+    separate keys by it), '.', '/', '\\' or an unprintable character (the manifest refuses those)."""
+    if not key:
+        return "is empty"
+    if not key.isprintable() or _BAD_KEY_CHAR.search(key) or any(c.isspace() for c in key):
+        return "holds whitespace, '.', '/', '\\' or an unprintable character"
+    return None
+
+
 def split_name_problem(split) -> str | None:
     """Why ``split`` cannot be a split name (a folder of the shards directory), or None."""
     if not isinstance(split, str):

@@ -55,7 +55,7 @@ from spkr.corpus.protocols import (
     make_protocol,
 )
 from spkr.features import AudioError, FeatureConfig
-from spkr.shards.format import ManifestError
+from spkr.shards.format import ManifestError, sample_key_problem
 from spkr.shards.writer import (
     WriteOptions,
     augment_run_identity,
@@ -201,13 +201,16 @@ def describe_protocol(protocol: Protocol) -> str:
 
 
 def check_utterances(utts: list[Utterance], known_speakers: set[str] | None, on_error: str, skipped: list):
-    """Metadata checks before any audio is read: the key must be <speaker>-<chapter>-<n> and match its
-    directories, and the speaker must be listed in SPEAKERS.TXT when there is one."""
+    """Metadata checks before any audio is read: the key must be usable as a sample key (no whitespace:
+    trial lists split on it), be <speaker>-<chapter>-<n> matching its directories, and the speaker must
+    be listed in SPEAKERS.TXT when there is one."""
     good = []
     for u in utts:
         name = u.path or f"{u.subset}/{u.key}"
-        problem = None
-        if not u.key.startswith(f"{u.speaker}-{u.chapter}-"):
+        problem = sample_key_problem(u.key)
+        if problem is not None:
+            problem = f"{name}: utterance id {u.key!r} {problem} (trial lists split keys on whitespace)"
+        elif not u.key.startswith(f"{u.speaker}-{u.chapter}-"):
             problem = (
                 f"{name}: utterance id {u.key!r} does not match speaker {u.speaker} / chapter {u.chapter}"
             )
