@@ -1282,17 +1282,14 @@ def _check_digest(d: dict, where: str) -> None:
         if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
             raise ManifestError(f"{where}: digest of {field!r} is {_show(sha)}, not 64 hex digits")
     fields = sorted(set(d) - {DIGEST})
-    if sorted(listed) != fields:
-        extra, gone = sorted(set(fields) - set(listed)), sorted(set(listed) - set(fields))
-        raise ManifestError(
-            f"{where}: "
-            + (
-                f"field(s) {extra} are not under its digest"
-                if extra
-                else f"fields {gone} listed in its digest are missing"
-            )
-            + f": the manifest was edited; {_REMAKE}"
+    extra, gone = sorted(set(fields) - set(listed)), sorted(set(listed) - set(fields))
+    if extra or gone:
+        problem = (
+            f"field(s) {extra} are not under its digest"
+            if extra
+            else f"field(s) {gone} of its digest are missing"
         )
+        raise ManifestError(f"{where}: {problem}: the manifest was edited; {_REMAKE}")
     try:
         actual = manifest_digest(d)
     except (ValueError, RecursionError) as e:  # NaN or infinity, or nesting too deep, in a free-form field
