@@ -63,6 +63,17 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: {e} (config values must be finite)") from None
 
 
+def finite_number(text: str) -> float:
+    """``type=`` of every command-line option that takes a number: ``nan``, ``inf`` (which float()
+    reads) and non-numbers are an argparse usage error (exit 2, one line)."""
+    try:
+        return _finite_float(text)
+    except (ValueError, NonFinite) as e:
+        raise argparse.ArgumentTypeError(
+            str(e) if isinstance(e, NonFinite) else f"not a number: {text!r}"
+        ) from None
+
+
 def json_object(text: str) -> dict[str, Any] | None:
     """``type=`` of every command-line option that takes a JSON object (``--storage-options``,
     ``--feature-config``): bad JSON or another JSON value is an argparse usage error (exit 2, one line:

@@ -138,3 +138,25 @@ def test_train_config_values_are_checked_like_the_file_and_flags(tmp_path, capsy
     assert train.main(["--shards", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "nan is not a finite number" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["shard", "--min-seconds", "nan"],
+        ["shard", "--protocol", "open", "--valid-fraction", "inf"],
+        ["predict", "--threshold", "inf"],
+    ],
+)
+def test_non_finite_numbers_on_the_command_line_are_usage_errors(argv, capsys):
+    from spkr import predict
+
+    mains = {
+        "shard": (shard.main, CLIS["shard"][1]),
+        "predict": (predict.main, ["x.flac", "--checkpoint", "c.pt"]),
+    }
+    main, base = mains[argv[0]]
+    with pytest.raises(SystemExit) as e:
+        main([*base, *argv[1:]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: argument {argv[-2]}: {argv[-1]} is not a finite number" in err, err

@@ -50,6 +50,7 @@ from spkr.augment import (
     load_sources,
     remember_contents,
 )
+from spkr.config import ConfigError, check_fields, in_range
 from spkr.corpus.librispeech import Utterance
 from spkr.corpus.protocols import Protocol
 from spkr.features import AudioError, FeatureConfig, LogMel, compute_logmel, load_audio, resolve_backend
@@ -262,6 +263,14 @@ class WriteOptions:
     feature_backend: str = "auto"
     overwrite: bool = False  # rewrite shards written for another plan/identity (else ShardConflict)
     augment: AugmentConfig | None = None  # the copies' recipe (jobs with copies need it)
+
+    def __post_init__(self):
+        """ConfigError ``<field>: <problem>`` for a wrong type, a non-finite or negative min_seconds, or
+        an unknown on_error."""
+        check_fields(self)
+        in_range(self.min_seconds, "min_seconds", 0)
+        if self.on_error not in ("fail", "skip"):
+            raise ConfigError(f"on_error: must be 'fail' or 'skip', got {self.on_error!r}")
 
 
 def run_identity(cfg: FeatureConfig, opts: WriteOptions, seed: int, source: str) -> dict:

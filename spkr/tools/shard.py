@@ -32,7 +32,7 @@ import sys
 import time
 
 from spkr.augment import AugmentConfig, AugmentError, speed_classes
-from spkr.config import ConfigError, add_storage_options, json_object
+from spkr.config import ConfigError, add_storage_options, finite_number, json_object
 from spkr.corpus.labels import class_weights
 from spkr.corpus.librispeech import (
     Utterance,
@@ -104,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--resample", action="store_true", help="resample audio that is not at the sample rate")
     p.add_argument("--downmix", action="store_true", help="downmix multi-channel audio to mono")
-    p.add_argument("--min-seconds", type=float, default=0.1, help="shorter audio is an error")
+    p.add_argument("--min-seconds", type=finite_number, default=0.1, help="shorter audio is an error")
     p.add_argument("--allow-missing-transcript", action="store_true", help="audio without transcript is fine")
     p.add_argument("--feature-backend", choices=("auto", "torchaudio", "torch"), default="auto")
     p.add_argument("--n-mels", type=int, default=None, help="override the feature config's n_mels")
@@ -123,7 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--protocol", choices=PROTOCOLS, default="closed", help="how utterances go to splits")
     g.add_argument("--trials-per-speaker", type=int, default=None, help="open: trials per speaker (200)")
     g.add_argument("--enroll-per-speaker", type=int, default=None, help="open: enrollment utterances (3)")
-    g.add_argument("--valid-fraction", type=float, default=None, help="open: train share in valid (0.05)")
+    g.add_argument(
+        "--valid-fraction", type=finite_number, default=None, help="open: train share in valid (0.05)"
+    )
     g = p.add_argument_group("augmentation (spkr.augment; training split only)")
     g.add_argument("--augment-copies", type=int, default=0, help="K augmented copies per training utterance")
     g.add_argument(
