@@ -47,6 +47,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
@@ -56,7 +57,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from spkr.config import from_dict
+from spkr.config import check_fields, from_dict
 from spkr.errors import SpkrError
 from spkr.features import AudioError, resample
 
@@ -90,6 +91,7 @@ class AugmentConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_fields(self)
         if self.copies < 0:
             raise AugmentError(f"augment copies must be >= 0, got {self.copies}")
         if self.copies and not self.kinds:
@@ -203,6 +205,35 @@ def _scan(root: Path, what: str) -> list[str]:
     )
 
 
+_CONTENT: dict[tuple[str, int, int], str] = {}  # (absolute path, size, mtime_ns) -> sha256 of the bytes
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of the file's bytes, hashed once per (path, size, mtime_ns) in this process (a file
+    rewritten in place gets a new mtime, so it is hashed again); unreadable is an AugmentError."""
+    name = os.path.abspath(path)
+    try:
+        st = os.stat(name)
+        key = (name, st.st_size, st.st_mtime_ns)
+        if key not in _CONTENT:
+            with open(name, "rb") as f:
+                _CONTENT[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise AugmentError(f"{path}: cannot read the augmentation source ({e.strerror or e})") from None
+    return _CONTENT[key]
+
+
+def known_contents() -> dict[tuple[str, int, int], str]:
+    """This process's source hashes (:func:`content_sha256`), to hand to worker processes."""
+    return dict(_CONTENT)
+
+
+def remember_contents(known: dict[tuple[str, int, int], str]) -> None:
+    """Take another process's source hashes (:func:`known_contents`): files unchanged since (same
+    path, size and mtime) are not read again."""
+    _CONTENT.update(known)
+
+
 class AugmentSources:
     """The noise and RIR files a config draws from (indexed once), with a bounded cache of decoded audio."""
 
@@ -230,13 +261,15 @@ class AugmentSources:
         self._cached_bytes = 0
 
     def fingerprint(self) -> str:
-        """sha256[:16] of every indexed file's relative path and size: equal iff the same source sets
-        (wherever the folders are); goes into the shard run's identity."""
+        """sha256[:16] of every indexed file's relative path and content sha256 (:func:`content_sha256`):
+        equal iff the same source sets, byte for byte (wherever the folders are); goes into the shard
+        run's identity, so into every copy's plan hash, the manifest's ``augment`` entry and the
+        dataset_id."""
         h = hashlib.sha256()
         indexed = [("noise", self.noise_root, rel) for rels in self.files.values() for rel in rels]
         indexed += [("rir", self.rir_root, rel) for rel in self.rirs]
         for label, root, rel in indexed:
-            h.update(f"{label}\t{rel}\t{(root / rel).stat().st_size}\n".encode())
+            h.update(f"{label}\t{rel}\t{content_sha256(root / rel)}\n".encode())
         return h.hexdigest()[:16]
 
     def noise(self, rel: str) -> np.ndarray:

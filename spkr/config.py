@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import math
 import tomllib
 import types
 import typing
@@ -21,19 +23,57 @@ T = TypeVar("T")
 
 
 class ConfigError(SpkrError, ValueError):
-    """A config file or mapping that does not fit its dataclass (unknown key, wrong type)."""
+    """A config file or mapping that does not fit its dataclass (unknown key, wrong type, a value out
+    of range or not finite)."""
+
+
+class NonFinite(SpkrError, ValueError):
+    """A NaN or infinite number in a JSON or TOML text (no spkr config or option takes one)."""
+
+
+def _finite_float(text: str) -> float:
+    """``parse_float`` of json and tomllib: the float, unless NaN or infinite (TOML's ``nan``/``inf``,
+    JSON's ``1e999``)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise NonFinite(f"{text} is not a finite number")
+    return value
+
+
+def _no_constant(name: str):
+    """``parse_constant`` of json: Python's json reads NaN, Infinity, -Infinity; refuse them."""
+    raise NonFinite(f"{name} is not a finite number")
+
+
+def loads_json(text: str | bytes, object_hook=None) -> Any:
+    """``json.loads`` that refuses NaN, Infinity and numbers too large for a float (NonFinite, a
+    ValueError); other errors as json.loads'."""
+    return json.loads(text, object_hook=object_hook, parse_constant=_no_constant, parse_float=_finite_float)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file; errors name the file."""
+    """Read a TOML file; errors (not TOML, a NaN or infinite number) name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
         with path.open("rb") as f:
-            return tomllib.load(f)
+            return tomllib.load(f, parse_float=_finite_float)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except NonFinite as e:
+        raise ConfigError(f"{path}: {e} (config values must be finite)") from None
+
+
+def finite_number(text: str) -> float:
+    """``type=`` of every command-line option that takes a number: ``nan``, ``inf`` (which float()
+    reads) and non-numbers are an argparse usage error (exit 2, one line)."""
+    try:
+        return _finite_float(text)
+    except (ValueError, NonFinite) as e:
+        raise argparse.ArgumentTypeError(
+            str(e) if isinstance(e, NonFinite) else f"not a number: {text!r}"
+        ) from None
 
 
 def json_object(text: str) -> dict[str, Any] | None:
@@ -44,8 +84,8 @@ def json_object(text: str) -> dict[str, Any] | None:
     if not text.strip():
         return None
     try:  # the value itself is never echoed: storage options may hold credentials
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
+        value = loads_json(text)
+    except (json.JSONDecodeError, NonFinite) as e:
         raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
     if not isinstance(value, dict):
         kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
@@ -95,6 +135,12 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int beyond any float
+            finite = False
+        if not finite:
+            raise ConfigError(f"{where}: {value!r} is not a finite number")
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -115,7 +161,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError naming
     ``where`` (e.g. ``"configs/tiny.toml [model]"``) and the key."""
     data = dict(data or {})
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -123,8 +169,34 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
     kwargs = {k: _check_type(v, hints[k], f"{where} {k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
+    except ConfigError as e:  # from check_fields / in_range: it starts with the field's name
+        raise ConfigError(f"{where} {e}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def check_fields(obj: Any) -> None:
+    """ConfigError (``<field>: <problem>``) unless every field of dataclass instance ``obj`` fits its
+    annotation as :func:`from_dict` checks a mapping (ints are ints, floats finite numbers, ...): for a
+    ``__post_init__``, so a config built in code is checked like one read from a file."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        _check_type(getattr(obj, f.name), hints[f.name], f.name)
+
+
+def in_range(value, where: str, lo=None, hi=None, *, above=None) -> None:
+    """ConfigError unless ``lo <= value <= hi`` (and ``value > above``), bounds that are given."""
+    if lo is not None and value < lo:
+        raise ConfigError(f"{where}: {value!r} is below {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{where}: {value!r} is above {hi}")
+    if above is not None and not value > above:
+        raise ConfigError(f"{where}: {value!r} is not > {above}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

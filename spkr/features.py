@@ -26,9 +26,11 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from spkr.config import ConfigError, check_fields, in_range
 from spkr.errors import SpkrError
 
 AMIN = 1e-10  # power floor before log10, as torchaudio's AmplitudeToDB(stype="power")
+MAX_SIZE = 2**31 - 1  # the largest sample rate, FFT size, hop or mel count a config may hold
 
 
 @dataclass(frozen=True)
@@ -48,25 +50,39 @@ class FeatureConfig:
     dtype: str = "float16"  # on-disk dtype of the features
 
     def __post_init__(self):
+        """Every field checked before any work: its type (ints are ints, floats finite numbers), its
+        range, and how fields relate; else a ConfigError ``<field>: <problem>``."""
+        check_fields(self)
+        for name in ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels"):
+            in_range(getattr(self, name), name, 1, MAX_SIZE)
+        in_range(self.top_db, "top_db", above=0)
         if self.mel_scale not in ("htk", "slaney"):
-            raise ValueError(f"mel_scale must be 'htk' or 'slaney', got {self.mel_scale!r}")
+            raise ConfigError(f"mel_scale: must be 'htk' or 'slaney', got {self.mel_scale!r}")
         if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype must be 'float16' or 'float32', got {self.dtype!r}")
+            raise ConfigError(f"dtype: must be 'float16' or 'float32', got {self.dtype!r}")
         if not 0 <= self.f_min < self.f_max <= self.sample_rate / 2:
-            raise ValueError(f"need 0 <= f_min < f_max <= sample_rate/2, got {self.f_min}, {self.f_max}")
+            raise ConfigError(
+                f"f_min, f_max: need 0 <= f_min < f_max <= sample_rate/2, got {self.f_min}, {self.f_max}"
+            )
         if self.win_length > self.n_fft:
-            raise ValueError("win_length must be <= n_fft")
+            raise ConfigError(f"win_length: {self.win_length} is above n_fft {self.n_fft}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> FeatureConfig:
+    def from_dict(cls, d: dict, where: str = "feature config") -> FeatureConfig:
+        """From a mapping (a manifest's, a checkpoint's, ``--feature-config`` over the defaults): an
+        unknown key or a bad value is a ConfigError naming ``where`` and the key. Values are kept as
+        given (``top_db`` 40 stays an int: the fingerprint hashes them as written)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"feature config: unknown key(s) {unknown}")
-        return cls(**d)
+            raise ConfigError(f"{where}: unknown key(s) {unknown}")
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{where} {e}") from None
 
     def fingerprint(self) -> str:
         """Short hash of the canonical JSON: equal iff the features are computed identically."""

@@ -6,7 +6,9 @@
     gallery.identify(embedding, top_k=5)           # [(name, cosine score)], best first
     decide(score, threshold)                       # True = accept (score >= threshold)
 
-File (``np.savez``, read with ``np.load(allow_pickle=False)``; nothing but these arrays)::
+File (``np.savez``: a zip of stored ``.npy`` members; nothing but these arrays, each read only after
+its header -- dtype, shape, C order, exactly the bytes that shape needs, n and E the gallery's own
+counts -- is checked, so a small file cannot declare a huge member; no pickle)::
 
     format               str    "spkr-gallery"
     version              int64  1
@@ -36,8 +38,10 @@ from __future__ import annotations
 
 import difflib
 import io
+import math
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +51,8 @@ from spkr.scoring import l2_normalize
 
 FORMAT = "spkr-gallery"
 VERSION = 1
+MAX_TEXT = 4096  # characters of a string member (a speaker name, a path)
+MAX_DIM = 1 << 16  # embedding dim
 FIELDS = ("format", "version", "names", "embeddings", "counts", "weights_fingerprint", "embedding_dim")
 OPTIONAL_FIELDS = ("checkpoint", "checkpoint_relative")  # where the model is (absent in older files)
 
@@ -149,14 +155,17 @@ class Gallery:
         if not np.isfinite(e).all() or (norms == 0).any():
             raise GalleryError(f"{self.source}: speaker {name}: embeddings must be finite and non-zero")
         total = (e / norms[:, None]).sum(axis=0)
-        if name in self.names:
-            k = self.names.index(name)
-            n = int(self.counts[k])
-            self.embeddings[k] = (self.embeddings[k] * n + total) / (n + len(e))
+        k = self.names.index(name) if name in self.names else None
+        n = int(self.counts[k]) if k is not None else 0
+        mean = ((self.embeddings[k] * n if k is not None else 0) + total) / (n + len(e))
+        if not mean.any():
+            raise GalleryError(f"{self.source}: speaker {name}: its embeddings cancel out (a zero mean)")
+        if k is not None:
+            self.embeddings[k] = mean
             self.counts[k] = n + len(e)
             return int(self.counts[k])
         self.names.append(name)
-        self.embeddings = np.concatenate([self.embeddings, (total / len(e))[None]])
+        self.embeddings = np.concatenate([self.embeddings, mean[None]])
         self.counts = np.concatenate([self.counts, [len(e)]])
         return len(e)
 
@@ -241,39 +250,52 @@ class Gallery:
         if not magic.startswith(b"PK"):  # np.load would take anything else for a pickle
             raise GalleryError(f"{path}: not a spkr gallery .npz (not a zip archive)")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                fields = {k: z[k] for k in z.files if k in FIELDS + OPTIONAL_FIELDS}
+            with zipfile.ZipFile(path) as zf:
+                members = _members(zf, str(path), path.stat().st_size)
+                return cls._from_members(members, lambda m: _read(zf, m, str(path)), str(path))
+        except GalleryError:
+            raise
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
             raise GalleryError(
                 f"{path}: not a readable spkr gallery .npz ({type(e).__name__}: {e})"
             ) from None
-        return cls._from_fields(fields, str(path))
 
     @classmethod
-    def _from_fields(cls, f: dict, source: str) -> Gallery:
+    def _from_members(cls, f: dict[str, _Member], read, source: str) -> Gallery:
+        """The gallery of checked member headers ``f``; ``read`` gives a member's array, asked for
+        only once its header fits (a scalar, or the table's (n, dim) shapes)."""
         missing = [k for k in FIELDS if k not in f]
         if missing:
             raise GalleryError(f"{source}: not a spkr gallery (no {', '.join(missing)})")
-        header = {k: f[k] for k in ("format", "version", "weights_fingerprint", "embedding_dim")}
         kinds = {"format": "U", "version": "i", "weights_fingerprint": "U", "embedding_dim": "i"}
-        if any(v.shape != () or v.dtype.kind != kinds[k] for k, v in header.items()):
+        if not all(_is_scalar(f[k], kind) for k, kind in kinds.items()):
             raise GalleryError(
                 f"{source}: not a spkr gallery (format/version/fingerprint/dim are not scalars)"
             )
-        if str(f["format"]) != FORMAT:
-            raise GalleryError(f"{source}: not a spkr gallery (format {str(f['format'])!r})")
-        if int(f["version"]) != VERSION:
-            raise GalleryError(f"{source}: gallery version {int(f['version'])} (this spkr reads {VERSION})")
-        g = cls(str(f["weights_fingerprint"]), int(f["embedding_dim"]), source)
-        problem = _table_problem(f["names"], f["embeddings"], f["counts"], g.dim)
+        header = {k: read(f[k]) for k in kinds}
+        if str(header["format"]) != FORMAT:
+            raise GalleryError(f"{source}: not a spkr gallery (format {str(header['format'])!r})")
+        if int(header["version"]) != VERSION:
+            raise GalleryError(
+                f"{source}: gallery version {int(header['version'])} (this spkr reads {VERSION})"
+            )
+        if int(header["embedding_dim"]) > MAX_DIM:
+            raise GalleryError(f"{source}: embedding dim {int(header['embedding_dim'])} exceeds {MAX_DIM}")
+        g = cls(str(header["weights_fingerprint"]), int(header["embedding_dim"]), source)
+        problem = _layout_problem(f["names"], f["embeddings"], f["counts"], g.dim)
         if problem:
             raise GalleryError(f"{source}: corrupt gallery: {problem}")
-        g.names, g.embeddings, g.counts = f["names"].tolist(), f["embeddings"].astype(np.float64), f["counts"]
+        names, emb, counts = (read(f[k]) for k in ("names", "embeddings", "counts"))
+        problem = _values_problem(names, emb, counts)
+        if problem:
+            raise GalleryError(f"{source}: corrupt gallery: {problem}")
+        g.names, g.embeddings, g.counts = names.tolist(), emb.astype(np.float64), counts
         for k in OPTIONAL_FIELDS:
             if k in f:
-                if f[k].shape != () or f[k].dtype.kind != "U" or not str(f[k]):
+                value = read(f[k]) if _is_scalar(f[k], "U") else None
+                if value is None or not str(value):
                     raise GalleryError(f"{source}: corrupt gallery: {k} is not a non-empty string")
-                setattr(g, k, str(f[k]))
+                setattr(g, k, str(value))
         return g
 
     @classmethod
@@ -287,17 +309,105 @@ class Gallery:
         return g
 
 
-def _table_problem(names: np.ndarray, emb: np.ndarray, counts: np.ndarray, dim: int) -> str | None:
-    """What is wrong with a gallery file's speaker table, or None."""
+@dataclass(frozen=True)
+class _Member:
+    """One ``.npy`` member of a gallery archive as its header declares it: dtype, shape, and the
+    bytes before its data (magic + header)."""
+
+    info: zipfile.ZipInfo
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _members(zf: zipfile.ZipFile, source: str, file_size: int) -> dict[str, _Member]:
+    """The headers of the archive's gallery members (others are never opened), each checked before
+    any data is read: stored (np.savez's way; a compressed member could inflate to anything), a
+    plain non-object dtype, C order, and exactly the bytes its shape needs, within the file."""
+    members = {}
+    for info in zf.infolist():
+        field = info.filename.removesuffix(".npy")
+        if info.filename.endswith(".npy") and field in FIELDS + OPTIONAL_FIELDS:
+            members[field] = _member_header(zf, info, source, file_size)
+    return members
+
+
+def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str, file_size: int) -> _Member:
+    at = f"{source}: corrupt gallery: {info.filename}"
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise GalleryError(f"{at} is compressed (a spkr gallery stores its members, as np.savez does)")
+    if info.file_size > file_size:
+        raise GalleryError(f"{at} declares {info.file_size} bytes, more than the file's {file_size}")
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise GalleryError(f"{at}: .npy format version {version} (np.savez writes 1.0 or 2.0)")
+        read_header = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran_order, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject or dtype.names is not None or dtype.itemsize == 0:
+        raise GalleryError(f"{at} holds Python objects or records ({dtype}; a gallery never unpickles)")
+    if fortran_order:
+        raise GalleryError(f"{at} is in Fortran order (np.savez writes C order)")
+    member = _Member(info, dtype, tuple(shape), offset)
+    if offset + member.nbytes != info.file_size:
+        raise GalleryError(
+            f"{at} declares {dtype} {member.shape} ({member.nbytes} bytes) but holds {info.file_size - offset}"
+        )
+    if dtype.kind == "U" and dtype.itemsize > 4 * MAX_TEXT:
+        raise GalleryError(f"{at} holds strings of {dtype.itemsize // 4} characters (at most {MAX_TEXT})")
+    return member
+
+
+def _read(zf: zipfile.ZipFile, member: _Member, source: str) -> np.ndarray:
+    """A member's array (its header checked by :func:`_member_header`: the bytes read are the
+    shape's, within the file)."""
+    with zf.open(member.info) as f:
+        f.read(member.offset)
+        data = f.read(member.nbytes)
+    if len(data) != member.nbytes:
+        raise GalleryError(f"{source}: corrupt gallery: {member.info.filename} is truncated")
+    return np.frombuffer(data, member.dtype).reshape(member.shape).copy()
+
+
+def _is_scalar(member: _Member, kind: str) -> bool:
+    return member.shape == () and member.dtype.kind == kind
+
+
+def _layout_problem(names, emb, counts, dim: int) -> str | None:
+    """What is wrong with the dtypes and shapes of a gallery's speaker table (arrays, or members by
+    their headers: anything with ``dtype``, ``shape``, ``ndim``), or None: n = len(names) speakers,
+    embeddings (n, dim) float32, counts (n,) int64."""
     if names.dtype.kind != "U" or names.ndim != 1:
         return f"names {names.dtype} {names.shape}, expected a 1-D string array"
-    n = len(names)
+    n = names.shape[0]
     if emb.dtype != np.float32 or emb.shape != (n, dim):
         return f"embeddings {emb.dtype} {emb.shape}, expected float32 ({n}, {dim})"
-    if counts.dtype != np.int64 or counts.shape != (n,) or (counts < 1).any():
+    if counts.dtype != np.int64 or counts.shape != (n,):
+        return f"counts {counts.dtype} {counts.shape}, expected int64 ({n},) all >= 1"
+    return None
+
+
+def _values_problem(names: np.ndarray, emb: np.ndarray, counts: np.ndarray) -> str | None:
+    """What is wrong with the values of a gallery's speaker table (its layout checked), or None."""
+    n = len(names)
+    if (counts < 1).any():
         return f"counts {counts.dtype} {counts.shape}, expected int64 ({n},) all >= 1"
     if not np.isfinite(emb).all():
         return "embeddings are not finite"
+    zero = np.flatnonzero(~emb.any(axis=1))
+    if len(zero):
+        return f"speaker {str(names[zero[0]])!r} has a zero embedding (a mean of unit vectors never is)"
     if len(set(names.tolist())) != n:
         return "speaker names repeat"
     for name in names.tolist():

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spkr.config import finite_number
+
 
 class Predictor:
     """A loaded checkpoint ready to score waveforms/files."""
@@ -135,7 +137,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--db", default=None, help="gallery of enrolled speakers (spkr.enroll .npz) to answer from"
     )
-    p.add_argument("--threshold", type=float, default=None, help="accept iff score >= this (with --db)")
+    p.add_argument(
+        "--threshold", type=finite_number, default=None, help="accept iff score >= this (with --db)"
+    )
     p.add_argument(
         "--operating-point",
         choices=OPERATING_POINTS,

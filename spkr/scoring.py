@@ -437,6 +437,26 @@ def check_trial_keys(trials: TrialList, known_keys) -> None:
     )
 
 
+def check_trial_labels(trials: TrialList, speaker_of: Mapping) -> None:
+    """TrialListError naming the first trial (its file and line when read from one) whose target flag
+    disagrees with its sides' speakers (``speaker_of``: key -> speaker label, every key of the list):
+    a target trial pairs two utterances of one speaker, a non-target trial two speakers'."""
+    same = np.fromiter(
+        (speaker_of[a] == speaker_of[b] for a, b in zip(trials.enroll, trials.test)), bool, len(trials)
+    )
+    wrong = np.flatnonzero(same != trials.target)
+    if not len(wrong):
+        return
+    n = int(wrong[0])
+    a, b = trials.enroll[n], trials.test[n]
+    where = f"{trials.source}:{trials.lines[n]}" if trials.lines else f"{trials.source}: trial {n}"
+    sides = f"both speaker {speaker_of[a]}" if same[n] else f"speakers {speaker_of[a]} and {speaker_of[b]}"
+    raise TrialListError(
+        f"{where}: a {'target' if trials.target[n] else 'non-target'} trial, but {a} and {b} are {sides} "
+        f"({len(wrong)} of {len(trials)} trials flagged against their speakers)"
+    )
+
+
 def write_trials(path: str | os.PathLike, trials: TrialList, header: str | None = None) -> None:
     """Write a trial list atomically (checked first: a list this module cannot read is never written)."""
     from spkr import atomic

@@ -35,6 +35,7 @@ from typing import Any
 
 import fsspec
 
+from spkr.config import NonFinite, loads_json
 from spkr.errors import SpkrError
 
 
@@ -48,8 +49,8 @@ def storage_options_from_env(options: dict[str, Any] | None = None) -> dict[str,
     env = os.environ.get("SPKR_STORAGE_OPTIONS")
     if env:
         try:
-            merged.update(json.loads(env))
-        except json.JSONDecodeError as e:
+            merged.update(loads_json(env))
+        except (json.JSONDecodeError, NonFinite) as e:
             raise ValueError(f"SPKR_STORAGE_OPTIONS is not a JSON object: {e}") from None
     merged.update(options or {})
     return merged

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import tracemalloc
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +207,7 @@ def test_unreadable_files_are_refused(tmp_path):
         np.save(f, np.ones(3))
     for path, message in [
         (text, "not a spkr gallery .npz (not a zip archive)"),
-        (objects, "not a readable spkr gallery .npz (ValueError: Object arrays cannot be loaded"),
+        (objects, "corrupt gallery: names.npy holds Python objects or records (object"),
         (single, "a single .npy array, not a spkr gallery .npz"),
         (tmp_path / "missing.npz", "no such gallery file"),
         (tmp_path, "cannot read the gallery (Is a directory)"),
@@ -313,3 +316,79 @@ def test_enroll_cli_bad_inputs_exit_2_and_leave_the_gallery_unchanged(ckpt, demo
         str(tmp_path / "empty.wav"),
     ]
     assert main(argv) == 2 and not new.exists()
+
+
+def _gallery_zip(path: Path, replace: dict[str, bytes], compress: dict[str, int] | None = None) -> Path:
+    """A real gallery's .npz (two speakers, dim 3) with members replaced by ``replace`` ({field: .npy
+    bytes}), each stored, or compressed as ``compress`` says."""
+    g = Gallery("fp", 3)
+    g.enroll("a", [[1.0, 0.0, 0.0]])
+    g.enroll("b", [[0.0, 1.0, 0.0]])
+    with zipfile.ZipFile(io.BytesIO(g.to_bytes())) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            field = info.filename[: -len(".npy")]
+            kind = (compress or {}).get(field, zipfile.ZIP_STORED)
+            dst.writestr(info.filename, replace.get(field, src.read(info)), compress_type=kind)
+    return path
+
+
+def _npy_header(shape: tuple, descr: str, fortran: bool = False) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": fortran, "shape": shape})
+    return buf.getvalue()
+
+
+def _refused_within(path: Path, message: str, bound: int = 8 << 20) -> None:
+    tracemalloc.start()
+    try:
+        with pytest.raises(GalleryError) as e:
+            Gallery.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value) and "\n" not in str(e.value)
+    assert peak < bound, f"{peak} bytes allocated to refuse a {path.stat().st_size}-byte gallery"
+
+
+@pytest.mark.parametrize(
+    "replace, message",
+    [
+        # 400 MB of names declared in a member of a few bytes
+        ({"names": _npy_header((10**7,), "<U10") + b"a" * 40}, "names.npy declares"),
+        # embeddings of another speaker count or dim than the gallery's own: 2 GB declared
+        (
+            {"embeddings": _npy_header((2, 2**28), "<f4")},
+            "embeddings.npy declares float32 (2, 268435456) (2147483648 bytes) but holds 0",
+        ),
+        ({"counts": _npy_header((2**27,), "<i8")}, "counts.npy declares int64 (134217728,)"),
+        ({"embeddings": _npy_header((2, 3), "<f4", fortran=True) + bytes(24)}, "Fortran order"),
+        ({"embeddings": _npy_header((2, 3), "|O") + bytes(16)}, "embeddings.npy holds Python objects"),
+    ],
+)
+def test_a_gallery_declaring_huge_members_is_refused_before_reading_them(tmp_path, replace, message):
+    """Each member's .npy header (dtype, shape, order) is checked against the gallery's own counts
+    (names -> speakers, embedding_dim) before its data is read: nothing near the declared size is
+    ever allocated."""
+    _refused_within(_gallery_zip(tmp_path / "db.npz", replace), message)
+
+
+def test_a_compressed_member_that_inflates_is_refused_unread(tmp_path):
+    """np.savez stores members; a deflated one (here 40 MB of names in a ~40 kB file) is refused before
+    it is inflated."""
+    names = _npy_header((10**7,), "<U1") + bytes(4 * 10**7)
+    path = _gallery_zip(tmp_path / "bomb.npz", {"names": names}, {"names": zipfile.ZIP_DEFLATED})
+    assert path.stat().st_size < 200_000
+    _refused_within(path, "names.npy is compressed")
+
+
+def test_a_zero_embedding_is_refused(tmp_path):
+    emb = np.zeros((2, 3), np.float32)
+    emb[0, 0] = 1.0
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    with pytest.raises(GalleryError, match=r"db\.npz: corrupt gallery: speaker 'b' has a zero embedding"):
+        Gallery.load(_gallery_zip(tmp_path / "db.npz", {"embeddings": buf.getvalue()}))
+    g = Gallery("fp", 2)
+    with pytest.raises(GalleryError, match="speaker c: its embeddings cancel out"):
+        g.enroll("c", [[1.0, 0.0], [-1.0, 0.0]])
+    assert len(g) == 0

@@ -335,3 +335,18 @@ def test_workers_started_by_forkserver_or_spawn_resume_exactly(shards, context, 
     rest = epoch_batches(resumed, epoch=1)
     assert [r["keys"] for r in rest] == [r["keys"] for r in ref[5:]]
     assert all(torch.equal(x["mel"], y["mel"]) for x, y in zip(rest, ref[5:]))
+
+
+def test_a_state_without_its_dataset_is_refused(shards):
+    """A loader state names the dataset its positions are in; one without (hand-made, or cut down) could
+    be of any shard set, so it is refused like one of another dataset."""
+    from spkr.shards.format import DatasetMismatch
+
+    loader = SpeakerLoader(str(shards), "train", 4, train=True, seed=3, rank=0, world_size=1, num_workers=0)
+    state = loader.state_dict()
+    del state["dataset_id"]
+    with pytest.raises(DatasetMismatch, match=r"^loader state names no dataset_id: .*manifest\.json"):
+        loader.load_state_dict(state)
+    with pytest.raises(DatasetMismatch, match="loader state is for dataset 0123456789abcdef"):
+        loader.load_state_dict({**state, "dataset_id": "0123456789abcdef"})
+    loader.load_state_dict({**state, "dataset_id": loader.manifest.dataset_id})

@@ -311,3 +311,37 @@ def test_trial_file_format():
     read = parse_trials(text, "t.txt")
     assert read.target.tolist() == [True, False] and read.enroll == ("1-2-0001",) * 2
     assert read.test == ("1-3-0004", "7-8-0000")
+
+
+def test_trial_flags_are_checked_against_the_speakers_when_read(open_shards, tmp_path):
+    """A trial marked target whose two sides are different speakers (or non-target for one speaker)
+    is a TrialListError naming the file and line, when evaluation reads the list; the trial file and
+    manifest are edited coherently (sha256, dataset_id and digest recomputed), so only the labels tell."""
+    import hashlib
+    import json
+    import shutil
+
+    from spkr.run.evaluation import load_trials
+    from spkr.scoring import TrialListError
+    from spkr.shards.format import Manifest, dataset_extras, dataset_id, with_digest
+
+    out = tmp_path / "shards"
+    shutil.copytree(open_shards, out)
+    m = Manifest.load(str(out))
+    assert len(load_trials(m, "test-verify")) > 0  # as written: every flag right
+    path = out / "trials" / "test-verify.txt"
+    lines = path.read_text().splitlines(keepends=True)
+    n = next(i for i, line in enumerate(lines) if line.startswith("1 "))
+    lines[n] = "0" + lines[n][1:]
+    path.write_text("".join(lines))
+    data = json.loads((out / "manifest.json").read_text())
+    entry = data["protocol"]["splits"]["test-verify"]["trials"]
+    entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    keys = {s: [k for info in m.split(s).shards for k in info.keys] for s in m.split_names}
+    extras = dataset_extras(data["protocol"], data.get("augment"))
+    data["dataset_id"] = dataset_id(m.data["feature_fingerprint"], m.feature_backend, m.labels, keys, extras)
+    (out / "manifest.json").write_text(json.dumps(with_digest(data), indent=1))
+    _, a, b = lines[n].split()
+    with pytest.raises(TrialListError) as e:
+        load_trials(Manifest.load(str(out)), "test-verify")
+    assert str(e.value).startswith(f"{path}:{n + 1}: a non-target trial, but {a} and {b} are both speaker ")

@@ -10,6 +10,7 @@ from spkr.scoring import (
     TrialListError,
     as_norm,
     calibrate_thresholds,
+    check_trial_labels,
     cohort_statistics,
     compute_eer,
     compute_min_dcf,
@@ -316,3 +317,18 @@ def test_as_norm_input_errors():
         cohort_statistics(e, np.ones((5, 4)), top_k=1)
     with pytest.raises(ValueError, match="cohort of dim 5"):
         cohort_statistics(e, np.ones((5, 5)))
+
+
+def test_target_flags_must_match_the_speakers():
+    trials = parse_trials("# header\n1 a1 a2\n0 a1 b1\n1 a2 b1\n", "t.txt")
+    speaker_of = {"a1": "A", "a2": "A", "b1": "B"}
+    with pytest.raises(
+        TrialListError, match=r"^t\.txt:4: a target trial, but a2 and b1 are speakers A and B \(1 of 3"
+    ):
+        check_trial_labels(trials, speaker_of)
+    check_trial_labels(parse_trials("1 a1 a2\n0 a1 b1\n", "t.txt"), speaker_of)  # right flags: no error
+    flipped = make_trial_list([0], ["a1"], ["a2"], "in memory")
+    with pytest.raises(
+        TrialListError, match=r"^in memory: trial 0: a non-target trial, but a1 and a2 are both speaker A"
+    ):
+        check_trial_labels(flipped, speaker_of)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from spkr.augment import AugmentConfig, augment, copy_key, description_json, load_sources, speed_speaker
 from spkr.corpus.labels import class_weights
@@ -149,6 +150,7 @@ def test_workers_and_resume_write_identical_shards(aug_shards, corpus, noise_dir
     assert shard_digests(two) == shard_digests(aug_shards)
     a, b = (json.loads((d / "manifest.json").read_text()) for d in (two, aug_shards))
     a.pop("created"), b.pop("created")
+    a.pop("digest"), b.pop("digest")  # of the fields compared here
     a["augment"].pop("folders"), b["augment"].pop("folders")
     assert a == b
 
@@ -165,6 +167,28 @@ def test_another_noise_set_is_a_conflict(aug_shards, corpus, noise_dir, tmp_path
     assert run_shard(corpus, out, other) == 2
     err = capsys.readouterr().err
     assert "never reused" in err and "augment.sources" in err
+
+
+def test_a_noise_set_rewritten_in_place_at_the_same_sizes_is_a_conflict(
+    aug_shards, corpus, noise_dir, tmp_path, capsys
+):
+    """Source files are identified by their content: a noise file re-rendered in place (same name,
+    same size: here at half the gain) makes the copies another identity, so the re-run stops before
+    writing anything, as for another feature config."""
+    out, other = tmp_path / "shards", tmp_path / "noise"
+    shutil.copytree(aug_shards, out)
+    shutil.copytree(noise_dir, other)
+    path = next((other / "noise").rglob("*.wav"))
+    size = path.stat().st_size
+    data, sr = sf.read(path, dtype="int16")
+    sf.write(path, data // 2, sr, subtype="PCM_16")
+    assert path.stat().st_size == size
+    before = shard_digests(out)
+    capsys.readouterr()
+    assert run_shard(corpus, out, other) == 2
+    err = capsys.readouterr().err
+    assert "never reused" in err and "augment.sources" in err and "Traceback" not in err
+    assert shard_digests(out) == before and Manifest.load(str(out)).dataset_id  # nothing written
 
 
 @pytest.mark.parametrize("speeds", [["--augment-config", '{"speeds": [0.9]}'], ["--augment-speeds", "0.9"]])

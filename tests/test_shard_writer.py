@@ -15,7 +15,7 @@ import soundfile as sf
 from spkr import storage
 from spkr.features import FeatureConfig, LogMel, compute_logmel, load_audio
 from spkr.shards import writer as shard_writer
-from spkr.shards.format import Manifest, ManifestError
+from spkr.shards.format import Manifest, ManifestError, manifest_digest
 from spkr.tools import shard as shard_tool
 
 from .conftest import write_corpus
@@ -40,7 +40,7 @@ def run_shard(corpus: Path, out: Path, *extra: str) -> int:
 
 def manifest_without_time(out: Path) -> dict:
     data = json.loads((out / "manifest.json").read_text())
-    data.pop("created")
+    data.pop("created"), data["digest"].pop("created")  # the time of writing and its digest
     return data
 
 
@@ -201,6 +201,91 @@ def test_dataset_id_covers_features_labels_and_split_order(tiny_corpus, tmp_path
         Manifest(moved, url="moved.json")
 
 
+def _edit_manifest(out: Path, edit) -> None:
+    data = json.loads((out / "manifest.json").read_text())
+    edit(data)
+    (out / "manifest.json").write_text(json.dumps(data, indent=1))
+
+
+def _relabel(d: dict, out: Path) -> None:
+    """Another label for the first training sample: in its index file and in the index file's listed
+    sha256 and size, so only the manifest's digest still tells."""
+    entry = d["splits"]["train"]["index"]["labels"]
+    labels = np.load(out / entry["path"])
+    labels[0] = (labels[0] + 1) % len(d["labels"])
+    buf = io.BytesIO()
+    np.save(buf, labels)
+    (out / entry["path"]).write_bytes(buf.getvalue())
+    entry.update(bytes=len(buf.getvalue()), sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+
+
+@pytest.mark.parametrize(
+    "field, edit",
+    [
+        ("stats", lambda d, out: d["stats"]["mean"].__setitem__(0, d["stats"]["mean"][0] + 5.0)),
+        ("class_weights", lambda d, out: d["class_weights"].__setitem__(0, 100.0)),
+        ("splits", _relabel),
+        ("corpus", lambda d, out: d["corpus"].update(name="other")),
+    ],
+)
+def test_every_manifest_field_is_under_its_digest(tiny_corpus, tmp_path, field, edit):
+    """Fields outside the dataset_id (the statistics training normalises with, the class weights of its
+    loss, the index files' digests) are covered by the manifest's digest: a hand edit is refused on
+    every load, by the loader too, naming the field."""
+    from spkr.stream import SpeakerLoader
+
+    out = tmp_path / "shards"
+    assert run_shard(tiny_corpus, out) == 0
+    m = Manifest.load(str(out))
+    assert m.data["digest"] == manifest_digest(json.loads((out / "manifest.json").read_text()))
+    _edit_manifest(out, lambda d: edit(d, out))
+    with pytest.raises(ManifestError) as e:
+        Manifest.load(str(out))
+    msg = str(e.value)
+    assert msg.startswith(str(out / "manifest.json")) and "\n" not in msg
+    assert f"'{field}' does not match the manifest's digest" in msg
+    with pytest.raises(ManifestError, match="digest"):
+        SpeakerLoader(str(out), "train", 2, rank=0, world_size=1)
+
+
+def test_a_manifest_without_digest_loads_and_a_wrong_one_is_named(tiny_corpus, tmp_path):
+    """Shard sets written before the digest (none in the manifest) load as before; a digest that is not
+    64 hex digits is named."""
+    out = tmp_path / "shards"
+    assert run_shard(tiny_corpus, out) == 0
+    dataset = Manifest.load(str(out)).dataset_id
+    _edit_manifest(out, lambda d: d.pop("digest"))
+    assert Manifest.load(str(out)).dataset_id == dataset
+    _edit_manifest(out, lambda d: d.update(digest={**manifest_digest(d), "stats": 17}))
+    with pytest.raises(ManifestError, match=r"manifest\.json: digest of 'stats' is 17, not 64 hex digits"):
+        Manifest.load(str(out))
+    _edit_manifest(out, lambda d: d.update(extra=1) or d.update(digest=manifest_digest(d)))
+    assert Manifest.load(str(out)).data["extra"] == 1  # edited, then made coherent again: a new manifest
+    _edit_manifest(out, lambda d: d.update(more=2))
+    with pytest.raises(
+        ManifestError, match=r"manifest\.json: field\(s\) \['more'\] are not under its digest"
+    ):
+        Manifest.load(str(out))
+
+
+@pytest.mark.parametrize("key", ["2-21-0003 b", "2-21-0003\u00a0b", "2-21-0003.b"])
+def test_keys_the_trial_format_cannot_hold_are_refused_before_any_work(tiny_corpus, tmp_path, capsys, key):
+    """Trial lists separate keys by whitespace and the manifest refuses '.', so such an utterance id
+    is named before anything is written (or skipped and listed with --on-error skip)."""
+    d = tiny_corpus / "LibriSpeech" / "train-clean-100" / "2" / "21"
+    (d / "2-21-0003.flac").rename(d / f"{key}.flac")
+    trans = d / "2-21.trans.txt"
+    trans.write_text(trans.read_text().replace("2-21-0003 ", f"{key} "))
+    out = tmp_path / "shards"
+    capsys.readouterr()
+    assert run_shard(tiny_corpus, out) == 2
+    err = capsys.readouterr().err
+    assert f"{key}.flac: utterance id {key!r} holds whitespace, '.', '/', '\\' or an unprintable" in err, err
+    assert not out.exists()
+    assert run_shard(tiny_corpus, out, "--on-error", "skip") == 0
+    assert [s["key"] for s in Manifest.load(str(out)).data["skipped"]] == [key]
+
+
 def _break(corpus: Path, kind: str) -> str:
     """Damage one training utterance of speaker 2; returns the file name the error must name."""
     d = corpus / "LibriSpeech" / "train-clean-100" / "2" / "21"
@@ -305,7 +390,8 @@ def test_shard_to_s3_on_a_loopback_server(tiny_corpus, tmp_path, monkeypatch):
         local = tmp_path / "local"
         assert run_shard(tiny_corpus, local) == 0
         a, b = (json.loads(m.to_json()) for m in (remote, Manifest.load(str(local))))
-        a.pop("created"), b.pop("created")
+        for d in (a, b):  # the time of writing, and its line in the digest
+            d.pop("created"), d["digest"].pop("created")
         raw = json.loads(storage.read_bytes(f"s3://{bucket}/demo/manifest.json"))
         assert raw["version"] == 3 and raw["splits"] == manifest_without_time(local)["splits"]
         cached = {

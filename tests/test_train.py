@@ -460,3 +460,48 @@ def test_training_uses_the_models_weight_decay_groups(tmp_path_factory):
     assert any(n.endswith("A_log") and ckpt["model"][n].dim() == 2 for n in no_decay)
     assert all(n.rsplit(".", 1)[-1] not in ("A_log", "D") and not n.endswith("bias") for n in decay)
     assert "embedding.weight" in decay and sorted(no_decay + decay) == sorted(ckpt["model"])
+
+
+def test_resume_refuses_shards_with_other_statistics_or_class_weights(tmp_path):
+    """The same dataset_id with other feature statistics or class weights (a manifest edited, then made
+    coherent again: digest recomputed) cannot continue a run: it would train under another
+    normalisation than the checkpoint's, which evaluation and prediction use."""
+    from spkr.models import build_model
+    from spkr.models.config import ModelConfig
+    from spkr.run import TrainError
+    from spkr.run.checkpoint import Position, check_resumable, pack
+    from spkr.shards.format import Manifest
+    from spkr.shards.writer import write_manifest
+    from tests.shardkit import make_shards
+
+    src = make_shards(tmp_path / "shards", [4, 3], n_mels=16)
+    m = Manifest.load(str(src))
+    model_cfg = ModelConfig(d_model=16, n_layers=1, frontend_channels=[16], embedding_dim=8)
+    model = build_model(model_cfg, m.feature_config.n_mels, len(m.labels))
+    optimizer = torch.optim.AdamW(model.parameters())
+    ckpt = pack(
+        model=model, optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+        scaler=torch.amp.GradScaler("cpu", enabled=False), position=Position(), rngs=[], loaders=[], world=1,
+        manifest=m, model_cfg=model_cfg, train_cfg=TrainConfig(), shards=str(src),
+    )  # fmt: skip
+    check_resumable(ckpt, m, model_cfg, 1, "last.pt")  # its own shards: resumable
+
+    def stats(d):
+        d["stats"]["mean"][3] += 5.0
+
+    def weights(d):
+        d["class_weights"][0] = 100.0
+
+    for name, edit, says in [
+        ("stats", stats, r"feature statistics \(mean\) differ from the checkpoint's \(entry 3: "),
+        ("weights", weights, r"class weights differ from the checkpoint's \(entry 0: 100\.0 vs 1\.0\)"),
+    ]:
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        data = json.loads(m.to_json())
+        edit(data)
+        write_manifest(str(dst), data)
+        other = Manifest.load(str(dst))
+        assert other.dataset_id == m.dataset_id
+        with pytest.raises(TrainError, match=r"^cannot resume from last\.pt: the shards' " + says):
+            check_resumable(ckpt, other, model_cfg, 1, "last.pt")

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from spkr import scoring
+from spkr.run.evaluation import load_trials
 from spkr.shards.format import Manifest
 from spkr.stream import SpeakerLoader
 
@@ -235,7 +236,7 @@ def run(shards: str, n_mfcc=(20, 30), with_deltas: bool = True, l2_grid=DEFAULT_
 
 def verify(manifest: Manifest, split: str, keys: list[str], vectors: np.ndarray) -> dict:
     """Cosine scores of ``split``'s standardised vectors on its trial list -> EER, minDCF."""
-    trials = scoring.parse_trials(manifest.read_trials(split), manifest.trials_url(split))
+    trials = load_trials(manifest, split)  # keys and target flags checked against the split's speakers
     scores = scoring.score_trials(trials, dict(zip(keys, vectors)))
     return scoring.verification_metrics(scores, trials.target)
 

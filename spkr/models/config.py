@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spkr.config import ConfigError, from_dict, load_toml
+from spkr.config import ConfigError, check_fields, from_dict, in_range, load_toml
 
 ARCHS = ("mamba", "mamba2", "transformer")
 BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
@@ -50,6 +50,18 @@ class ModelConfig:
     ff_mult: int = 4
 
     def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("d_model", "d_state", "d_conv", "expand", "headdim", "frontend_kernel", "embedding_dim"):
+            in_range(getattr(self, name), name, 1)
+        for name in ("n_heads", "ff_mult"):
+            in_range(getattr(self, name), name, 1)
+        for name in ("n_layers", "dt_rank", "chunk_size"):
+            in_range(getattr(self, name), name, 0)
+        for i, channels in enumerate(self.frontend_channels):
+            in_range(channels, f"frontend_channels[{i}]", 1)
+        in_range(self.aam_scale, "aam_scale", above=0)
+        in_range(self.aam_margin, "aam_margin", 0, 1)
+
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(msg)

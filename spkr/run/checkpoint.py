@@ -9,8 +9,9 @@
 
 The file format (keys, version, weights_only loading) is :mod:`spkr.checkpoint`'s; this module only fills
 and empties it. A resume is refused with :class:`spkr.run.TrainError` when the checkpoint is of another
-dataset (features, labels, split assignment), another ``[model]`` config, other optimizer parameter groups,
-or was written mid-epoch by another number of ranks (the loader positions would not fit).
+dataset (features, labels, split assignment), the shards' feature statistics or class weights are not the
+checkpoint's, another ``[model]`` config, other optimizer parameter groups, or was written mid-epoch by
+another number of ranks (the loader positions would not fit).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def check_resumable(ckpt: dict, manifest, model_cfg, world: int, where: str) -> 
         check_dataset(ckpt, manifest, f"checkpoint {where}")
     except ManifestError as e:
         raise TrainError(f"cannot resume from {where}: {e}") from None
+    _check_training_values(ckpt, manifest, where)
     mine = to_dict(model_cfg)
     if ckpt["model_config"] != mine:
         diff = sorted(k for k in ckpt["model_config"] if ckpt["model_config"][k] != mine.get(k))
@@ -87,6 +89,33 @@ def check_resumable(ckpt: dict, manifest, model_cfg, world: int, where: str) -> 
         raise TrainError(
             f"cannot resume {where} mid-epoch with world size {world}: it was written by {ckpt['world_size']} ranks"
         )
+
+
+def _check_training_values(ckpt: dict, manifest, where: str) -> None:
+    """TrainError unless the shards' feature statistics (mean, std: the loader's normalisation) and
+    class weights (the loss's) are the checkpoint's, value for value: a resumed run continues under
+    the normalisation and weights it started with, the ones evaluation and prediction will use."""
+    stats = manifest.data.get("stats") or {}
+    saved = ckpt.get("stats") or {}
+    pairs = [(f"feature statistics ({k})", stats.get(k), saved.get(k)) for k in ("mean", "std")]
+    pairs.append(("class weights", manifest.class_weights, ckpt.get("class_weights")))
+    for what, mine, theirs in pairs:
+        if mine is not None and theirs is not None and list(mine) == list(theirs):
+            continue
+        at = _first_difference(mine, theirs)
+        raise TrainError(
+            f"cannot resume from {where}: the shards' {what} differ from the checkpoint's ({at}); the run "
+            f"would continue under other values than it started with: resume with the shards it was trained on"
+        )
+
+
+def _first_difference(mine, theirs) -> str:
+    if mine is None or theirs is None:
+        return f"{'the shards have none' if mine is None else 'the checkpoint has none'}"
+    if len(mine) != len(theirs):
+        return f"{len(mine)} values vs {len(theirs)}"
+    i = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+    return f"entry {i}: {mine[i]!r} vs {theirs[i]!r}"
 
 
 def restore(

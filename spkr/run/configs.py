@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from spkr.config import ConfigError, from_dict, load_toml
+from spkr.config import ConfigError, check_fields, from_dict, in_range, load_toml
 from spkr.run.distributed import DTYPE_CHOICES, wants_cuda
 
 
@@ -61,6 +61,13 @@ class TrainConfig:
     verify_pairs: int = 200_000  # trial pairs for the final EER/minDCF (0 = all pairs)
 
     def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("weight_decay", "grad_clip"):
+            in_range(getattr(self, name), name, 0)
+        for name in ("beta1", "beta2", "label_smoothing"):
+            in_range(getattr(self, name), name, 0)
+            if not getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)} is not < 1")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if not (isinstance(self.compile, bool) or self.compile == "auto"):

@@ -45,6 +45,7 @@ from spkr.scoring import (
     TrialList,
     calibrate_thresholds,
     check_trial_keys,
+    check_trial_labels,
     l2_normalize,
     parse_trials,
     score_trials,
@@ -291,9 +292,13 @@ def embed_cohort(
 
 def load_trials(manifest, split: str, storage_options: dict | None = None) -> TrialList:
     """The trial list of verification split ``split``: sha256 checked by the manifest, parsed, every
-    key a sample of the split (else a ValueError naming the file and line)."""
+    key a sample of the split and every target flag its two sides' speakers' (the split's labels)
+    (else a TrialListError naming the file and line)."""
     trials = parse_trials(manifest.read_trials(split, storage_options), manifest.trials_url(split))
-    check_trial_keys(trials, {k for shard in manifest.split(split).shards for k in shard.keys})
+    shards = manifest.split(split).shards
+    speaker_of = {k: lab for shard in shards for k, lab in zip(shard.keys, shard.labels)}
+    check_trial_keys(trials, speaker_of)
+    check_trial_labels(trials, speaker_of)
     return trials
 
 

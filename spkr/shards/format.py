@@ -10,6 +10,11 @@ A shards directory (local or URL) holds ``manifest.json`` and, per split, tar sh
     <out>/augment.jsonl                   one description per augmented copy (``<key>~aug<k>``)
     <out>/index/<split>.<field>.npy|.txt  the per-sample fields (version 3; the table below)
 
+``manifest.json``'s ``digest`` holds the sha256 of every other top-level field (:func:`manifest_digest`),
+checked on every load: a field outside the ``dataset_id`` (``stats``, ``class_weights``, the index files'
+digests, ...) edited by hand is refused, naming the field. A manifest without ``digest`` (written before
+it) loads as before.
+
 A shard is complete iff its sidecar exists (it is written last); ``manifest.json`` is written only
 when every planned shard is complete, and after the trial files, ``augment.jsonl`` and the index
 files, so nothing half-written is ever listed.
@@ -62,6 +67,7 @@ import numpy as np
 
 from spkr import atomic, storage
 from spkr.augment import COPY_SEPARATOR
+from spkr.config import loads_json
 from spkr.corpus.protocols import CLASSIFICATION, CLOSED, PROTOCOLS, TRIALS_DIR, VERIFICATION, trials_path
 from spkr.errors import SpkrError
 from spkr.features import FeatureConfig
@@ -83,6 +89,7 @@ INDEX_FILES = {
 }
 SAMPLE_CHECKSUM = "xxh3_64"  # the per-sample checksum's algorithm, as named in the manifest
 MANIFEST_NAME = "manifest.json"
+DIGEST = "digest"  # the manifest field holding the other fields' sha256 (manifest_digest)
 AUGMENT_NAME = "augment.jsonl"  # one description per augmented copy (spkr.augment), manifest key order
 ROLES = ("train", "valid", "test")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -142,6 +149,23 @@ def dataset_extras(protocol: dict | None, augment: dict | None) -> dict:
     if augment is not None:
         extras["augment"] = {k: v for k, v in augment.items() if k != "folders"}
     return extras
+
+
+def manifest_digest(data: dict) -> dict[str, str]:
+    """What a manifest's ``digest`` holds: {field: sha256 of its canonical JSON (sorted keys, no spaces,
+    packed sequences as the lists they are)} for every top-level field of ``data`` but ``digest``."""
+    return {k: _field_sha256(v) for k, v in sorted(data.items()) if k != DIGEST}
+
+
+def with_digest(data: dict) -> dict:
+    """Manifest ``data`` with its ``digest`` (re)computed, as the last field."""
+    rest = {k: v for k, v in data.items() if k != DIGEST}
+    return {**rest, DIGEST: manifest_digest(rest)}
+
+
+def _field_sha256(value) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=_plain, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _narrowed(a: np.ndarray) -> np.ndarray:
@@ -465,8 +489,8 @@ class Manifest:
                 pass
             raise ManifestError(f"{url}: no manifest found{hint}") from None
         try:
-            data = json.loads(raw, object_hook=_pack_shard_entry)
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits
+            data = loads_json(raw, object_hook=_pack_shard_entry)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits, NaN
             raise ManifestError(f"{url}: manifest is not valid JSON: {e}") from None
         except RecursionError:
             raise ManifestError(f"{url}: manifest JSON is nested too deeply") from None
@@ -478,7 +502,7 @@ class Manifest:
         splits = {
             name: {k: v for k, v in sd.items() if k != "index"} for name, sd in self.data["splits"].items()
         }
-        data = {**self.data, "version": INLINE_VERSION, "splits": splits}
+        data = with_digest({**self.data, "version": INLINE_VERSION, "splits": splits})
         return json.dumps(data, indent=1, sort_keys=False, default=_plain)
 
     # ---------------------------------------------------------------- checks
@@ -488,6 +512,7 @@ class Manifest:
         d, where = self.data, self.url
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ManifestError(f"{where}: not a {FORMAT} manifest")
+        raw = d  # the fields as read: what the digest covers
         _string_keys(d, "manifest", where)
         version = d.get("version")
         if type(version) is not int or version not in READ_VERSIONS:
@@ -536,6 +561,7 @@ class Manifest:
         self._check_split_keys()
         _check_augment_entry(d.get("augment"), where)
         self._check_identity()
+        _check_digest(raw, where)
 
     def _attach_index(self, split: str, sd) -> dict:
         """Split entry ``sd`` of a version-3 manifest with its index files checked (bytes, sha256,
@@ -906,7 +932,7 @@ def index_files(data: dict) -> tuple[dict, dict[str, bytes]]:
             }
         entries = [{k: v for k, v in s.items() if k not in PER_SAMPLE_FIELDS} for s in shards]
         splits[split] = {**sd, "shards": entries, "index": index}
-    return {**data, "version": VERSION, "splits": splits}, files
+    return with_digest({**data, "version": VERSION, "splits": splits}), files
 
 
 def _read_listed(url: str, what: str, storage_options: dict | None, retry) -> bytes:
@@ -993,6 +1019,16 @@ def shard_name_problem(name, split: str | None = None) -> str | None:
         return "has characters other than A-Z a-z 0-9 . _ - (or a part not starting with A-Z a-z 0-9)"
     if not parts[1].endswith(".tar"):
         return "does not end in .tar"
+    return None
+
+
+def sample_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a new sample's key, or None: empty, or holding whitespace (trial lists
+    separate keys by it), '.', '/', '\\' or an unprintable character (the manifest refuses those)."""
+    if not key:
+        return "is empty"
+    if not key.isprintable() or _BAD_KEY_CHAR.search(key) or any(c.isspace() for c in key):
+        return "holds whitespace, '.', '/', '\\' or an unprintable character"
     return None
 
 
@@ -1245,6 +1281,38 @@ def _check_verification_entry(entry: dict, name: str, at: str) -> int:
     for count in ("count", "target", "nontarget"):
         _count(trials.get(count), f"trials {count}", at)
     return len(speakers)
+
+
+def _check_digest(d: dict, where: str) -> None:
+    """Every field of manifest ``d`` (as read) has the sha256 its ``digest`` lists (none listed: a
+    manifest written before the digest, not checked); else ManifestError naming the field."""
+    if DIGEST not in d:
+        return
+    listed = d[DIGEST]
+    _string_keys(listed, DIGEST, where)
+    for field, sha in listed.items():
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            raise ManifestError(f"{where}: digest of {field!r} is {_show(sha)}, not 64 hex digits")
+    fields = sorted(set(d) - {DIGEST})
+    extra, gone = sorted(set(fields) - set(listed)), sorted(set(listed) - set(fields))
+    if extra or gone:
+        problem = (
+            f"field(s) {extra} are not under its digest"
+            if extra
+            else f"field(s) {gone} of its digest are missing"
+        )
+        raise ManifestError(f"{where}: {problem}: the manifest was edited; {_REMAKE}")
+    try:
+        actual = manifest_digest(d)
+    except (ValueError, RecursionError) as e:  # NaN or infinity, or nesting too deep, in a free-form field
+        raise ManifestError(f"{where}: a field cannot be digested ({type(e).__name__}: {e})") from None
+    for field in fields:
+        if actual[field] != listed[field]:
+            raise ManifestError(
+                f"{where}: {field!r} does not match the manifest's digest (sha256 {actual[field][:16]}..., "
+                f"listed {listed[field][:16]}...): the manifest was edited by hand or assembled from "
+                f"another shard set; {_REMAKE}"
+            )
 
 
 def _check_augment_entry(a, where: str) -> None:

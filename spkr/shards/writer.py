@@ -46,8 +46,11 @@ from spkr.augment import (
     copy_key,
     copy_speaker,
     description_json,
+    known_contents,
     load_sources,
+    remember_contents,
 )
+from spkr.config import ConfigError, check_fields, in_range
 from spkr.corpus.librispeech import Utterance
 from spkr.corpus.protocols import Protocol
 from spkr.features import AudioError, FeatureConfig, LogMel, compute_logmel, load_audio, resolve_backend
@@ -67,6 +70,7 @@ from spkr.shards.format import (
     index_files,
     shard_name,
     split_summary,
+    with_digest,
 )
 from spkr.shards.stats import RunningStats
 
@@ -259,6 +263,14 @@ class WriteOptions:
     feature_backend: str = "auto"
     overwrite: bool = False  # rewrite shards written for another plan/identity (else ShardConflict)
     augment: AugmentConfig | None = None  # the copies' recipe (jobs with copies need it)
+
+    def __post_init__(self):
+        """ConfigError ``<field>: <problem>`` for a wrong type, a non-finite or negative min_seconds, or
+        an unknown on_error."""
+        check_fields(self)
+        in_range(self.min_seconds, "min_seconds", 0)
+        if self.on_error not in ("fail", "skip"):
+            raise ConfigError(f"on_error: must be 'fail' or 'skip', got {self.on_error!r}")
 
 
 def run_identity(cfg: FeatureConfig, opts: WriteOptions, seed: int, source: str) -> dict:
@@ -478,10 +490,12 @@ class _Lazy:
 # --------------------------------------------------------------------------- running and merging
 
 
-def _worker_init():
+def _worker_init(source_contents: dict):
+    """A shard worker: one torch thread; the parent's noise/RIR file hashes (not read again)."""
     import torch
 
     torch.set_num_threads(1)
+    remember_contents(source_contents)
 
 
 def _run_job(args):
@@ -541,7 +555,7 @@ def run_jobs(
     manager = ctx.Manager()
     queue = manager.Queue()
     results = []
-    with ctx.Pool(workers, initializer=_worker_init) as pool:
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(known_contents(),)) as pool:
         pending = pool.imap_unordered(_run_job, [(out, j, cfg, opts, storage_options, queue) for j in mine])
         it = iter(pending)
         done = 0
@@ -578,7 +592,8 @@ def build_manifest(
     :meth:`RunningStats.summary` of the training split; ``identity`` the run's (run_identity);
     ``protocol`` ``Protocol.manifest_entry()``; ``augment`` the copies' entry (:func:`augment_entry`).
     The last two are stored only when given (older manifests have neither). The per-sample fields
-    are inline (a version-2 manifest): :func:`write_manifest` writes them as index files."""
+    are inline (a version-2 manifest): :func:`write_manifest` writes them as index files. Its
+    ``digest`` (:func:`spkr.shards.format.manifest_digest`) covers every field."""
     data = {
         "format": FORMAT,
         "version": INLINE_VERSION,
@@ -609,7 +624,7 @@ def build_manifest(
         data["protocol"] = protocol
     if augment is not None:
         data["augment"] = augment
-    return data
+    return with_digest(data)
 
 
 def augment_entry(cfg: AugmentConfig, identity: dict, split: str, payload: bytes, count: int) -> dict:

@@ -12,7 +12,7 @@ Batches are collated inside the DataLoader workers (``DataLoader(batch_size=None
 
 Resume: ``state_dict()`` = ``{epoch, batches (consumed this epoch), seed, world_size, num_workers,
 batch_size, bucket_window, train, split, dataset_id, num_samples, ...}``; a state of another dataset
-(``manifest.dataset_id``) is refused. After ``load_state_dict`` the next
+(``manifest.dataset_id``), or naming none, is refused (``DatasetMismatch``). After ``load_state_dict`` the next
 iteration yields exactly the batches not yet consumed, in the uninterrupted order; workers skip
 consumed batches by plan, without reading them. Mid-epoch, the batch composition depends on
 ``(seed, world_size, num_workers, batch_size, bucket_window)``, so loading a mid-epoch state with any
@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from spkr import storage
-from spkr.shards.format import Manifest
+from spkr.shards.format import DatasetMismatch, Manifest
 from spkr.stream.dataset import ShardDataset
 from spkr.stream.plan import EpochPlan
 
@@ -377,8 +377,13 @@ class SpeakerLoader:
             raise ValueError(f"loader state has seed {state['seed']}, this loader seed {self.seed}")
         if state.get("split", self.split) != self.split:
             raise ValueError(f"loader state is for split {state['split']!r}, not {self.split!r}")
-        if state.get("dataset_id", self.manifest.dataset_id) != self.manifest.dataset_id:
-            raise ValueError(
+        if "dataset_id" not in state:
+            raise DatasetMismatch(
+                f"loader state names no dataset_id: its positions may be in any shard set, not these "
+                f"({self.manifest.url}, dataset {self.manifest.dataset_id})"
+            )
+        if state["dataset_id"] != self.manifest.dataset_id:
+            raise DatasetMismatch(
                 f"loader state is for dataset {state['dataset_id']}, these shards are dataset "
                 f"{self.manifest.dataset_id} ({self.manifest.url}): its positions would repeat or miss samples"
             )

@@ -32,7 +32,7 @@ import sys
 import time
 
 from spkr.augment import AugmentConfig, speed_classes
-from spkr.config import add_storage_options, json_object
+from spkr.config import add_storage_options, finite_number, json_object
 from spkr.corpus.labels import class_weights
 from spkr.corpus.librispeech import (
     Utterance,
@@ -56,6 +56,7 @@ from spkr.corpus.protocols import (
 )
 from spkr.errors import EXIT_ERROR, KNOWN_ERRORS, one_line
 from spkr.features import AudioError, FeatureConfig
+from spkr.shards.format import sample_key_problem
 from spkr.shards.writer import (
     WriteOptions,
     augment_run_identity,
@@ -104,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--resample", action="store_true", help="resample audio that is not at the sample rate")
     p.add_argument("--downmix", action="store_true", help="downmix multi-channel audio to mono")
-    p.add_argument("--min-seconds", type=float, default=0.1, help="shorter audio is an error")
+    p.add_argument("--min-seconds", type=finite_number, default=0.1, help="shorter audio is an error")
     p.add_argument("--allow-missing-transcript", action="store_true", help="audio without transcript is fine")
     p.add_argument("--feature-backend", choices=("auto", "torchaudio", "torch"), default="auto")
     p.add_argument("--n-mels", type=int, default=None, help="override the feature config's n_mels")
@@ -123,7 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--protocol", choices=PROTOCOLS, default="closed", help="how utterances go to splits")
     g.add_argument("--trials-per-speaker", type=int, default=None, help="open: trials per speaker (200)")
     g.add_argument("--enroll-per-speaker", type=int, default=None, help="open: enrollment utterances (3)")
-    g.add_argument("--valid-fraction", type=float, default=None, help="open: train share in valid (0.05)")
+    g.add_argument(
+        "--valid-fraction", type=finite_number, default=None, help="open: train share in valid (0.05)"
+    )
     g = p.add_argument_group("augmentation (spkr.augment; training split only)")
     g.add_argument("--augment-copies", type=int, default=0, help="K augmented copies per training utterance")
     g.add_argument(
@@ -201,13 +204,16 @@ def describe_protocol(protocol: Protocol) -> str:
 
 
 def check_utterances(utts: list[Utterance], known_speakers: set[str] | None, on_error: str, skipped: list):
-    """Metadata checks before any audio is read: the key must be <speaker>-<chapter>-<n> and match its
-    directories, and the speaker must be listed in SPEAKERS.TXT when there is one."""
+    """Metadata checks before any audio is read: the key must be usable as a sample key (no whitespace:
+    trial lists split on it), be <speaker>-<chapter>-<n> matching its directories, and the speaker must
+    be listed in SPEAKERS.TXT when there is one."""
     good = []
     for u in utts:
         name = u.path or f"{u.subset}/{u.key}"
-        problem = None
-        if not u.key.startswith(f"{u.speaker}-{u.chapter}-"):
+        problem = sample_key_problem(u.key)
+        if problem is not None:
+            problem = f"{name}: utterance id {u.key!r} {problem} (trial lists split keys on whitespace)"
+        elif not u.key.startswith(f"{u.speaker}-{u.chapter}-"):
             problem = (
                 f"{name}: utterance id {u.key!r} does not match speaker {u.speaker} / chapter {u.chapter}"
             )
@@ -359,7 +365,7 @@ def main(argv=None) -> int:
     if args.n_mels:
         overrides["n_mels"] = args.n_mels
     try:
-        cfg = FeatureConfig.from_dict({**FeatureConfig().to_dict(), **overrides})
+        cfg = FeatureConfig.from_dict({**FeatureConfig().to_dict(), **overrides}, "--feature-config")
         pre_skipped: list[dict] = []
         train, dev, test, subsets = load_corpus(args, pre_skipped)
         if not train:
