@@ -24,7 +24,8 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
-    assert list(report) == ["env", "tests", "scans", "kernels", "train", "loader"]
+    sections = ["env", "tests", "scans", "kernels", "train", "loader"]
+    assert list(report) == [sections[0], "seconds", *sections[1:]] and list(report["seconds"]) == sections
     assert report["env"]["triton_interpret"] == "1" and report["tests"]["returncode"] == 0
     scans = report["scans"]["scans"]
     assert {"spkr triton", "mambapy pscan", "spkr cpu-scan"} <= set(scans)

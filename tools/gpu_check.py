@@ -74,11 +74,14 @@ class Report:
 
     def __init__(self, out: Path):
         self.out, self.data, self.md = out, {}, []
+        self.last = time.time()
         out.mkdir(parents=True, exist_ok=True)
 
     def add(self, section: str, result, lines: list[str]) -> None:
+        took, self.last = time.time() - self.last, time.time()
         self.data[section] = result
-        self.md += [f"## {section}", "", *lines, ""]
+        self.data.setdefault("seconds", {})[section] = round(took, 1)
+        self.md += [f"## {section} ({took:.0f} s)", "", *lines, ""]
         (self.out / "gpu_check.json").write_text(json.dumps(self.data, indent=1, default=str) + "\n")
         (self.out / "gpu_check.md").write_text("\n".join(["# spkr GPU check", "", *self.md]))
         print("\n".join([f"== {section}", *lines]), flush=True)
@@ -528,7 +531,7 @@ def main() -> int:
     p.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
     p.add_argument("--dry-run", action="store_true", help="every step on CPU at tiny sizes (CI)")
     p.add_argument("--sections", default="env,tests,scans,kernels,train,loader")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--archs", default="mamba1,mamba2", help="kernels: which layers")
     p.add_argument("--kernel-T", default="300,1000,3000", help="scans, kernels: sequence lengths timed")
     p.add_argument("--synthetic", type=int, default=2000, help="synthetic training samples")

@@ -25,7 +25,7 @@ Only products of decays in (0, 1] appear (no exp of a cumulative sum, which over
 as in the CPU path. Inputs of any float dtype are read and upcast to float32 in registers; y and the
 gradients are float32 inside (gradients rounded once to each input's dtype).
 
-Importing this module imports Triton (:func:`spkr.models.mamba.triton_scan_unavailable` does it
+Importing this module imports Triton (:func:`spkr.models.mamba.triton_scan_available` does it
 guarded). On CPU tensors the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` set before
 this module is imported): slow, for tests at small shapes.
 """
@@ -159,6 +159,10 @@ def _block_n(n: int) -> int:
 def _launch(tile: list[int], b: int, l: int, d: int, n: int) -> tuple[tuple[int, int], int, dict]:
     """(grid, chunks, compile-time kwargs) of a kernel launch with ``tile`` = [BLOCK_T, BLOCK_D, warps]."""
     bt, bd, warps = tile
+    if max(b * l * d, b * -(-d // bd) * l * n, b * -(-l // bt) * d * n) >= 2**31:
+        raise ValueError(
+            f"selective scan of (b, l, d, n) = {(b, l, d, n)}: too large for int32 offsets; split the batch"
+        )
     return (b, -(-d // bd)), -(-l // bt), dict(BT=bt, BD=bd, BN=_block_n(n), num_warps=warps)
 
 
