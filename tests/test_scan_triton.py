@@ -17,13 +17,13 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from spkr.models import ModelConfig, build_model, ssm  # noqa: E402
 from spkr.models.mamba import BackendUnavailable, Mamba1, resolve_backend, triton_scan_available  # noqa: E402
+from tests.test_ssm import _mamba1_inputs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(triton_scan_available() is not None, reason="Triton does not import here")
 
@@ -37,14 +37,8 @@ def _scan():
 
 
 def _inputs(b, l, d, n, seed=0, dt_shift=-1.0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, l, d, generator=g)
-    dt = F.softplus(torch.randn(b, l, d, generator=g) + dt_shift)
-    A = -torch.exp(torch.randn(d, n, generator=g) * 0.5)
-    B = torch.randn(b, l, n, generator=g)
-    C = torch.randn(b, l, n, generator=g)
-    D = torch.randn(d, generator=g)
-    return [t.to(device).requires_grad_() for t in (x, dt, A, B, C, D)]
+    """tests/test_ssm.py's scan inputs (x, dt, A, B, C, D) on ``device``, as leaves needing grads."""
+    return [t.detach().to(device).requires_grad_() for t in _mamba1_inputs(b, l, d, n, seed, dt_shift)]
 
 
 def _value_and_grads(fn, args, seed=1):
