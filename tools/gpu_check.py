@@ -24,7 +24,8 @@ rewritten after every section, so a run cut short keeps what it measured. Sectio
                 ``transformer`` (torch.compile, bf16 autocast, 3 s crops, ``--workers`` DataLoader
                 workers) on local synthetic LibriSpeech-like shards (tools/bench_train.py's): samples/s
                 and data-wait share over the steps after the first ``--skip``, peak GPU memory, and the
-                time to the first step logged (startup + compile); a failed run keeps its stderr's tail.
+                time to the first step logged (startup + compile); a failed run keeps its stderr's tail,
+                and a failed compiled run is run again eager.
 6. ``loader``   the training loader alone over the same shards (same batch, crops, workers): samples/s,
                 beside what each model consumed in [4].
 
@@ -426,52 +427,56 @@ def scans(device: torch.device, sizes: dict, repeats: int, slow_cap_s: float) ->
 # --------------------------------------------------------------------------------------------- 4. train
 
 
+def train_once(name: str, compiled: bool, shards: Path, args, out: Path, timeout: float) -> dict:
+    """One ``python -m spkr.train`` run of bundled config ``name``: its figures, or its error with the
+    tail of its stderr."""
+    cmd = [
+        sys.executable, "-m", "spkr.train", "--shards", str(shards), "--config", name, "--out", str(out),
+        "--fresh", "--epochs", "1000", "--max-steps", str(args.steps), "--log-every", "1", "--no-progress",
+        "--ckpt-every", "0", "--crop-frames", str(args.crop), "--batch-size", str(args.batch),
+        "--eval-batch-size", str(args.batch), "--num-workers", str(args.workers), "--verify-pairs", "0",
+        "--dtype", args.dtype, *(["--compile", "true"] if compiled else ["--no-compile"]),
+    ]  # fmt: skip
+    t0 = time.time()
+    env = dict(os.environ, TORCHDYNAMO_VERBOSE="1")  # a compile failure's whole story, in stderr_tail
+    try:
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s", "wall_s": time.time() - t0}
+    wall = time.time() - t0
+    if r.returncode != 0:
+        tail = r.stderr.strip().splitlines()
+        return {"error": (tail or ["(no message)"])[-1][:400], "stderr_tail": tail[-80:], "wall_s": wall}
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in rows if x["kind"] == "train"]
+    config = next(x for x in rows if x["kind"] == "config")
+    timed = steps[args.skip :]
+    wall_timed = sum(1 / x["steps_per_s"] for x in timed)
+    return {
+        "params": config["params"], "backend": config["backend"], "dtype": config["dtype"],
+        "compile": config["compile"], "steps": len(steps), "timed_steps": len(timed),
+        "samples_per_s": sum(x["samples_per_s"] / x["steps_per_s"] for x in timed) / wall_timed,
+        "step_ms": 1e3 * wall_timed / len(timed),
+        "data_wait_share": sum(x["data_wait"] / x["steps_per_s"] for x in timed) / wall_timed,
+        "gpu_mem_peak_gib": max((x.get("gpu_mem_peak_gib") or 0) for x in steps),
+        "first_step_after_s": steps[0]["time"] - config["time"], "wall_s": wall,
+    }  # fmt: skip
+
+
 def train_runs(shards: Path, args, work: Path) -> tuple[dict, list[str]]:
+    """Each model of ``args.models`` trained as configured; a compiled run that fails is run again
+    eager (``<name> (eager)``), so its throughput and data wait are known all the same."""
     results = {}
     for name in args.models:
-        timeout = min(args.train_timeout, args.deadline - time.time() - 30)  # 30 s left for the loader
-        if timeout < 30:
-            results[name] = {"error": "skipped: the check's --budget-s is spent"}
-            continue
-        out = work / f"run-{name}"
-        cmd = [
-            sys.executable, "-m", "spkr.train", "--shards", str(shards), "--config", name, "--out", str(out),
-            "--fresh", "--epochs", "1000", "--max-steps", str(args.steps), "--log-every", "1", "--no-progress",
-            "--ckpt-every", "0", "--crop-frames", str(args.crop), "--batch-size", str(args.batch),
-            "--eval-batch-size", str(args.batch), "--num-workers", str(args.workers), "--verify-pairs", "0",
-            "--dtype", args.dtype, *(["--compile", "true"] if args.compile else ["--no-compile"]),
-        ]  # fmt: skip
-        t0 = time.time()
-        env = dict(os.environ, TORCHDYNAMO_VERBOSE="1")  # a compile failure's whole story, in stderr_tail
-        try:
-            r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            results[name] = {"error": f"timed out after {timeout:.0f} s", "wall_s": time.time() - t0}
-            continue
-        wall = time.time() - t0
-        if r.returncode != 0:
-            tail = r.stderr.strip().splitlines()
-            results[name] = {
-                "error": (tail or ["(no message)"])[-1][:400],
-                "stderr_tail": tail[-80:],
-                "wall_s": wall,
-            }
-            continue
-        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        steps = [x for x in rows if x["kind"] == "train"]
-        config = next(x for x in rows if x["kind"] == "config")
-        timed = steps[args.skip :]
-        wall_timed = sum(1 / x["steps_per_s"] for x in timed)
-        first_step_at = steps[0]["time"] - config["time"] if steps else None
-        results[name] = {
-            "params": config["params"], "backend": config["backend"], "dtype": config["dtype"],
-            "compile": config["compile"], "steps": len(steps), "timed_steps": len(timed),
-            "samples_per_s": sum(x["samples_per_s"] / x["steps_per_s"] for x in timed) / wall_timed,
-            "step_ms": 1e3 * wall_timed / len(timed),
-            "data_wait_share": sum(x["data_wait"] / x["steps_per_s"] for x in timed) / wall_timed,
-            "gpu_mem_peak_gib": max((x.get("gpu_mem_peak_gib") or 0) for x in steps),
-            "first_step_after_s": first_step_at, "wall_s": wall,
-        }  # fmt: skip
+        for compiled in [args.compile] + ([False] if args.compile else []):
+            key = name if compiled == args.compile else f"{name} (eager)"
+            timeout = min(args.train_timeout, args.deadline - time.time() - 30)  # 30 s left for the loader
+            if timeout < 30:
+                results[key] = {"error": "skipped: the check's --budget-s is spent"}
+                break
+            results[key] = train_once(name, compiled, shards, args, work / f"run-{len(results)}", timeout)
+            if "error" not in results[key]:
+                break
     lines = [
         "| model | params | backend | dtype | compile | samples/s | step ms | data wait | peak GPU GiB | startup+compile s |",
         "|---|---|---|---|---|---|---|---|---|---|",
