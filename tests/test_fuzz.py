@@ -123,3 +123,41 @@ def test_loading_many_shard_sets_keeps_file_descriptors_bounded(tmp_path, monkey
         counts.append(len(os.listdir("/proc/self/fd")))
     assert len(fmt._MAPPED) <= 8
     assert counts[-1] <= counts[3], counts  # no growth once the cache is full
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        (b'[model]\nd_model = 16\narch = "mam\xffba"\n', "not valid TOML: 'utf-8' codec can't decode"),
+        (b"[model]\nfrontend_channels = " + b"[" * 100_000 + b"]" * 100_000 + b"\n", "nested too deeply"),
+        (b"[model]\nx = " + b"{a = " * 1000 + b"1" + b"}" * 1000 + b"\n", "nested too deeply"),
+    ],
+    ids=["not-utf8", "deep-array", "deep-table"],
+)
+def test_an_unreadable_config_file_is_a_config_error(tmp_path, text, problem):
+    """A config file that is not UTF-8 raised UnicodeDecodeError, one nested too deeply RecursionError,
+    neither naming the file."""
+    from spkr.config import ConfigError, load_toml
+
+    path = tmp_path / "model.toml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError, match=rf"^{path}: .*{problem}"):
+        load_toml(path)
+
+
+def test_a_deeply_nested_json_option_is_a_usage_error(monkeypatch):
+    """A JSON option nested too deeply for json.loads raised RecursionError (a traceback): it is
+    argparse's usage error, and SPKR_STORAGE_OPTIONS's error names the variable."""
+    import argparse
+
+    from spkr.config import TooDeep, json_object, loads_json
+    from spkr.storage import storage_options_from_env
+
+    deep = '{"n_mels": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with pytest.raises(TooDeep, match="JSON nested too deeply"):
+        loads_json(deep)
+    with pytest.raises(argparse.ArgumentTypeError, match="not a JSON object: JSON nested too deeply"):
+        json_object(deep)
+    monkeypatch.setenv("SPKR_STORAGE_OPTIONS", deep)
+    with pytest.raises(ValueError, match="SPKR_STORAGE_OPTIONS is not a JSON object: JSON nested too deeply"):
+        storage_options_from_env()

@@ -67,7 +67,7 @@ import numpy as np
 
 from spkr import atomic, storage
 from spkr.augment import COPY_SEPARATOR
-from spkr.config import loads_json
+from spkr.config import TooDeep, loads_json
 from spkr.corpus.protocols import CLASSIFICATION, CLOSED, PROTOCOLS, TRIALS_DIR, VERIFICATION, trials_path
 from spkr.errors import SpkrError
 from spkr.features import FeatureConfig
@@ -490,10 +490,10 @@ class Manifest:
             raise ManifestError(f"{url}: no manifest found{hint}") from None
         try:
             data = loads_json(raw, object_hook=_pack_shard_entry)
+        except TooDeep:
+            raise ManifestError(f"{url}: manifest JSON is nested too deeply") from None
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits, NaN
             raise ManifestError(f"{url}: manifest is not valid JSON: {e}") from None
-        except RecursionError:
-            raise ManifestError(f"{url}: manifest JSON is nested too deeply") from None
         return cls(data, url=url, storage_options=storage_options, retry=retry)
 
     def to_json(self) -> str:
