@@ -161,3 +161,31 @@ def test_a_deeply_nested_json_option_is_a_usage_error(monkeypatch):
     monkeypatch.setenv("SPKR_STORAGE_OPTIONS", deep)
     with pytest.raises(ValueError, match="SPKR_STORAGE_OPTIONS is not a JSON object: JSON nested too deeply"):
         storage_options_from_env()
+
+
+@pytest.mark.parametrize(
+    "field_offset, bits, problem",
+    [
+        (8, 0x01, r"format\.npy is encrypted"),
+        (6, 0xA0, r"NotImplementedError: zip file version"),
+        (8, 0x20, r"NotImplementedError: compressed patched data"),
+    ],
+    ids=["encrypted", "zip-version", "patched-data"],
+)
+def test_a_gallery_member_in_a_zip_form_savez_never_writes_is_a_gallery_error(
+    tmp_path, field_offset, bits, problem
+):
+    """A flipped bit in a member's zip flags or version raised zipfile's RuntimeError (a password is
+    needed) or NotImplementedError."""
+    import numpy as np
+
+    from spkr.gallery import Gallery, GalleryError
+
+    g = Gallery("0" * 16, 4)
+    g.enroll("alice", np.eye(4, dtype=np.float32)[:2])
+    g.save(tmp_path / "g.npz")
+    blob = bytearray((tmp_path / "g.npz").read_bytes())
+    blob[blob.find(b"PK\x01\x02") + field_offset] |= bits  # the first central directory entry
+    (tmp_path / "g.npz").write_bytes(bytes(blob))
+    with pytest.raises(GalleryError, match=rf"g\.npz: .*{problem}"):
+        Gallery.load(tmp_path / "g.npz")
