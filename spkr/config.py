@@ -31,6 +31,10 @@ class NonFinite(SpkrError, ValueError):
     """A NaN or infinite number in a JSON or TOML text (no spkr config or option takes one)."""
 
 
+class TooDeep(SpkrError, ValueError):
+    """A JSON or TOML text nested deeper than its parser can follow (no spkr config nests)."""
+
+
 def _finite_float(text: str) -> float:
     """``parse_float`` of json and tomllib: the float, unless NaN or infinite (TOML's ``nan``/``inf``,
     JSON's ``1e999``)."""
@@ -46,21 +50,29 @@ def _no_constant(name: str):
 
 
 def loads_json(text: str | bytes, object_hook=None) -> Any:
-    """``json.loads`` that refuses NaN, Infinity and numbers too large for a float (NonFinite, a
-    ValueError); other errors as json.loads'."""
-    return json.loads(text, object_hook=object_hook, parse_constant=_no_constant, parse_float=_finite_float)
+    """``json.loads`` that refuses NaN, Infinity and numbers too large for a float (NonFinite) and
+    nesting too deep for its parser (TooDeep), both ValueErrors; other errors as json.loads'."""
+    try:
+        return json.loads(
+            text, object_hook=object_hook, parse_constant=_no_constant, parse_float=_finite_float
+        )
+    except RecursionError:
+        raise TooDeep("JSON nested too deeply") from None
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file; errors (not TOML, a NaN or infinite number) name the file."""
+    """Read a TOML file; errors (not UTF-8, not TOML, nested too deeply, a NaN or infinite number)
+    name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
         with path.open("rb") as f:
             return tomllib.load(f, parse_float=_finite_float)
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     except NonFinite as e:
         raise ConfigError(f"{path}: {e} (config values must be finite)") from None
 
@@ -85,7 +97,7 @@ def json_object(text: str) -> dict[str, Any] | None:
         return None
     try:  # the value itself is never echoed: storage options may hold credentials
         value = loads_json(text)
-    except (json.JSONDecodeError, NonFinite) as e:
+    except (json.JSONDecodeError, NonFinite, TooDeep) as e:
         raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
     if not isinstance(value, dict):
         kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}

@@ -255,7 +255,8 @@ class Gallery:
                 return cls._from_members(members, lambda m: _read(zf, m, str(path)), str(path))
         except GalleryError:
             raise
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError) as e:
+            # NotImplementedError: a zip feature np.savez never writes (a newer zip version, patched data)
             raise GalleryError(
                 f"{path}: not a readable spkr gallery .npz ({type(e).__name__}: {e})"
             ) from None
@@ -340,10 +341,15 @@ def _members(zf: zipfile.ZipFile, source: str, file_size: int) -> dict[str, _Mem
     return members
 
 
+_ENCRYPTED = 0x1  # zip general-purpose flag bit 0
+
+
 def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str, file_size: int) -> _Member:
     at = f"{source}: corrupt gallery: {info.filename}"
     if info.compress_type != zipfile.ZIP_STORED:
         raise GalleryError(f"{at} is compressed (a spkr gallery stores its members, as np.savez does)")
+    if info.flag_bits & _ENCRYPTED:  # zipfile would ask for a password (a RuntimeError)
+        raise GalleryError(f"{at} is encrypted (a spkr gallery never is)")
     if info.file_size > file_size:
         raise GalleryError(f"{at} declares {info.file_size} bytes, more than the file's {file_size}")
     with zf.open(info) as f:

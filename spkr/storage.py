@@ -35,7 +35,7 @@ from typing import Any
 
 import fsspec
 
-from spkr.config import NonFinite, loads_json
+from spkr.config import NonFinite, TooDeep, loads_json
 from spkr.errors import SpkrError
 
 
@@ -50,7 +50,7 @@ def storage_options_from_env(options: dict[str, Any] | None = None) -> dict[str,
     if env:
         try:
             merged.update(loads_json(env))
-        except (json.JSONDecodeError, NonFinite) as e:
+        except (json.JSONDecodeError, NonFinite, TooDeep) as e:
             raise ValueError(f"SPKR_STORAGE_OPTIONS is not a JSON object: {e}") from None
     merged.update(options or {})
     return merged

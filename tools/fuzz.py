@@ -1,12 +1,12 @@
 """A seeded fuzzer of everything spkr reads from files: each case mutates one file of a real fixture
-(bit flips, truncation, inserted / deleted / overwritten bytes, swapped JSON field types, huge,
-negative and NaN numbers, deep nesting, duplicate keys) and reads it back the way spkr does. A read
+(bit flips, truncation, inserted / deleted / overwritten bytes, swapped JSON and TOML field types,
+huge, negative and NaN numbers, deep nesting, duplicate and renamed keys) and reads it back the way spkr does. A read
 must either return exactly what it returned for the unmutated files (the mutation hit bytes nothing
 reads) or raise one of spkr's documented errors (:class:`spkr.errors.SpkrError`, or argparse's usage
 error for a JSON option): never another exception, never a silently different result, never more
 than :data:`MEMORY_BOUND` bytes allocated by the read.
 
-    python tools/fuzz.py --cases 10000 [--seed 0] [--targets manifest_v3,tar] [--other-branch]
+    python tools/fuzz.py --cases 10000 [--seed 0] [--targets manifest_v3,tar]
 
 prints cases run, undocumented exceptions, silent changes, reads over the memory bound, the peak
 memory one read allocated (tracemalloc: Python and numpy allocations) and the process's peak RSS,
@@ -16,11 +16,11 @@ few hundred cases of each target in CI.
 
 Targets (:data:`TARGETS`): ``manifest_v2`` (per-sample lists inline), ``manifest_v3`` and ``index``
 (its index files), ``sidecar`` (a shard's ``.tar.json`` as the manifest merge reads it), ``tar``
-(headers and members, read through mmap and streamed), ``checkpoint``. ``integrity`` targets are
-covered by a digest, so a different result is a silent change; a sidecar is not (what it says about
-its shard is checked against the tar on every read), nor are the user-written files of the
-``other_branch`` targets (``trials``, ``gallery``, ``config``, ``json_option``), whose checks are
-being made on branch trust-a: they run with ``--other-branch`` and in tests/test_fuzz.py as xfail.
+(headers and members, read through mmap and streamed), ``checkpoint``, ``trials``, ``gallery``,
+``config`` (a model TOML) and ``json_option`` (``--feature-config``). ``integrity`` targets are
+covered by a digest or checksum, so a different result is a silent change; a sidecar is not (what it
+says about its shard is checked against the tar on every read), nor are the user-written trial
+lists, configs and JSON options (a different value that passes every check is the user's to write).
 """
 
 from __future__ import annotations
@@ -75,10 +75,16 @@ def canonical(value):
 
 
 def read_manifest(shards: Path):
-    from spkr.shards.format import Manifest
+    """Every field of the manifest but its ``digest``, each split's shard entries, the dataset_id.
+
+    The ``digest`` is what the load verifies against, not something a consumer reads: a mutation
+    that deletes it reads the original content, unverified, which is how a shard set written before
+    the digest loads (by design), and counts as the same result. A mutation that renames it (a flipped
+    bit in the key) leaves an unknown field beside the content: a different result, unless refused."""
+    from spkr.shards.format import DIGEST, Manifest
 
     m = Manifest.load(str(shards))
-    data = {k: v for k, v in m.data.items() if k != "splits"}
+    data = {k: v for k, v in m.data.items() if k not in ("splits", DIGEST)}
     splits = {
         name: (
             {k: v for k, v in m.data["splits"][name].items() if k != "shards"},
@@ -87,21 +93,6 @@ def read_manifest(shards: Path):
         for name in m.split_names
     }
     return canonical({"data": data, "splits": splits, "dataset_id": m.dataset_id})
-
-
-def manifest_core(result) -> object:
-    """The part of a manifest read that its ``dataset_id`` guards on load: the identity, the feature
-    config every consumer reads, the labels and each split's shard names and keys. A difference
-    elsewhere is item 1 of issue 23 (every field a consumer reads under a verified digest), fixed on
-    branch trust-a: ``stats``, ``class_weights``, summaries such as ``num_frames``, a shard's
-    ``sha256``, and the per-sample labels, frames, offsets and checksums (each of which is also
-    checked against the tar on every read of its sample). Counted as deferred, not silent, here."""
-    from spkr.features import FeatureConfig
-
-    data = result["data"]
-    shards = {name: [(s["name"], s["keys"]) for s in split[1]] for name, split in result["splits"].items()}
-    features = FeatureConfig.from_dict(data["feature_config"]).to_dict()  # what every consumer reads
-    return result["dataset_id"], features, data.get("labels"), shards
 
 
 def read_sidecar(shards: Path):
@@ -206,16 +197,14 @@ def build_fixtures(base: Path) -> Path:
 @dataclass(frozen=True)
 class Target:
     """One kind of file: which file(s) of the fixture a case mutates, how spkr reads it, whether a
-    different result is a silent change (``integrity``), and whether its checks are on trust-a."""
+    different result is a silent change (``integrity``)."""
 
     name: str
     root: str  # the fixture copied for each case (a directory or a file under the base)
     files: Callable[[Path], list[Path]]  # the candidates to mutate, under the copy
     read: Callable[[Path], object]
     integrity: bool = True
-    other_branch: bool = False
-    json: bool = False  # structural JSON mutations too
-    core: Callable[[object], object] | None = None  # the part this branch guards (else: all of it)
+    syntax: str | None = None  # "json" or "toml": structural mutations of that syntax too
 
 
 def _shard_files(pattern: str) -> Callable[[Path], list[Path]]:
@@ -225,21 +214,16 @@ def _shard_files(pattern: str) -> Callable[[Path], list[Path]]:
 TARGETS = {
     t.name: t
     for t in [
-        Target(
-            "manifest_v2", "v2", _shard_files("manifest.json"), read_manifest, json=True, core=manifest_core
-        ),
-        Target(
-            "manifest_v3", "v3", _shard_files("manifest.json"), read_manifest, json=True, core=manifest_core
-        ),
-        Target("index", "v3", _shard_files("index/*"), read_manifest, core=manifest_core),
-        Target("sidecar", "v3", _shard_files("train/shard-000000.tar.json"), read_sidecar, False, json=True),
+        Target("manifest_v2", "v2", _shard_files("manifest.json"), read_manifest, syntax="json"),
+        Target("manifest_v3", "v3", _shard_files("manifest.json"), read_manifest, syntax="json"),
+        Target("index", "v3", _shard_files("index/*"), read_manifest),
+        Target("sidecar", "v3", _shard_files("train/shard-000000.tar.json"), read_sidecar, False, "json"),
         Target("tar", "v3", _shard_files("train/*.tar"), read_tar),
         Target("checkpoint", "ckpt.pt", lambda p: [p], read_checkpoint),
-        # fixed on branch trust-a: trial flags vs labels, gallery .npy headers, config validation
-        Target("trials", "trials.txt", lambda p: [p], read_trials, False, True),
-        Target("gallery", "gallery.npz", lambda p: [p], read_gallery, True, True),
-        Target("config", "model.toml", lambda p: [p], read_config, False, True),
-        Target("json_option", "option.json", lambda p: [p], read_json_option, False, True, json=True),
+        Target("trials", "trials.txt", lambda p: [p], read_trials, False),
+        Target("gallery", "gallery.npz", lambda p: [p], read_gallery),
+        Target("config", "model.toml", lambda p: [p], read_config, False, "toml"),
+        Target("json_option", "option.json", lambda p: [p], read_json_option, False, "json"),
     ]
 }
 
@@ -303,7 +287,7 @@ def _replace(doc, path, new):
 def _json_mutation(rng: random.Random, data: bytes) -> tuple[str, bytes]:
     """A structural mutation of a JSON document; NaN / Infinity written as Python's json does."""
     doc = json.loads(data)
-    kind = rng.choice(["value", "value", "value", "delete", "add", "nest", "duplicate"])
+    kind = rng.choice(["value", "value", "value", "delete", "rename", "add", "nest", "duplicate"])
     nodes = list(_nodes(doc))
     path, old = rng.choice(nodes)
     if kind == "nest":
@@ -323,6 +307,13 @@ def _json_mutation(rng: random.Random, data: bytes) -> tuple[str, bytes]:
             parent = parent[p]
         del parent[path[-1]]
         return f"delete {list(path)}", json.dumps(doc).encode()
+    if kind == "rename" and isinstance(old, dict) and old:
+        key = rng.choice(list(old))
+        typo = key[:-1] + chr(ord(key[-1]) ^ 1) if key else "x"  # one flipped bit in its last character
+        renamed = {typo if k == key else k: v for k, v in old.items()}
+        return f"rename {key!r} to {typo!r} at {list(path)}", json.dumps(
+            _replace(doc, path, renamed)
+        ).encode()
     if kind == "add" and isinstance(old, dict):
         old["fuzz_" + str(rng.randrange(100))] = rng.choice(_HOSTILE_VALUES)
         return f"add a key at {list(path)}", json.dumps(doc).encode()
@@ -333,11 +324,42 @@ def _json_mutation(rng: random.Random, data: bytes) -> tuple[str, bytes]:
     return f"set {list(path)} = {new!r}", text.encode()
 
 
-def mutate(rng: random.Random, data: bytes, structural: bool) -> tuple[str, bytes]:
-    if structural and rng.random() < 0.6:
+_TOML_VALUES = [
+    "nan", "inf", "-inf", "1e999", "99999999999999999999999", "-1", "0", "0.5", '"40"', '""', "true",
+    "[]", "{}", "[1, [2]]", "1979-05-27", "[" * 100_000 + "1" + "]" * 100_000,
+    "{a = " * 1000 + "1" + "}" * 1000,
+]  # fmt: skip
+
+
+def _toml_mutation(rng: random.Random, data: bytes) -> tuple[str, bytes]:
+    """A structural mutation of a TOML document's ``key = value`` lines: another value (hostile types,
+    NaN, huge numbers, deep nesting), a repeated key, a deleted line or an added key."""
+    lines = data.decode().splitlines()
+    keyed = [i for i, line in enumerate(lines) if " = " in line]
+    i = rng.choice(keyed)
+    key = lines[i].split(" = ", 1)[0]
+    kind = rng.choice(["value", "value", "value", "duplicate", "delete", "add"])
+    value = rng.choice(_TOML_VALUES)
+    if kind == "duplicate":
+        lines.insert(i + 1, f"{key} = {value}")
+    elif kind == "delete":
+        del lines[i]
+    elif kind == "add":
+        lines.insert(i + 1, f"fuzz_{rng.randrange(100)} = {value}")
+    else:
+        lines[i] = f"{key} = {value}"
+    return f"{kind} {key!r}" + ("" if kind == "delete" else f" = {value[:20]}"), "\n".join(lines).encode()
+
+
+_STRUCTURAL = {"json": _json_mutation, "toml": _toml_mutation}
+
+
+def mutate(rng: random.Random, data: bytes, syntax: str | None) -> tuple[str, bytes]:
+    """One mutation of ``data``: structural for a document of ``syntax`` (60 %), else of its bytes."""
+    if syntax is not None and rng.random() < 0.6:
         try:
-            return _json_mutation(rng, data)
-        except (ValueError, RecursionError):
+            return _STRUCTURAL[syntax](rng, data)
+        except (ValueError, RecursionError):  # not parseable as that syntax: mutate its bytes
             pass
     return _bytes_mutation(rng, data)
 
@@ -353,7 +375,6 @@ class Report:
     same: int = 0
     refused: int = 0
     changed: int = 0  # a different result where no digest covers the file (user-written files)
-    deferred: list[str] = field(default_factory=list)  # silent, but outside ``Target.core``: trust-a
     undocumented: list[str] = field(default_factory=list)
     silent: list[str] = field(default_factory=list)
     memory: list[str] = field(default_factory=list)
@@ -369,7 +390,6 @@ class Report:
         self.undocumented += other.undocumented
         self.silent += other.silent
         self.memory += other.memory
-        self.deferred += other.deferred
         self.peak_bytes = max(self.peak_bytes, other.peak_bytes)
 
 
@@ -404,7 +424,8 @@ def fuzz_target(target: Target, base: Path, cases: int, seed: int = 0, start: in
             copy.parent.mkdir()
             (shutil.copytree if src.is_dir() else shutil.copy2)(src, copy)
             victim = rng.choice(target.files(copy))
-            what, data = mutate(rng, victim.read_bytes(), target.json and victim.suffix == ".json")
+            syntax = target.syntax if victim.suffix == f".{target.syntax}" else None
+            what, data = mutate(rng, victim.read_bytes(), syntax)
             victim.write_bytes(data)
             result, error, peak = _traced(target.read, copy)
             report.cases += 1
@@ -419,8 +440,6 @@ def fuzz_target(target: Target, base: Path, cases: int, seed: int = 0, start: in
                     report.undocumented.append(f"{case}: {type(error).__name__}: {str(error)[:300]}")
             elif result == expected:
                 report.same += 1
-            elif target.core is not None and target.core(result) == target.core(expected):
-                report.deferred.append(f"{case}: a manifest field outside the identity changed (trust-a)")
             elif target.integrity:
                 report.silent.append(f"{case}: read a different result without an error")
             else:
@@ -437,12 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python tools/fuzz.py", description=__doc__.split("\n")[0])
     p.add_argument("--cases", type=int, default=10_000, help="cases in all, shared by the targets")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--targets", default=None, help="comma-separated (default: every target of this branch)")
-    p.add_argument("--other-branch", action="store_true", help="also the targets whose checks are on trust-a")
+    p.add_argument("--targets", default=None, help="comma-separated (default: every target)")
     args = p.parse_args(argv)
-    names = args.targets.split(",") if args.targets else [
-        n for n, t in TARGETS.items() if args.other_branch or not t.other_branch
-    ]  # fmt: skip
+    names = args.targets.split(",") if args.targets else list(TARGETS)
     unknown = sorted(set(names) - set(TARGETS))
     if unknown:
         p.error(f"unknown targets {unknown}; known: {', '.join(TARGETS)}")
@@ -455,8 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             r = fuzz_target(TARGETS[name], base, n, args.seed)
             print(
                 f"{name}: {r.cases} cases: {r.same} same, {r.refused} refused, {r.changed} changed (no digest), "
-                f"{len(r.undocumented)} undocumented, {len(r.silent)} silent, {len(r.memory)} over memory"
-                + (f", {len(r.deferred)} deferred to trust-a" if r.deferred else ""),
+                f"{len(r.undocumented)} undocumented, {len(r.silent)} silent, {len(r.memory)} over memory",
                 flush=True,
             )
             total.merge(r)
@@ -465,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(
         f"cases run {total.cases}; undocumented exceptions {len(total.undocumented)}; silent changes "
-        f"{len(total.silent)} (+{len(total.deferred)} in manifest fields outside the identity, trust-a); over the memory bound ({MEMORY_BOUND >> 20} MiB) {len(total.memory)}; peak "
+        f"{len(total.silent)}; over the memory bound ({MEMORY_BOUND >> 20} MiB) {len(total.memory)}; peak "
         f"memory of one read {total.peak_bytes / 2**20:.1f} MiB (process RSS {rss / 2**20:.0f} MiB); "
         f"{time.perf_counter() - t0:.0f} s"
     )

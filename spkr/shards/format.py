@@ -13,7 +13,7 @@ A shards directory (local or URL) holds ``manifest.json`` and, per split, tar sh
 ``manifest.json``'s ``digest`` holds the sha256 of every other top-level field (:func:`manifest_digest`),
 checked on every load: a field outside the ``dataset_id`` (``stats``, ``class_weights``, the index files'
 digests, ...) edited by hand is refused, naming the field. A manifest without ``digest`` (written before
-it) loads as before.
+it) loads as before if it holds only the fields such a manifest held (a renamed digest key is refused).
 
 A shard is complete iff its sidecar exists (it is written last); ``manifest.json`` is written only
 when every planned shard is complete, and after the trial files, ``augment.jsonl`` and the index
@@ -67,7 +67,7 @@ import numpy as np
 
 from spkr import atomic, storage
 from spkr.augment import COPY_SEPARATOR
-from spkr.config import loads_json
+from spkr.config import TooDeep, loads_json
 from spkr.corpus.protocols import CLASSIFICATION, CLOSED, PROTOCOLS, TRIALS_DIR, VERIFICATION, trials_path
 from spkr.errors import SpkrError
 from spkr.features import FeatureConfig
@@ -90,6 +90,12 @@ INDEX_FILES = {
 SAMPLE_CHECKSUM = "xxh3_64"  # the per-sample checksum's algorithm, as named in the manifest
 MANIFEST_NAME = "manifest.json"
 DIGEST = "digest"  # the manifest field holding the other fields' sha256 (manifest_digest)
+# The top-level fields a manifest written before the digest can hold: one without a digest holding any
+# other (a digest key renamed by a typo, a field added by hand) is refused, as a digest would refuse it.
+PRE_DIGEST_FIELDS = frozenset(
+    "format version created dataset_id corpus identity feature_config feature_fingerprint feature_backend "
+    "sample_checksum labels class_weights class_weight_scheme splits stats skipped protocol augment".split()
+)
 AUGMENT_NAME = "augment.jsonl"  # one description per augmented copy (spkr.augment), manifest key order
 ROLES = ("train", "valid", "test")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -490,10 +496,10 @@ class Manifest:
             raise ManifestError(f"{url}: no manifest found{hint}") from None
         try:
             data = loads_json(raw, object_hook=_pack_shard_entry)
+        except TooDeep:
+            raise ManifestError(f"{url}: manifest JSON is nested too deeply") from None
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits, NaN
             raise ManifestError(f"{url}: manifest is not valid JSON: {e}") from None
-        except RecursionError:
-            raise ManifestError(f"{url}: manifest JSON is nested too deeply") from None
         return cls(data, url=url, storage_options=storage_options, retry=retry)
 
     def to_json(self) -> str:
@@ -1284,9 +1290,16 @@ def _check_verification_entry(entry: dict, name: str, at: str) -> int:
 
 
 def _check_digest(d: dict, where: str) -> None:
-    """Every field of manifest ``d`` (as read) has the sha256 its ``digest`` lists (none listed: a
-    manifest written before the digest, not checked); else ManifestError naming the field."""
+    """Every field of manifest ``d`` (as read) has the sha256 its ``digest`` lists; else ManifestError
+    naming the field. Without a digest: a manifest written before it, whose fields are not checked
+    but must be ones such a manifest holds (:data:`PRE_DIGEST_FIELDS`)."""
     if DIGEST not in d:
+        unknown = sorted(set(d) - PRE_DIGEST_FIELDS)
+        if unknown:
+            raise ManifestError(
+                f"{where}: field(s) {unknown} in a manifest without its {DIGEST!r}: the manifest was "
+                f"edited; {_REMAKE}"
+            )
         return
     listed = d[DIGEST]
     _string_keys(listed, DIGEST, where)
