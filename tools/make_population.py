@@ -465,6 +465,11 @@ def main(argv: list[str] | None = None) -> int:
         default=0.2,
         help="expected share of recorded pseudo-speakers (flite/festival, warped); the rest espeak-ng (default 0.2)",
     )
+    ap.add_argument(
+        "--clean",
+        action="store_true",
+        help="no channel (clean speech at -30 dB RMS; same voices and sentences): the voices' own difficulty",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel synthesis threads")
     args = ap.parse_args(argv)
@@ -499,7 +504,9 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(tmp) / "work"
             work.mkdir()
             with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-                results = list(pool.map(lambda j: render(j, args.seed, work, espeak_path), jobs))
+                results = list(
+                    pool.map(lambda j: render(j, args.seed, work, espeak_path, not args.clean), jobs)
+                )
         transcripts: dict[tuple, list[str]] = {}
         seconds: dict[int, float] = {}
         for job, (key, pcm, text) in zip(jobs, results):
@@ -530,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "command": ["python", "tools/make_population.py", *(sys.argv[1:] if argv is None else argv)],
         "seed": args.seed,
+        "channel": not args.clean,
         "speakers": {
             str(spk): {
                 "subset": s["subset"],
