@@ -11,8 +11,8 @@ writes (replacing any previous ``<out>/LibriSpeech``) the tree of tools/make_dem
 Every speaker is a point in a continuous voice space (docs/population.md):
 
 - **espeak-ng speakers** (the share ``1 - --recorded-share``): one espeak-ng voice variant file per
-  speaker, written into a private copy of espeak-ng's data directory (``--path``; nothing is written
-  under /usr), on one of seven English accent bases (en, en-us, en-029, en-gb-scotland, en-gb-x-rp,
+  speaker, written into private espeak-ng data directories (links to the system's, ``--path``;
+  nothing is written under /usr), on one of seven English accent bases (en, en-us, en-029, en-gb-scotland, en-gb-x-rp,
   en-gb-x-gbclan, en-gb-x-gbcwmd: each honours ``+variant``, unlike en-gb). The variant draws a sex, a
   vocal-tract scale for formants 1-8 with a per-formant jitter, per-formant height and width, pitch base
   and range, breath, flutter, roughness, voicing, consonant strength, one of espeak-ng's six voice
@@ -20,7 +20,8 @@ Every speaker is a point in a continuous voice space (docs/population.md):
 - **recorded pseudo-speakers**: one of the 14 recorded people of the demo corpus (flite / festival),
   warped by a sox ``pitch`` shift of 1-4.5 semitones up or down (formants and pitch together), for the
   flite voices an independent F0 mean and spread, and a speaking rate. Pseudo-speakers of one person
-  are meant to be hard to tell apart, as similar voices are.
+  are meant to be hard to tell apart, as similar voices are. Festival runs as one persistent process
+  per thread (text2wave's audio, byte for byte), except for the Czech voices (a text2wave each).
 
 Speaker ``i`` (id ``10001 + i``) depends only on (seed, id): a population of 200 is the first 200
 voices of one of 1,000 with the same seed. Like LibriSpeech, ``dev-clean`` and ``test-clean`` hold
@@ -34,7 +35,8 @@ a little around its chapter (speed, SNR, EQ, level). Deterministic given ``--see
 random streams are keyed by (seed, speaker, chapter, utterance), so ``--jobs`` does not change a byte.
 
 Needs: espeak-ng and sox (with GSM, AMR-NB and Vorbis), and for ``--recorded-share`` > 0 flite and
-festival with the festvox voices of tools/make_demo_corpus.py. Developer tool only.
+festival with the festvox voices of tools/make_demo_corpus.py (and coreutils' stdbuf). Developer tool
+only.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -78,6 +81,16 @@ SOX_CODEC_ARGS = {  # sox output options of the round trip (decoded back to 16 k
     "vorbis": ["-t", "ogg", "-C", "-1"],
 }
 NOISES = ("coloured", "babble", "hum", "fan")
+# festival voices whose audio from one persistent process equals text2wave's whatever came before
+# (checked); the Czech voices' does not (their state carries over), so they get a text2wave each
+FESTIVAL_PIPE = {
+    "ked_diphone",
+    "upc_ca_ona_hts",
+    "lp_diphone",
+    "pc_diphone",
+    "suo_fi_lj_diphone",
+    "hy_fi_mv_diphone",
+}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,9 +154,8 @@ def make_speaker(seed: int, spk: int, recorded_share: float) -> Speaker:
     if voice.engine == "flite":
         f0_mean = round(FLITE_F0[voice.name] * float(rng.uniform(0.8, 1.25)), 1)
         f0_std = round(f0_mean * float(rng.uniform(0.08, 0.25)), 1)
-    sex = voice.sex if abs(cents) < 300 else ("F" if cents > 0 else "M")
     return Speaker(
-        spk, sex, voice.engine, voice.name, rate, pitch_cents=cents, f0_mean=f0_mean, f0_std=f0_std
+        spk, voice.sex, voice.engine, voice.name, rate, pitch_cents=cents, f0_mean=f0_mean, f0_std=f0_std
     )
 
 
@@ -331,7 +343,7 @@ def plan(
 
 
 def synthesise(
-    sp: Speaker, text: str, stretch: float, workdir: Path, tag: str, espeak_path: Path
+    sp: Speaker, text: str, stretch: float, workdir: Path, tag: str, espeak_root: Path
 ) -> np.ndarray:
     """TTS ``text`` in speaker ``sp``'s voice; float64 mono at 16 kHz, untrimmed."""
     raw = workdir / f"{tag}.raw.wav"
@@ -342,7 +354,7 @@ def synthesise(
             [
                 "espeak-ng",
                 "--path",
-                str(espeak_path),
+                str(espeak_path(espeak_root, sp.spk)),
                 "-v",
                 f"{sp.base}+p{sp.spk}",
                 "-s",
@@ -358,35 +370,69 @@ def synthesise(
             x = x.mean(axis=1)
         g = np.gcd(SR, sr)
         return resample_poly(x, SR // g, sr // g)
-    voice = demo.Voice(sp.engine, sp.base, sp.sex, "", sp.pitch_cents)
     if sp.engine == "flite":
-        out = workdir / f"{tag}.wav"
         f0 = ["--setf", f"int_f0_target_mean={sp.f0_mean}", "--setf", f"int_f0_target_stddev={sp.f0_std}"]
-        demo._run(
-            [
-                "flite",
-                "-voice",
-                sp.base,
-                "--setf",
-                f"duration_stretch={stretch:.3f}",
-                *f0,
-                "-t",
-                text,
-                "-o",
-                str(raw),
-            ]
+        cmd = ["flite", "-voice", sp.base, "--setf", f"duration_stretch={stretch:.3f}", *f0, "-t", text]
+        demo._run([*cmd, "-o", str(raw)])
+    elif sp.base in FESTIVAL_PIPE:
+        festival_wave(sp.base, text, stretch, raw)
+    else:
+        txt = workdir / f"{tag}.txt"
+        txt.write_text(text + "\n")
+        ev = f"(begin (voice_{sp.base}) (Parameter.set 'Duration_Stretch {stretch:.3f}))"
+        demo._run(["text2wave", "-eval", ev, str(txt), "-o", str(raw)])
+        txt.unlink()
+    out = workdir / f"{tag}.wav"
+    cmd = ["sox", str(raw), "-e", "floating-point", "-b", "32", str(out), "remix", "-"]
+    demo._run([*cmd, "pitch", str(sp.pitch_cents), "rate", "-h", str(SR)])
+    x, _ = sf.read(out, dtype="float64")
+    for p in (raw, out):
+        p.unlink(missing_ok=True)
+    return x
+
+
+_FESTIVAL = threading.local()
+_FESTIVALS: list[subprocess.Popen] = []
+
+
+def festival_wave(voice: str, text: str, stretch: float, path: Path) -> None:
+    """Festival voice ``voice`` saying ``text`` into the RIFF file ``path``, through one persistent
+    ``festival --pipe`` per thread, its stdout line-buffered by ``stdbuf`` (a fresh text2wave costs ~0.3 s of start-up an utterance; the audio
+    is text2wave's, byte for byte: the voice and the stretch are set again before every utterance)."""
+    proc = getattr(_FESTIVAL, "proc", None)
+    if proc is None or proc.poll() is not None:
+        proc = subprocess.Popen(
+            ["stdbuf", "-oL", "festival", "--pipe"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
-        cmd = ["sox", str(raw), "-e", "floating-point", "-b", "32", str(out), "remix", "-"]
-        demo._run([*cmd, "pitch", str(sp.pitch_cents), "rate", "-h", str(SR)])
-        x, _ = sf.read(out, dtype="float64")
-        for p in (raw, out):
-            p.unlink(missing_ok=True)
-        return x
-    return demo.synthesise(voice, text, stretch, workdir, tag)
+        _FESTIVAL.proc = proc
+        _FESTIVALS.append(proc)
+    path.unlink(missing_ok=True)
+    proc.stdin.write(
+        f"(voice_{voice}) (Parameter.set 'Duration_Stretch {stretch:.3f}) "
+        f'(utt.save.wave (utt.synth (eval (list \'Utterance \'Text "{text}"))) "{path}" \'riff) '
+        '(print "spkr-done")\n'
+    )
+    proc.stdin.flush()
+    for line in proc.stdout:
+        if "spkr-done" in line:
+            break
+    if not path.is_file():
+        raise RuntimeError(f"festival voice_{voice} wrote no audio for {text!r}")
+
+
+def close_festivals() -> None:
+    while _FESTIVALS:
+        proc = _FESTIVALS.pop()
+        proc.stdin.close()
+        proc.wait()
 
 
 def render(
-    job: Job, seed: int, workdir: Path, espeak_path: Path, channel: bool = True
+    job: Job, seed: int, workdir: Path, espeak_root: Path, channel: bool = True
 ) -> tuple[str, np.ndarray, str]:
     """One utterance: sentence and rate from stream (seed, spk, chapter, utt, 1), channel from (..., 2).
     ``channel=False`` returns the clean trimmed speech (for checks of the voices alone)."""
@@ -398,7 +444,7 @@ def render(
         while not ACCEPT_CHARS[0] <= len(text) <= ACCEPT_CHARS[1]:
             text = demo.make_sentence(rng)
         stretch = float(rng.uniform(0.85, 1.15))
-        x = demo.trim_silence(synthesise(sp, text, stretch, workdir, job.key, espeak_path))
+        x = demo.trim_silence(synthesise(sp, text, stretch, workdir, job.key, espeak_root))
         last = (text, x)
         if ACCEPT_DUR[0] <= len(x) / SR <= ACCEPT_DUR[1]:
             break
@@ -414,25 +460,34 @@ def render(
     return job.key, pcm, text.upper()
 
 
+ESPEAK_GROUP = 100  # variant files per private data directory
+
+
 def espeak_data_dir(root: Path, speakers: list[Speaker]) -> Path:
-    """A private espeak-ng data directory under ``root`` (links to the system one, plus a ``voices/!v``
-    holding the speakers' variant files); returns the directory to pass as ``--path``."""
+    """Private espeak-ng data directories under ``root``, one per ``ESPEAK_GROUP`` speaker ids: links to
+    the system's files, its language voices, and a ``voices/!v`` holding only those speakers' variant
+    files (espeak-ng 1.51 lists at most 349 voices and then fails to find the base voice, so neither
+    the system's own variants nor the mbrola voices are linked). Returns ``root``; a speaker's
+    ``--path`` is :func:`espeak_path`."""
     out = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout
     system = Path(out.split("Data at:")[-1].strip()) if "Data at:" in out else None
     if system is None or not system.is_dir():
         raise SystemExit(f"make_population: cannot find espeak-ng's data directory in {out.strip()!r}")
-    data = root / "espeak-ng-data"
-    (data / "voices" / "!v").mkdir(parents=True)
-    for entry in system.iterdir():
-        if entry.name != "voices":
-            (data / entry.name).symlink_to(entry)
-    for entry in (system / "voices").iterdir():
-        if entry.name != "!v":
-            (data / "voices" / entry.name).symlink_to(entry)
     for sp in speakers:
-        if sp.engine == "espeak":
-            (data / "voices" / "!v" / f"p{sp.spk}").write_text(sp.variant)
+        if sp.engine != "espeak":
+            continue
+        data = espeak_path(root, sp.spk) / "espeak-ng-data"
+        if not data.is_dir():
+            (data / "voices" / "!v").mkdir(parents=True)
+            for entry in system.iterdir():
+                if entry.name != "voices":
+                    (data / entry.name).symlink_to(entry)
+        (data / "voices" / "!v" / f"p{sp.spk}").write_text(sp.variant)
     return root
+
+
+def espeak_path(root: Path, spk: int) -> Path:
+    return root / f"g{(spk - FIRST_ID) // ESPEAK_GROUP}"
 
 
 def check_tools(speakers: list[Speaker]) -> None:
@@ -500,21 +555,26 @@ def main(argv: list[str] | None = None) -> int:
     t0, c0 = time.time(), _cpu_seconds()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            espeak_path = espeak_data_dir(Path(tmp) / "espeak", voices)
+            espeak_root = espeak_data_dir(Path(tmp) / "espeak", voices)
             work = Path(tmp) / "work"
             work.mkdir()
-            with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-                results = list(
-                    pool.map(lambda j: render(j, args.seed, work, espeak_path, not args.clean), jobs)
-                )
-        transcripts: dict[tuple, list[str]] = {}
-        seconds: dict[int, float] = {}
-        for job, (key, pcm, text) in zip(jobs, results):
-            d = staging / job.subset / str(job.speaker.spk) / str(job.chapter)
-            d.mkdir(parents=True, exist_ok=True)
-            sf.write(d / f"{key}.flac", pcm, SR, format="FLAC", subtype="PCM_16", compression_level=1.0)
-            transcripts.setdefault((job.subset, job.speaker.spk, job.chapter), []).append(f"{key} {text}")
-            seconds[job.speaker.spk] = seconds.get(job.speaker.spk, 0.0) + len(pcm) / SR
+            transcripts: dict[tuple, list[str]] = {}
+            seconds: dict[int, float] = {}
+            try:  # each utterance written as it comes, in order (not all of them held in memory)
+                with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+                    done = pool.map(lambda j: render(j, args.seed, work, espeak_root, not args.clean), jobs)
+                    for job, (key, pcm, text) in zip(jobs, done):
+                        d = staging / job.subset / str(job.speaker.spk) / str(job.chapter)
+                        d.mkdir(parents=True, exist_ok=True)
+                        sf.write(
+                            d / f"{key}.flac", pcm, SR, format="FLAC", subtype="PCM_16", compression_level=1.0
+                        )
+                        transcripts.setdefault((job.subset, job.speaker.spk, job.chapter), []).append(
+                            f"{key} {text}"
+                        )
+                        seconds[job.speaker.spk] = seconds.get(job.speaker.spk, 0.0) + len(pcm) / SR
+            finally:
+                close_festivals()
         for (subset, spk, ch), lines in transcripts.items():
             (staging / subset / str(spk) / str(ch) / f"{spk}-{ch}.trans.txt").write_text(
                 "\n".join(lines) + "\n"
