@@ -23,7 +23,9 @@ streams are keyed by (seed, speaker, chapter, utterance) so the result does not 
 formant shift of 2.5-3.5 semitones up or down, plus 22 espeak-ng variants the default set does not
 use, on the en / en-us / en-029 / en-gb-scotland accent bases; speaker ids 2001+ (so sentences and
 sessions differ too); dev/test speakers drawn from both kinds of voices in proportion. Same channel
-simulation (per chapter and per utterance) as the bundled corpus. ``--min-chapters 2`` gives every
+simulation (per chapter and per utterance) as the bundled corpus. ``--voice-set population`` hands
+the other arguments to tools/make_population.py (N speakers from a continuous voice space, per-chapter
+rooms, noises and codecs). ``--min-chapters 2`` gives every
 speaker two chapters (sessions; the default draws 1 or 2, and the bundled demo has 8 of 16 speakers
 with one), so protocol ``closed-session`` can hold out a session of every speaker; speakers that drew
 two chapters anyway keep them unchanged.
@@ -591,16 +593,31 @@ def write_speakers_txt(path: Path, speakers: dict, minutes: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "population" in (argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--voice-set") or (
+        "--voice-set=population" in argv
+    ):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import make_population  # a sibling tool: N speakers drawn from a voice space
+
+        rest = [
+            a
+            for i, a in enumerate(argv)
+            if a != "--voice-set=population"
+            and not (a == "--voice-set" or (i > 0 and argv[i - 1] == "--voice-set"))
+        ]
+        return make_population.main(rest)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--out", default="data/demo", help="output root; writes <out>/LibriSpeech (default data/demo)"
     )
     ap.add_argument(
         "--voice-set",
-        choices=sorted(VOICE_SETS),
+        choices=[*sorted(VOICE_SETS), "population"],
         default="default",
         help=f"'default': the bundled corpus' voices ({len(VOICES)}, ids from 1001); 'other': "
-        f"{len(OTHER_VOICES)} voices none of which is in 'default' (ids from 2001)",
+        f"{len(OTHER_VOICES)} voices none of which is in 'default' (ids from 2001); 'population': N "
+        "speakers drawn from a voice space (tools/make_population.py, its own options)",
     )
     ap.add_argument(
         "--speakers", type=int, default=16, help="number of speakers, 4..size of the voice set (default 16)"
