@@ -32,7 +32,9 @@ def _tool(name: str = "make_population"):
 def _need_tts() -> None:
     missing = [b for b in TTS if shutil.which(b) is None]
     if missing:
-        pytest.skip(f"speech synthesis tools missing: {', '.join(missing)} (see /work/shared/voices.md)")
+        pytest.skip(
+            f"speech synthesis tools missing: {', '.join(missing)} (docs/population.md lists the apt packages)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
