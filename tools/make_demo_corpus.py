@@ -579,6 +579,37 @@ def render(job: Job, seed: int, workdir: Path) -> tuple[str, np.ndarray, str]:
     return job.key, pcm, text.upper()
 
 
+def write_tree(out: Path, utterances, speakers_txt) -> tuple[Path, dict[int, float]]:
+    """Write ``<out>/LibriSpeech`` from ``utterances``, (subset, speaker, chapter, key, pcm, text) in
+    order, each FLAC written as it comes; then a ``.trans.txt`` per chapter and ``SPEAKERS.TXT``
+    (``speakers_txt(path, seconds of speech per speaker)``). Staged beside it and renamed into place
+    (umask modes), replacing a previous tree. Returns the tree and the seconds per speaker."""
+    final = out / "LibriSpeech"
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(atomic.mkdtemp(prefix=".LibriSpeech.", dir=out))
+    try:
+        transcripts: dict[tuple, list[str]] = {}
+        seconds: dict[int, float] = {}
+        for subset, spk, chapter, key, pcm, text in utterances:
+            d = staging / subset / str(spk) / str(chapter)
+            d.mkdir(parents=True, exist_ok=True)
+            sf.write(d / f"{key}.flac", pcm, SR, format="FLAC", subtype="PCM_16", compression_level=1.0)
+            transcripts.setdefault((subset, spk, chapter), []).append(f"{key} {text}")
+            seconds[spk] = seconds.get(spk, 0.0) + len(pcm) / SR
+        for (subset, spk, ch), lines in transcripts.items():
+            (staging / subset / str(spk) / str(ch) / f"{spk}-{ch}.trans.txt").write_text(
+                "\n".join(lines) + "\n"
+            )
+        speakers_txt(staging / "SPEAKERS.TXT", seconds)
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return final, seconds
+
+
 def write_speakers_txt(path: Path, speakers: dict, minutes: dict) -> None:
     lines = [
         "; spkr demo corpus: synthetic speakers in the LibriSpeech layout (see ../README.md)",
@@ -666,34 +697,15 @@ def main(argv: list[str] | None = None) -> int:
         voice_set=args.voice_set,
         min_chapters=args.min_chapters,
     )
-    out = Path(args.out)
-    final = out / "LibriSpeech"
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(atomic.mkdtemp(prefix=".LibriSpeech.", dir=out))  # renamed into place: umask modes
     t0 = time.time()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-                results = list(pool.map(lambda j: render(j, args.seed, Path(tmp)), jobs))
-        transcripts: dict[tuple, list[str]] = {}
-        seconds: dict[int, float] = {}
-        for job, (key, pcm, text) in zip(jobs, results):
-            d = staging / job.subset / str(job.speaker) / str(job.chapter)
-            d.mkdir(parents=True, exist_ok=True)
-            sf.write(d / f"{key}.flac", pcm, SR, format="FLAC", subtype="PCM_16", compression_level=1.0)
-            transcripts.setdefault((job.subset, job.speaker, job.chapter), []).append(f"{key} {text}")
-            seconds[job.speaker] = seconds.get(job.speaker, 0.0) + len(pcm) / SR
-        for (subset, spk, ch), lines in transcripts.items():
-            (staging / subset / str(spk) / str(ch) / f"{spk}-{ch}.trans.txt").write_text(
-                "\n".join(lines) + "\n"
-            )
-        write_speakers_txt(staging / "SPEAKERS.TXT", speakers, {s: v / 60 for s, v in seconds.items()})
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    with tempfile.TemporaryDirectory() as tmp:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            results = list(pool.map(lambda j: render(j, args.seed, Path(tmp)), jobs))
+    final, seconds = write_tree(
+        Path(args.out),
+        ((j.subset, j.speaker, j.chapter, *r) for j, r in zip(jobs, results)),
+        lambda path, secs: write_speakers_txt(path, speakers, {s: v / 60 for s, v in secs.items()}),
+    )
 
     size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
     per_subset: dict[str, int] = {}

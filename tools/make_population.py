@@ -61,8 +61,6 @@ from scipy.signal import resample_poly
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_demo_corpus as demo  # noqa: E402  (sentences, recorded voices, trimming, filters)
 
-from spkr import atomic  # noqa: E402
-
 SR = demo.SR
 FIRST_ID = 10001
 ACCEPT_DUR = (1.2, 3.5)  # trimmed speech, seconds (re-drawn sentences until inside)
@@ -549,51 +547,12 @@ def main(argv: list[str] | None = None) -> int:
     voices = [s["voice"] for s in speakers.values()]
     check_tools(voices)
     out = Path(args.out)
-    final = out / "LibriSpeech"
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(atomic.mkdtemp(prefix=".LibriSpeech.", dir=out))
     t0, c0 = time.time(), _cpu_seconds()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            espeak_root = espeak_data_dir(Path(tmp) / "espeak", voices)
-            work = Path(tmp) / "work"
-            work.mkdir()
-            transcripts: dict[tuple, list[str]] = {}
-            seconds: dict[int, float] = {}
-            try:  # each utterance written as it comes, in order (not all of them held in memory)
-                with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-                    done = pool.map(lambda j: render(j, args.seed, work, espeak_root, not args.clean), jobs)
-                    for job, (key, pcm, text) in zip(jobs, done):
-                        d = staging / job.subset / str(job.speaker.spk) / str(job.chapter)
-                        d.mkdir(parents=True, exist_ok=True)
-                        sf.write(
-                            d / f"{key}.flac", pcm, SR, format="FLAC", subtype="PCM_16", compression_level=1.0
-                        )
-                        transcripts.setdefault((job.subset, job.speaker.spk, job.chapter), []).append(
-                            f"{key} {text}"
-                        )
-                        seconds[job.speaker.spk] = seconds.get(job.speaker.spk, 0.0) + len(pcm) / SR
-            finally:
-                close_festivals()
-        for (subset, spk, ch), lines in transcripts.items():
-            (staging / subset / str(spk) / str(ch) / f"{spk}-{ch}.trans.txt").write_text(
-                "\n".join(lines) + "\n"
-            )
-        rows = [
-            "; spkr synthetic speaker population in the LibriSpeech layout (tools/make_population.py)",
-            "; NAME is the engine and voice: espeak-<accent>+p<id> (a variant file, see ../population.json)",
-            ";ID   |SEX| SUBSET           |MINUTES| NAME",
-        ]
-        for spk, s in speakers.items():
-            v = s["voice"]
-            rows.append(f"{spk:<6}| {v.sex} | {s['subset']:<16} | {seconds[spk] / 60:5.2f} | {v.label}")
-        (staging / "SPEAKERS.TXT").write_text("\n".join(rows) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    final, seconds = demo.write_tree(
+        out,
+        rendered(jobs, args.seed, voices, channel=not args.clean, workers=args.jobs),
+        lambda path, secs: write_speakers_txt(path, speakers, secs),
+    )
     meta = {
         "command": ["python", "tools/make_population.py", *(sys.argv[1:] if argv is None else argv)],
         "seed": args.seed,
@@ -621,6 +580,35 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(seconds.values()) / 3600:.2f} h, {size / 1e6:.1f} MB"
     )
     return 0
+
+
+def rendered(jobs: list, seed: int, voices: list, channel: bool, workers: int):
+    """(subset, speaker, chapter, key, pcm, text) of each job, in order, rendered ``workers`` at a time
+    (not all held in memory); espeak-ng's private data directory and the festival servers live as long as
+    the iteration."""
+    with tempfile.TemporaryDirectory() as tmp:
+        espeak_root = espeak_data_dir(Path(tmp) / "espeak", voices)
+        work = Path(tmp) / "work"
+        work.mkdir()
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                done = pool.map(lambda j: render(j, seed, work, espeak_root, channel), jobs)
+                for job, (key, pcm, text) in zip(jobs, done):
+                    yield job.subset, job.speaker.spk, job.chapter, key, pcm, text
+        finally:
+            close_festivals()
+
+
+def write_speakers_txt(path: Path, speakers: dict, seconds: dict[int, float]) -> None:
+    rows = [
+        "; spkr synthetic speaker population in the LibriSpeech layout (tools/make_population.py)",
+        "; NAME is the engine and voice: espeak-<accent>+p<id> (a variant file, see ../population.json)",
+        ";ID   |SEX| SUBSET           |MINUTES| NAME",
+    ]
+    for spk, s in speakers.items():
+        v = s["voice"]
+        rows.append(f"{spk:<6}| {v.sex} | {s['subset']:<16} | {seconds[spk] / 60:5.2f} | {v.label}")
+    path.write_text("\n".join(rows) + "\n")
 
 
 def _cpu_seconds() -> float:
