@@ -80,3 +80,51 @@ def test_augment_entries_name_their_recipe_and_cell():
             bq.parse_augment(bad)
     speeds = bq.RECIPES["speed"][bq.RECIPES["speed"].index("--augment-speeds") + 1]
     assert len(speeds.split(",")) == 18 and "1" not in speeds.split(",") and speeds.startswith("0.6,0.65,")
+
+
+def _tree(root: Path, subsets: dict[str, list[int]]) -> Path:
+    lines = [";ID  |SEX| SUBSET           |MINUTES| NAME"]
+    for sub, ids in subsets.items():
+        for sid in ids:
+            (root / "LibriSpeech" / sub / str(sid) / "1").mkdir(parents=True)
+            lines.append(f"{sid} | F | {sub:<16} |  1.00 | v{sid}")
+    (root / "LibriSpeech" / "SPEAKERS.TXT").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _placed(view: Path) -> dict[str, list[str]]:
+    tree = view / "LibriSpeech"
+    return {sub: sorted(p.name for p in (tree / sub).iterdir()) for sub in bq.SUBSETS}
+
+
+def test_corpus_view_cuts_the_first_training_speakers_by_id(tmp_path):
+    corpus = _tree(tmp_path / "c", {"train-clean-100": [9, 10, 100, 11, 12, 13, 14], "dev-clean": [20],
+                                    "test-clean": [30, 31]})  # fmt: skip
+    view = bq.corpus_view(corpus, tmp_path / "v", 3, "open")
+    assert _placed(view) == {
+        "train-clean-100": ["10", "11", "9"],
+        "dev-clean": ["20"],
+        "test-clean": ["30", "31"],
+    }
+    assert (view / "LibriSpeech" / "train-clean-100" / "9" / "1").is_dir()  # a link to the speaker's tree
+    speakers = (view / "LibriSpeech" / "SPEAKERS.TXT").read_text()
+    assert "\n100 " not in speakers and "\n9 | F | train-clean-100" in speakers
+    view = bq.corpus_view(corpus, tmp_path / "v", 5, "open")  # rebuilt for another N: nested
+    assert _placed(view)["train-clean-100"] == ["10", "11", "12", "13", "9"]
+    closed = bq.corpus_view(corpus, tmp_path / "w", 6, "closed-session")  # the N speakers alone
+    assert _placed(closed) == {
+        "train-clean-100": ["10", "12", "13", "14"],
+        "dev-clean": ["9"],
+        "test-clean": ["11"],
+    }
+    assert "\n11 | F | test-clean" in (closed / "LibriSpeech" / "SPEAKERS.TXT").read_text()
+    with pytest.raises(SystemExit, match="has 7 speakers"):
+        bq.corpus_view(corpus, tmp_path / "x", 8, "open")
+
+
+def test_scaling_rows_average_within_their_population_size():
+    cell = ("open", ("mixed", 0))
+    rows = [bq.row("p", *cell, "tiny", {"eer": e}, "d", "s", 1.0, seed, n)
+            for n, seed, e in ((50, 0, 0.2), (50, 1, 0.4), (100, 0, 0.1), (100, 1, 0.3))]  # fmt: skip
+    means = bq.seed_means(rows, "p", *cell, 50) + bq.seed_means(rows, "p", *cell, 100)
+    assert [(m["train_speakers"], round(m["eer"], 6)) for m in means] == [(50, 0.3), (100, 0.2)]

@@ -21,6 +21,12 @@ For every cell (corpus, protocol, augmentation) it runs, with the real CLIs and 
    optimizer steps with and without copies (epochs / (1 + K)); then ``python -m spkr.evaluate`` on the split of role test (``--as-norm`` on
    open).
 
+Scaling curve (``--train-speakers 50,100,200,500,1000``): per N, the cells run on a view of the
+corpus (:func:`corpus_view`, symlinks under ``<work>/<name>/n<N>/``) holding its first N training
+speakers by id: for ``open`` with every dev-clean/test-clean speaker (the same unseen speakers at
+every N), for the closed protocols the N speakers alone. Rows carry ``train_speakers``;
+``tools/chart_scaling.py`` draws EER and closed-session accuracy against it.
+
 Reuse: the shard tool always runs (it keeps the complete shards written under the same config, seed
 and source, and stops on any other). Every other step writes ``spec.json`` (its command, the config
 text, the shards' ``dataset_id`` and a hash of spkr's source files) and is skipped only when a finished step's spec is identical, so an
@@ -140,6 +146,63 @@ def run_step(out: Path, spec: dict, cmd: list[str], log: Path, env: dict | None 
     return time.perf_counter() - t0
 
 
+SUBSETS = ("train-clean-100", "dev-clean", "test-clean")
+
+
+def corpus_view(corpus: Path, out: Path, n: int, protocol: str) -> Path:
+    """A LibriSpeech tree of speaker-directory symlinks at ``out`` holding the first ``n`` training
+    speakers of ``corpus`` (numeric id order; populations are nested by id, docs/population.md).
+
+    ``open``: the n speakers in train-clean-100 and every dev-clean / test-clean speaker, so each N is
+    tested on the same unseen speakers. Closed protocols: the n speakers alone, every 10th in dev-clean
+    and every 5th other in test-clean (make_population's N/10 and N/5): those placements only set how
+    many utterances ``closed-session`` holds out (whole chapters of every speaker: docs/protocols.md),
+    so valid/test ask about the same n classes that train. Rebuilt when missing or different.
+    """
+    root = corpus / "LibriSpeech" if (corpus / "LibriSpeech").is_dir() else corpus
+    train = sorted((p for p in (root / SUBSETS[0]).iterdir() if p.is_dir()), key=lambda p: int(p.name))
+    if n > len(train):
+        raise SystemExit(
+            f"bench_quality: --train-speakers {n}: {root / SUBSETS[0]} has {len(train)} speakers"
+        )
+    if protocol == "open":
+        placed = [(SUBSETS[0], p) for p in train[:n]]
+        placed += [(sub, p) for sub in SUBSETS[1:] for p in sorted((root / sub).iterdir()) if p.is_dir()]
+    else:
+        placed = [(SUBSETS[1] if i % 10 == 0 else SUBSETS[2] if i % 5 == 2 else SUBSETS[0], p)
+                  for i, p in enumerate(train[:n])]  # fmt: skip
+    want = sorted(f"{sub}/{p.name} -> {p.resolve()}" for sub, p in placed)
+    listing = out / "view.txt"
+    if listing.exists() and listing.read_text().splitlines() == want:
+        return out
+    tree = out / "LibriSpeech"
+    for sub in SUBSETS:
+        if (tree / sub).exists():
+            for link in (tree / sub).iterdir():
+                link.unlink()
+        (tree / sub).mkdir(parents=True, exist_ok=True)
+    for sub, p in placed:
+        (tree / sub / p.name).symlink_to(p.resolve(), target_is_directory=True)
+    speakers = root / "SPEAKERS.TXT"
+    if speakers.exists():
+        subset_of = {p.name: sub for sub, p in placed}
+        lines = [ln if ln.startswith(";") else _speaker_line(ln, subset_of)
+                 for ln in speakers.read_text().splitlines()]  # fmt: skip
+        (tree / "SPEAKERS.TXT").write_text("\n".join(ln for ln in lines if ln is not None) + "\n")
+    listing.write_text("\n".join(want) + "\n")
+    return out
+
+
+def _speaker_line(line: str, subset_of: dict[str, str]) -> str | None:
+    """A SPEAKERS.TXT line with the view's subset, or None for a speaker outside the view."""
+    cols = line.split("|")
+    sid = cols[0].strip()
+    if sid not in subset_of:
+        return None
+    cols[2] = f" {subset_of[sid]:<16} "
+    return "|".join(cols)
+
+
 def dataset_id(shards: Path) -> str:
     return json.loads((shards / "manifest.json").read_text())["dataset_id"]
 
@@ -156,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="tiny,tiny-transformer")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--seeds", default="0", help="training seeds, one run each: 0,1,2 (rows + their mean)")
+    ap.add_argument(
+        "--train-speakers", default="", help="scaling curve: cut to N training speakers: 50,100,200"
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -170,64 +236,77 @@ def main(argv: list[str] | None = None) -> int:
         run_step(noise, {"cmd": "make_noise_corpus", "seed": 0, "demo": "data/demo"},
                  [sys.executable, "tools/make_noise_corpus.py", "--out", str(noise), "--seed", "0",
                   "--demo", str(REPO / "data" / "demo")], args.work / "noise.log", env)  # fmt: skip
-    for protocol in args.protocols.split(","):
-        for recipe, copies in augment:
-            cell = work / cell_name(protocol, recipe, copies)
-            shards = cell / "shards"
-            cmd = [sys.executable, "-m", "spkr.tools.shard", "--source", args.corpus, "--subsets", "train.100",
-                   "--protocol", protocol, "--out", str(shards), "--workers", "2"]  # fmt: skip
-            if copies:
-                cmd += ["--augment-copies", str(copies)] + [a.format(noise=noise) for a in RECIPES[recipe]]
-            print(f"== {args.name} {cell.name}", flush=True)
-            shard_log = cell / "shard.log"
-            shard_log.parent.mkdir(parents=True, exist_ok=True)
-            with open(
-                shard_log, "a"
-            ) as f:  # always run: the tool itself keeps complete shards of this config
-                if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode:
-                    sys.exit(f"bench_quality: sharding failed; see {shard_log}")
-            did = dataset_id(shards)
-            base_json = cell / "baseline.json"
-            cmd = [
-                sys.executable,
-                "tools/baseline_features.py",
-                "--shards",
-                str(shards),
-                "--json",
-                str(base_json),
-            ]
-            run_step(cell / "baseline-step", {"cmd": cmd[1:], "dataset_id": did, "src": src}, cmd,
-                     cell / "baseline.log", env)  # fmt: skip
-            base = json.loads(base_json.read_text())
-            figures = base_figures(base, protocol)
-            rows.append(row(args.name, protocol, (recipe, copies), "baseline", figures, did, src, None))
-            for model, seed in ((m, sd) for m in args.models.split(",") for sd in seeds):
-                head = "aam" if protocol == "open" else "softmax"
-                text = model_config(model, head)
-                cfg = cell / f"{model}.toml"
-                cfg.write_text(text)
-                name = run_name(model, seed)
-                run = cell / f"run-{name}"
-                epochs = max(1, math.ceil(config_epochs(text) / (1 + copies)))
-                cmd = ["torchrun", "--standalone", "--nproc_per_node", str(args.nproc), "-m", "spkr.train",
-                       "--config", str(cfg), "--shards", str(shards), "--out", str(run), "--fresh",
-                       "--no-progress", "--epochs", str(epochs), "--seed", str(seed)]  # fmt: skip
-                spec = {"cmd": cmd, "config": text, "dataset_id": did, "src": src}
-                secs = run_step(run / "train-step", spec, cmd, cell / f"train-{name}.log", env)
-                ev = run / "eval-test.json"
-                cmd = [sys.executable, "-m", "spkr.evaluate", "--checkpoint", str(run / "last.pt"),
-                       "--shards", str(shards), "--out", str(ev)] + (["--as-norm"] if protocol == "open" else [])  # fmt: skip
-                run_step(
-                    run / "eval-step", {"cmd": cmd[1:], "train": spec}, cmd, cell / f"eval-{name}.log", env
-                )
-                figures = eval_figures(json.loads(ev.read_text()))
-                rows.append(row(args.name, protocol, (recipe, copies), model, figures, did, src, secs, seed))
-            if len(seeds) > 1:
-                rows += seed_means(rows, args.name, protocol, (recipe, copies))
+    sizes = [int(x) for x in args.train_speakers.split(",") if x] or [None]
+    for n in sizes:
+        for protocol in args.protocols.split(","):
+            base = work if n is None else work / f"n{n}"
+            corpus = (
+                args.corpus
+                if n is None
+                else str(corpus_view(Path(args.corpus), base / f"view-{protocol}", n, protocol))
+            )
+            for recipe, copies in augment:
+                cell = base / cell_name(protocol, recipe, copies)
+                ctx = {
+                    "corpus": args.name,
+                    "protocol": protocol,
+                    "augment": (recipe, copies),
+                    "train_speakers": n,
+                }
+                rows += run_cell(args, ctx, corpus, cell, seeds, src, env, noise)
+                if len(seeds) > 1:
+                    rows += seed_means(rows, args.name, protocol, (recipe, copies), n)
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def run_cell(args, ctx: dict, corpus: str, cell: Path, seeds, src: str, env: dict, noise: Path) -> list[dict]:
+    """Shard ``corpus`` under ``protocol`` (+ copies), then the baseline and every model x seed on it."""
+    protocol, (recipe, copies) = ctx["protocol"], ctx["augment"]
+    shards = cell / "shards"
+    cmd = [sys.executable, "-m", "spkr.tools.shard", "--source", corpus, "--subsets", "train.100",
+           "--protocol", protocol, "--out", str(shards), "--workers", "2"]  # fmt: skip
+    if copies:
+        cmd += ["--augment-copies", str(copies)] + [a.format(noise=noise) for a in RECIPES[recipe]]
+    print(f"== {args.name} {cell.relative_to(args.work / args.name)}", flush=True)
+    shard_log = cell / "shard.log"
+    shard_log.parent.mkdir(parents=True, exist_ok=True)
+    with open(shard_log, "a") as f:  # always run: the tool itself keeps complete shards of this config
+        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode:
+            sys.exit(f"bench_quality: sharding failed; see {shard_log}")
+    did = dataset_id(shards)
+    base_json = cell / "baseline.json"
+    cmd = [sys.executable, "tools/baseline_features.py", "--shards", str(shards), "--json", str(base_json)]
+    run_step(
+        cell / "baseline-step",
+        {"cmd": cmd[1:], "dataset_id": did, "src": src},
+        cmd,
+        cell / "baseline.log",
+        env,
+    )
+    figures = base_figures(json.loads(base_json.read_text()), protocol)
+    rows = [row(**ctx, model="baseline", figures=figures, did=did, src=src, secs=None)]
+    for model, seed in ((m, sd) for m in args.models.split(",") for sd in seeds):
+        text = model_config(model, "aam" if protocol == "open" else "softmax")
+        cfg = cell / f"{model}.toml"
+        cfg.write_text(text)
+        name = run_name(model, seed)
+        run = cell / f"run-{name}"
+        epochs = max(1, math.ceil(config_epochs(text) / (1 + copies)))
+        cmd = ["torchrun", "--standalone", "--nproc_per_node", str(args.nproc), "-m", "spkr.train",
+               "--config", str(cfg), "--shards", str(shards), "--out", str(run), "--fresh",
+               "--no-progress", "--epochs", str(epochs), "--seed", str(seed)]  # fmt: skip
+        spec = {"cmd": cmd, "config": text, "dataset_id": did, "src": src}
+        secs = run_step(run / "train-step", spec, cmd, cell / f"train-{name}.log", env)
+        ev = run / "eval-test.json"
+        cmd = [sys.executable, "-m", "spkr.evaluate", "--checkpoint", str(run / "last.pt"),
+               "--shards", str(shards), "--out", str(ev)] + (["--as-norm"] if protocol == "open" else [])  # fmt: skip
+        run_step(run / "eval-step", {"cmd": cmd[1:], "train": spec}, cmd, cell / f"eval-{name}.log", env)
+        figures = eval_figures(json.loads(ev.read_text()))
+        rows.append(row(**ctx, model=model, figures=figures, did=did, src=src, secs=secs, seed=seed))
+    return rows
 
 
 def base_figures(base: dict, protocol: str) -> dict:
@@ -253,17 +332,17 @@ def run_name(model: str, seed: int) -> str:
     return model if seed == 0 else f"{model}-seed{seed}"
 
 
-def row(corpus, protocol, augment, model, figures, did, src, secs, seed=None) -> dict:
+def row(corpus, protocol, augment, model, figures, did, src, secs, seed=None, train_speakers=None) -> dict:
     recipe, copies = augment
     return {"corpus": corpus, "protocol": protocol, "augment_copies": copies,
-            "augment_recipe": recipe if copies else None, "model": model, "seed": seed,
-            **figures, "dataset_id": did, "src": src, "train_seconds": secs}  # fmt: skip
+            "augment_recipe": recipe if copies else None, "train_speakers": train_speakers, "model": model,
+            "seed": seed, **figures, "dataset_id": did, "src": src, "train_seconds": secs}  # fmt: skip
 
 
 FIGURES = ("acc", "eer", "eer_as_norm", "min_dcf_0.01")
 
 
-def seed_means(rows: list[dict], corpus, protocol, augment) -> list[dict]:
+def seed_means(rows: list[dict], corpus, protocol, augment, train_speakers=None) -> list[dict]:
     """Per model of this cell, a row with the mean of each figure over its seeds' rows (``seed`` =
     "mean", ``seeds`` = them, ``<figure>_range`` = [min, max])."""
     recipe, copies = augment
@@ -271,7 +350,7 @@ def seed_means(rows: list[dict], corpus, protocol, augment) -> list[dict]:
     for model in dict.fromkeys(r["model"] for r in rows if isinstance(r["seed"], int)):
         runs = [r for r in rows if r["corpus"] == corpus and r["protocol"] == protocol and r["model"] == model
                 and r["augment_copies"] == copies and r["augment_recipe"] == (recipe if copies else None)
-                and isinstance(r["seed"], int)]  # fmt: skip
+                and r.get("train_speakers") == train_speakers and isinstance(r["seed"], int)]  # fmt: skip
         if len(runs) < 2:
             continue
         mean = {**runs[0], "seed": "mean", "seeds": [r["seed"] for r in runs], "train_seconds": None}
@@ -294,15 +373,17 @@ def seed(r: dict) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| corpus | protocol | copies | model | seed | test acc | EER | EER AS-norm | minDCF(0.01) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| corpus | speakers | protocol | copies | model | seed | test acc | EER | EER AS-norm | minDCF(0.01) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         acc = f"{100 * r['acc']:.2f} % ({r['n']})" if "acc" in r else ""
         eer = f"{100 * r['eer']:.2f} %" if "eer" in r else ""
         asn = f"{100 * r['eer_as_norm']:.2f} %" if "eer_as_norm" in r else ""
         dcf = f"{r['min_dcf_0.01']:.3f}" if "min_dcf_0.01" in r else ""
         print(
-            f"| {r['corpus']} | {r['protocol']} | {copies(r)} | {r['model']} | {seed(r)} | {acc} | {eer} | {asn} "
+            f"| {r['corpus']} | {r.get('train_speakers') or ''} | {r['protocol']} | {copies(r)} | {r['model']} | {seed(r)} | {acc} | {eer} | {asn} "
             f"| {dcf} |"
         )
 
