@@ -33,6 +33,8 @@ import torch  # noqa: E402
 
 from spkr.models import ModelConfig, build_model  # noqa: E402
 from spkr.models.mamba import Mamba1, Mamba2  # noqa: E402
+from spkr.run.configs import load_configs  # noqa: E402
+from spkr.train import parse_args  # noqa: E402
 
 
 def timeit(fn, repeats: int, check=None) -> float:
@@ -259,7 +261,7 @@ def main() -> None:
         print(
             "\n[4] torch.compile recompiles over T in [200, 256, 300, 384, 512] (tiny model, dynamo graphs)"
         )
-        cfg = ModelConfig.from_toml(Path(__file__).resolve().parents[1] / "configs" / "tiny.toml")
+        cfg = load_configs(parse_args(["--shards", "x", "--config", "tiny"]))[0]
         model = build_model(cfg, n_mels, 10).eval()
         for dyn in (None, True):
             torch._dynamo.reset()
