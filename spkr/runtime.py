@@ -17,6 +17,7 @@ process, spkr does not turn it on by itself: ``SPKR_HUGEPAGES=1`` makes ``import
 so it must be set before torch is imported. ``tools/bench_*.py`` print the setting they ran with (:func:`describe`).
 
 :func:`configure` also drops one spurious warning of CPU runs (:func:`quiet_cuda_home_warning`).
+:func:`env_rank_world` is spkr's one reader of torchrun's ``RANK`` / ``WORLD_SIZE``.
 """
 
 from __future__ import annotations
@@ -73,3 +74,16 @@ def thp_mode() -> str:
 def describe() -> str:
     """One line for logs and benchmarks: is huge-page allocation in effect for torch tensors?"""
     return f"{THP_ENV}={os.environ.get(THP_ENV, '(unset)')} (kernel THP mode {thp_mode()})"
+
+
+def env_rank_world() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment (``RANK``, ``WORLD_SIZE``), else (0, 1). Once a
+    process group is up, :func:`spkr.stream.loader.default_rank_world` asks torch.distributed instead."""
+    out = []
+    for name, default in (("RANK", 0), ("WORLD_SIZE", 1)):
+        value = os.environ.get(name)
+        try:
+            out.append(default if value is None else int(value))
+        except ValueError:
+            raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+    return out[0], out[1]

@@ -37,14 +37,13 @@ stay equal across ranks) and recorded in ``loader.skipped``.
 from __future__ import annotations
 
 import gc
-import os
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
-from spkr import storage
+from spkr import runtime, storage
 from spkr.shards.format import DatasetMismatch, Manifest
 from spkr.stream.dataset import ShardDataset
 from spkr.stream.plan import EpochPlan
@@ -60,13 +59,14 @@ BATCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def default_rank_world() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed if initialised, else env RANK/WORLD_SIZE, else (0, 1).
-    THE rank/world function of spkr (the run side imports it from :mod:`spkr.stream`)."""
+    """(rank, world_size) from torch.distributed if initialised, else from the environment
+    (:func:`spkr.runtime.env_rank_world`: RANK/WORLD_SIZE, else (0, 1)). The run side imports it from
+    :mod:`spkr.stream`."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return runtime.env_rank_world()
 
 
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -216,7 +216,7 @@ class SpeakerLoader:
             self.shards_url, storage_options, retry=storage.RetryPolicy(retries, backoff)
         )
         self.split_info = self.manifest.split(split)
-        self.n_mels = int(self.manifest.data["feature_config"].get("n_mels", 80))
+        self.n_mels = self.manifest.feature_config.n_mels
         stats = normalisation(self.manifest, self.n_mels, stats) if normalize else {}
         reader_kwargs = dict(
             n_mels=self.n_mels,
