@@ -39,14 +39,12 @@ Mamba-1 recurrence (per channel d and state n, with dA = exp(dt * A)):
 Mamba-2 recurrence (per head h, A scalar, the state is a (p, n) matrix):
     H_t = exp(dt_t * A) * H_{t-1} + dt_t * x_t B_t^T          y_t = H_t C_t + D * x_t
 
-Why Mamba-1 steps frame by frame (measured at 3 s crops, 16 x 150 frames, 1 thread): a chunked
-formulation (local scans in chunks of 8, cumulative decay products, a loop over chunk starts, a
-correction pass) makes ~3 full passes over the (b, l, n, d) states where the frame loop makes one;
-with the slab of a frame in cache, the per-frame op (a few thousand multiply-adds) costs less than the
-extra passes. The fast path was 1.3-1.7x faster than that chunked version for fwd+bwd (d 192-384,
-n 8-16) and 1.2x at 1,500 frames. Block tensors are laid out (bb, seg, n, k) -- channels innermost --
-so every elementwise op runs over contiguous channel vectors and the contractions over n or channels
-are batched matrix products.
+Why Mamba-1 steps frame by frame: a chunked formulation (local scans in chunks, cumulative decay
+products, a loop over chunk starts, a correction pass) makes ~3 full passes over the (b, l, n, d)
+states where the frame loop makes one; with the slab of a frame in cache, the per-frame op (a few
+thousand multiply-adds) costs less than the extra passes. Block tensors are laid out (bb, seg, n, k)
+-- channels innermost -- so every elementwise op runs over contiguous channel vectors and the
+contractions over n or channels are batched matrix products.
 """
 
 from __future__ import annotations
