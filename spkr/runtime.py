@@ -1,17 +1,13 @@
 """Process-level memory setting: huge pages for PyTorch's large CPU tensors, opt-in (``SPKR_HUGEPAGES=1``).
 
 glibc serves large allocations (padded batches, activations: tens of MB) with fresh ``mmap``s, so a step
-that allocates big tensors again and again can touch fresh 4 kB pages every time: measured here,
-~300k minor page faults per fwd+bwd of one Mamba-1 layer at T=4096 (batch 8, d_model 128).
-``THP_MEM_ALLOC_ENABLE=1`` asks PyTorch's CPU allocator to align allocations of 2 MB and more to 2 MB and
-``madvise(MADV_HUGEPAGE)`` them: with the kernel's transparent huge pages in ``madvise`` mode (the common
-default, and this machine's), one fault maps 2 MB instead of 4 kB (~15x fewer faults measured).
+that allocates big tensors again and again can touch fresh 4 kB pages every time, one minor page fault
+each. ``THP_MEM_ALLOC_ENABLE=1`` asks PyTorch's CPU allocator to align allocations of 2 MB and more to
+2 MB and ``madvise(MADV_HUGEPAGE)`` them: with the kernel's transparent huge pages in ``madvise`` mode
+(the common default), one fault maps 2 MB instead of 4 kB. What it changes (the loader, the Mamba
+layers, mambapy's parallel scan, which materialises (B, T, D, N) tensors) is in README, Benchmarks.
 
-Measured effects here (same-process ratios; README, Benchmarks): the local loader ~10-20 % faster; one
-Mamba-1 layer at T=4096 ~10-20 % faster; the tiny demo model's training throughput unchanged; and
-mambapy's parallel scan, which materialises (B, T, D, N) tensors, ~2x faster (spkr's chunked scan is
-then 2.2x faster than it at T=1024 instead of 3.2-3.4x). Because it changes allocation for the whole
-process, spkr does not turn it on by itself: ``SPKR_HUGEPAGES=1`` makes ``import spkr`` (which runs
+Because it changes allocation for the whole process, spkr does not turn it on by itself: ``SPKR_HUGEPAGES=1`` makes ``import spkr`` (which runs
 :func:`configure` before anything imports torch) set ``THP_MEM_ALLOC_ENABLE=1`` as a default; exporting
 ``THP_MEM_ALLOC_ENABLE=1`` yourself works too. PyTorch reads the variable once, at its first allocation,
 so it must be set before torch is imported. ``tools/bench_*.py`` print the setting they ran with (:func:`describe`).

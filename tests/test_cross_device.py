@@ -1,4 +1,4 @@
-"""Train anywhere, run anywhere (issue 11): a checkpoint of a mamba_ssm-backend run (what a GPU run
+"""Train anywhere, run anywhere: a checkpoint of a mamba_ssm-backend run (what a GPU run
 with configs/mamba-ssm.toml writes) evaluates, predicts and charts on CPU through the pure-torch scan
 with the same results as the torch-backend model of the same weights; ``--device`` on evaluate,
 predict and chart_losses; no spurious "No CUDA runtime is found" warning on CPU runs."""

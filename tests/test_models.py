@@ -231,7 +231,7 @@ def test_no_graph_breaks_in_model():
 
 @pytest.mark.parametrize("config", sorted(p.stem for p in (ROOT / "configs").glob("*.toml")))
 def test_param_groups_decay_only_projection_weights(config):
-    """Issue 13: the model owns its AdamW groups. Every trainable parameter is in exactly one group;
+    """The model owns its AdamW groups. Every trainable parameter is in exactly one group;
     norms, biases and Mamba's A_log / D / dt_bias (Mamba-1's A_log is 2-D) are not decayed, projection
     and conv weights are; an AdamW step with zero gradients leaves the no-decay ones unchanged and
     shrinks the decayed ones by (1 - lr * weight_decay)."""
