@@ -436,15 +436,14 @@ def check_exactly_once(shards: Path, logdir: Path, nproc: int, per_rank: dict) -
 # --------------------------------------------------------------------------- how the split reaches workers
 
 
-def mp_probe(shards: str, context: str, args) -> dict:
-    """Rank 0 of ``args.nproc`` (plan only, no process group) iterated in this process with
-    ``args.workers`` workers started by ``context``; worker memory sampled from a thread."""
+def rank0_loader(shards: str, args, context: str):
+    """Rank 0 of ``args.nproc`` (plan only, no process group): a SpeakerLoader with ``args.workers``
+    workers started by multiprocessing ``context``."""
     import multiprocessing as mp
-    from multiprocessing.reduction import ForkingPickler
 
     from spkr.stream.loader import SpeakerLoader
 
-    loader = SpeakerLoader(
+    return SpeakerLoader(
         shards,
         SPLIT,
         args.batch_size,
@@ -454,6 +453,14 @@ def mp_probe(shards: str, context: str, args) -> dict:
         num_workers=args.workers,
         multiprocessing_context=mp.get_context(context),
     )
+
+
+def mp_probe(shards: str, context: str, args) -> dict:
+    """Rank 0 of ``args.nproc`` (plan only, no process group) iterated in this process with
+    ``args.workers`` workers started by ``context``; worker memory sampled from a thread."""
+    from multiprocessing.reduction import ForkingPickler
+
+    loader = rank0_loader(shards, args, context)
     # what forkserver/spawn send to every worker (fork sends nothing); measured, never loaded
     sent = len(ForkingPickler.dumps(loader.dataset))
     sampler = MemorySampler(lambda: [("rank0", os.getpid())], args.interval)
@@ -524,21 +531,9 @@ def worker_phases(shards: str, args) -> dict:
     Private_Dirty by mapping (:func:`private_dirty_by_mapping`, kB) and what tracemalloc sees it
     hold and peak at (bytes) when it starts iterating, after its plan, and after
     ``WORKER_MARKS`` batches and at the end: where a worker's private memory comes from."""
-    import multiprocessing as mp
     import tempfile
 
-    from spkr.stream.loader import SpeakerLoader
-
-    loader = SpeakerLoader(
-        shards,
-        SPLIT,
-        args.batch_size,
-        seed=args.seed,
-        rank=0,
-        world_size=args.nproc,
-        num_workers=args.workers,
-        multiprocessing_context=mp.get_context("fork"),
-    )
+    loader = rank0_loader(shards, args, "fork")
     with tempfile.TemporaryDirectory(prefix="spkr-phases-") as out_dir:
         d = loader.dataset
         loader.dataset = _phases_dataset(out_dir)(
