@@ -106,7 +106,7 @@ def test_output_lengths_match_frontend(sub):
         assert x.shape[1] == -(-T // sub)
 
 
-def test_reverse_within_length():
+def test_reverse_reverses_each_row_within_its_length():
     from spkr.models.classifier import _reverse, reverse_rows
 
     rows = reverse_rows(torch.tensor([3, 5, 1]), 5)
