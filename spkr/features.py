@@ -304,7 +304,7 @@ class LogMel(torch.nn.Module):
 
     def _torch_logmel(self, x: torch.Tensor) -> torch.Tensor:
         """The same STFT as torch.stft(center, reflect, onesided), computed time-major: frame with
-        unfold, window, rfft. |X|^2 as re^2 + im^2 (2-3x cheaper than abs().pow(2))."""
+        unfold, window, rfft. |X|^2 as re^2 + im^2 (cheaper than abs().pow(2))."""
         cfg = self.cfg
         if cfg.center:
             pad = cfg.n_fft // 2

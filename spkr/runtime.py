@@ -1,22 +1,19 @@
 """Process-level memory setting: huge pages for PyTorch's large CPU tensors, opt-in (``SPKR_HUGEPAGES=1``).
 
 glibc serves large allocations (padded batches, activations: tens of MB) with fresh ``mmap``s, so a step
-that allocates big tensors again and again can touch fresh 4 kB pages every time: measured here,
-~300k minor page faults per fwd+bwd of one Mamba-1 layer at T=4096 (batch 8, d_model 128).
-``THP_MEM_ALLOC_ENABLE=1`` asks PyTorch's CPU allocator to align allocations of 2 MB and more to 2 MB and
-``madvise(MADV_HUGEPAGE)`` them: with the kernel's transparent huge pages in ``madvise`` mode (the common
-default, and this machine's), one fault maps 2 MB instead of 4 kB (~15x fewer faults measured).
+that allocates big tensors again and again can touch fresh 4 kB pages every time, one minor page fault
+each. ``THP_MEM_ALLOC_ENABLE=1`` asks PyTorch's CPU allocator to align allocations of 2 MB and more to
+2 MB and ``madvise(MADV_HUGEPAGE)`` them: with the kernel's transparent huge pages in ``madvise`` mode
+(the common default), one fault maps 2 MB instead of 4 kB. What it changes (the loader, the Mamba
+layers, mambapy's parallel scan, which materialises (B, T, D, N) tensors) is in README, Benchmarks.
 
-Measured effects here (same-process ratios; README, Benchmarks): the local loader ~10-20 % faster; one
-Mamba-1 layer at T=4096 ~10-20 % faster; the tiny demo model's training throughput unchanged; and
-mambapy's parallel scan, which materialises (B, T, D, N) tensors, ~2x faster (spkr's chunked scan is
-then 2.2x faster than it at T=1024 instead of 3.2-3.4x). Because it changes allocation for the whole
-process, spkr does not turn it on by itself: ``SPKR_HUGEPAGES=1`` makes ``import spkr`` (which runs
+Because it changes allocation for the whole process, spkr does not turn it on by itself: ``SPKR_HUGEPAGES=1`` makes ``import spkr`` (which runs
 :func:`configure` before anything imports torch) set ``THP_MEM_ALLOC_ENABLE=1`` as a default; exporting
 ``THP_MEM_ALLOC_ENABLE=1`` yourself works too. PyTorch reads the variable once, at its first allocation,
 so it must be set before torch is imported. ``tools/bench_*.py`` print the setting they ran with (:func:`describe`).
 
 :func:`configure` also drops one spurious warning of CPU runs (:func:`quiet_cuda_home_warning`).
+:func:`env_rank_world` is spkr's one reader of torchrun's ``RANK`` / ``WORLD_SIZE``.
 """
 
 from __future__ import annotations
@@ -73,3 +70,16 @@ def thp_mode() -> str:
 def describe() -> str:
     """One line for logs and benchmarks: is huge-page allocation in effect for torch tensors?"""
     return f"{THP_ENV}={os.environ.get(THP_ENV, '(unset)')} (kernel THP mode {thp_mode()})"
+
+
+def env_rank_world() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment (``RANK``, ``WORLD_SIZE``), else (0, 1). Once a
+    process group is up, :func:`spkr.stream.loader.default_rank_world` asks torch.distributed instead."""
+    out = []
+    for name, default in (("RANK", 0), ("WORLD_SIZE", 1)):
+        value = os.environ.get(name)
+        try:
+            out.append(default if value is None else int(value))
+        except ValueError:
+            raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+    return out[0], out[1]

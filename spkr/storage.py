@@ -56,11 +56,19 @@ def storage_options_from_env(options: dict[str, Any] | None = None) -> dict[str,
     return merged
 
 
-def get_fs(url: str, storage_options: dict[str, Any] | None = None):
-    """(filesystem, path-within-filesystem) for a local path or URL."""
+def get_fs(url: str, storage_options: dict[str, Any] | None = None, *, cache_dir: str | None = None):
+    """(filesystem, path-within-filesystem) for a local path or URL; the one place the options of
+    :func:`storage_options_from_env` reach a filesystem. With ``cache_dir``, a remote URL's filesystem is
+    fsspec's ``filecache`` over it: whole files kept under ``cache_dir``, read locally after the first
+    fetch."""
     url = str(url)
     protocol = url.split("://", 1)[0] if is_url(url) else "file"
     opts = storage_options_from_env(storage_options) if protocol != "file" else {}
+    if cache_dir and protocol != "file":
+        fs = fsspec.filesystem(
+            "filecache", target_protocol=protocol, target_options=opts, cache_storage=cache_dir
+        )
+        return fs, fs._strip_protocol(url)
     fs, path = fsspec.core.url_to_fs(url, **opts)
     return fs, path
 

@@ -104,7 +104,8 @@ def test_bad_feature_config_values_stop_the_shard_tool_before_any_work(value, sa
 
 def test_non_finite_numbers_in_config_files_are_config_errors(tmp_path):
     from spkr.config import ConfigError
-    from spkr.models.config import ModelConfig
+    from spkr.run.configs import load_configs
+    from spkr.train import parse_args
 
     for text, says in [
         ("[model]\ndropout = nan\n", "not a finite number"),
@@ -116,7 +117,7 @@ def test_non_finite_numbers_in_config_files_are_config_errors(tmp_path):
         path = tmp_path / "c.toml"
         path.write_text(text)
         with pytest.raises(ConfigError) as e:
-            ModelConfig.from_toml(path)
+            load_configs(parse_args(["--shards", "x", "--config", str(path)]))
         assert str(e.value).startswith(str(path)) and says in str(e.value), str(e.value)
 
 

@@ -1,4 +1,4 @@
-"""Train anywhere, run anywhere (issue 11): a checkpoint of a mamba_ssm-backend run (what a GPU run
+"""Train anywhere, run anywhere: a checkpoint of a mamba_ssm-backend run (what a GPU run
 with configs/mamba-ssm.toml writes) evaluates, predicts and charts on CPU through the pure-torch scan
 with the same results as the torch-backend model of the same weights; ``--device`` on evaluate,
 predict and chart_losses; no spurious "No CUDA runtime is found" warning on CPU runs."""
@@ -27,6 +27,14 @@ N_MELS = 16
 CUDA_WARNING = "No CUDA runtime is found"
 # (config a GPU run trains with, the pure-torch config of the same architecture)
 PAIRS = [("mamba-ssm", "mamba-torch"), ("mamba2-torch", "mamba2-torch")]
+
+
+def model_config(path) -> ModelConfig:
+    """The [model] table of a config file (or bundled name), read the way spkr.train reads --config."""
+    from spkr.run.configs import load_configs
+    from spkr.train import parse_args
+
+    return load_configs(parse_args(["--shards", "x", "--config", str(path)]))[0]
 
 
 def _train_config(name: str, dst: Path) -> Path:
@@ -76,7 +84,7 @@ def gpu_run(request, tmp_path_factory) -> dict:
 def _reference(ckpt: dict, torch_config: str):
     """The pure-torch model of the same architecture (its config file, not the checkpoint's) with the
     checkpoint's weights: load_state_dict is strict, so names and shapes must match."""
-    cfg = ModelConfig.from_toml(CONFIGS / f"{torch_config}.toml")
+    cfg = model_config(CONFIGS / f"{torch_config}.toml")
     assert cfg.backend in ("auto", "torch")
     cfg.backend = "torch"  # the pure-torch scan, whatever "auto" would pick on this machine
     model = build_model(cfg, N_MELS, len(ckpt["labels"]))
@@ -106,8 +114,8 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 def test_backends_share_parameter_names_and_shapes(name, torch_name):
     """The mamba_ssm path has no parameters of its own: the [model] table of each config builds the
     same state dict (names, shapes) under every backend, and mamba-ssm.toml the same as mamba-torch.toml."""
-    cfg = ModelConfig.from_toml(CONFIGS / f"{name}.toml")
-    ref = build_model(ModelConfig.from_toml(CONFIGS / f"{torch_name}.toml"), N_MELS, 5).state_dict()
+    cfg = model_config(CONFIGS / f"{name}.toml")
+    ref = build_model(model_config(CONFIGS / f"{torch_name}.toml"), N_MELS, 5).state_dict()
     want = {k: v.shape for k, v in ref.items()}
     backends = ["torch", "auto"] + (["mamba_ssm"] if mamba_ssm_available() is None else [])
     backends += ["triton"] if triton_scan_available() is None else []

@@ -256,7 +256,7 @@ def _epoch_keys(d, world, workers, mmap, **kw) -> tuple[list[str], list[dict]]:
 
 @pytest.fixture(scope="module")
 def corrupt_shards(tmp_path_factory):
-    """Regression (issue 10.3): 4 KiB of random bytes inside a .mel.npy payload in the middle of a
+    """4 KiB of random bytes inside a .mel.npy payload in the middle of a
     shard; a truncated shard beside it. Returns (dir, corrupt key, clean copy)."""
     root = tmp_path_factory.mktemp("corrupt")
     clean = make_shards(root / "clean", [6, 9, 5], seed=6, mean_frames=120)

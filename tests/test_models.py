@@ -10,9 +10,19 @@ import torch
 
 from spkr.config import ConfigError
 from spkr.models import BackendUnavailable, ModelConfig, build_model, mamba_ssm_available
-from spkr.models.classifier import AAMHead, reverse_index, reverse_within_length
+from spkr.models.classifier import AAMHead, reverse_index
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def model_config(path) -> ModelConfig:
+    """The [model] table of a config file (or bundled name), read the way spkr.train reads --config."""
+    from spkr.run.configs import load_configs
+    from spkr.train import parse_args
+
+    return load_configs(parse_args(["--shards", "x", "--config", str(path)]))[0]
+
+
 N_MELS, N_CLASSES = 20, 7
 
 
@@ -96,13 +106,13 @@ def test_output_lengths_match_frontend(sub):
         assert x.shape[1] == -(-T // sub)
 
 
-def test_reverse_within_length():
-    lengths = torch.tensor([3, 5, 1])
-    idx = reverse_index(lengths, 5)
+def test_reverse_reverses_each_row_within_its_length():
+    from spkr.models.classifier import _reverse, reverse_rows
+
+    rows = reverse_rows(torch.tensor([3, 5, 1]), 5)
     x = torch.arange(15.0).view(3, 5, 1)
-    r = reverse_within_length(x, idx)[..., 0]
-    assert r.tolist() == [[2, 1, 0, 3, 4], [9, 8, 7, 6, 5], [10, 11, 12, 13, 14]]
-    assert torch.equal(reverse_within_length(reverse_within_length(x, idx), idx), x)
+    assert _reverse(x, rows)[..., 0].tolist() == [[2, 1, 0, 3, 4], [9, 8, 7, 6, 5], [10, 11, 12, 13, 14]]
+    assert torch.equal(_reverse(_reverse(x, rows), rows), x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -114,7 +124,7 @@ def test_layer_reversal_matches_gather_with_gradients(dtype):
     lengths = torch.tensor([7, 3, 1, 7])
     x = torch.randn(4, 7, 5).to(dtype).requires_grad_()
     w = torch.randn(4, 7, 5).to(dtype)
-    want = reverse_within_length(x, reverse_index(lengths, 7))
+    want = torch.gather(x, 1, reverse_index(lengths, 7).unsqueeze(-1).expand_as(x))
     got = _reverse(x, reverse_rows(lengths, 7))
     assert torch.equal(got, want)
     (g_got,), (g_want,) = (torch.autograd.grad((t * w).sum(), x) for t in (got, want))
@@ -166,19 +176,19 @@ def test_backend_selection():
 
 def test_config_files_load_and_reject_unknown_keys(tmp_path):
     for name in ["mamba-ssm", "mamba-torch", "mamba2-torch", "transformer", "tiny"]:
-        cfg = ModelConfig.from_toml(ROOT / "configs" / f"{name}.toml")
+        cfg = model_config(ROOT / "configs" / f"{name}.toml")
         assert cfg.arch in ("mamba", "mamba2", "transformer")
-    assert ModelConfig.from_toml(ROOT / "configs" / "mamba-ssm.toml").backend == "mamba_ssm"
+    assert model_config(ROOT / "configs" / "mamba-ssm.toml").backend == "mamba_ssm"
     bad = tmp_path / "bad.toml"
     bad.write_text('[model]\narch = "mamba"\nd_modle = 64\n')
     with pytest.raises(ConfigError, match="d_modle"):
-        ModelConfig.from_toml(bad)
+        model_config(bad)
     bad.write_text('[model]\nd_model = "big"\n')
     with pytest.raises(ConfigError, match="d_model"):
-        ModelConfig.from_toml(bad)
+        model_config(bad)
     bad.write_text('[model]\narch = "lstm"\n')
     with pytest.raises(ConfigError, match="arch"):
-        ModelConfig.from_toml(bad)
+        model_config(bad)
 
 
 @pytest.mark.parametrize("arch", ["mamba", "mamba2", "transformer"])
@@ -198,7 +208,7 @@ def test_bf16_autocast_close_to_fp32(arch):
 @pytest.mark.slow
 def test_tiny_config_compiles_and_matches_eager():
     torch._dynamo.reset()
-    cfg = ModelConfig.from_toml(ROOT / "configs" / "tiny.toml")
+    cfg = model_config(ROOT / "configs" / "tiny.toml")
     cfg = dataclasses.replace(cfg, backend="torch")
     torch.manual_seed(0)
     model = build_model(cfg, N_MELS, N_CLASSES).eval()
@@ -221,7 +231,7 @@ def test_no_graph_breaks_in_model():
 
 @pytest.mark.parametrize("config", sorted(p.stem for p in (ROOT / "configs").glob("*.toml")))
 def test_param_groups_decay_only_projection_weights(config):
-    """Issue 13: the model owns its AdamW groups. Every trainable parameter is in exactly one group;
+    """The model owns its AdamW groups. Every trainable parameter is in exactly one group;
     norms, biases and Mamba's A_log / D / dt_bias (Mamba-1's A_log is 2-D) are not decayed, projection
     and conv weights are; an AdamW step with zero gradients leaves the no-decay ones unchanged and
     shrinks the decayed ones by (1 - lr * weight_decay)."""
@@ -229,7 +239,7 @@ def test_param_groups_decay_only_projection_weights(config):
 
     from spkr.models.classifier import RMSNorm
 
-    cfg = ModelConfig.from_toml(ROOT / "configs" / f"{config}.toml")
+    cfg = model_config(ROOT / "configs" / f"{config}.toml")
     if cfg.arch != "transformer":
         cfg = dataclasses.replace(cfg, backend="torch")  # mamba_ssm needs CUDA; same parameters
     torch.manual_seed(0)

@@ -212,7 +212,7 @@ def test_pickle_members_are_refused_never_loaded(tmp_path, ext):
 
 @pytest.mark.parametrize("use_mmap", [True, False])
 def test_payload_corruption_fails_the_checksum(tmp_path, use_mmap):
-    """Regression (issue 10.3): bytes changed inside a .mel.npy payload parse fine (same size, valid
+    """Bytes changed inside a .mel.npy payload parse fine (same size, valid
     float16), so only the per-sample checksum can see them; it is on by default in both read paths."""
     info = _corrupt_case(tmp_path, "none")
     path = tmp_path / info.name

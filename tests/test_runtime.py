@@ -1,4 +1,5 @@
-"""spkr.runtime: the huge-page allocator setting is opt-in and only set before torch is imported."""
+"""spkr.runtime: the huge-page allocator setting is opt-in and only set before torch is imported; the
+rank / world size of torchrun's environment."""
 
 from __future__ import annotations
 
@@ -27,3 +28,18 @@ def test_hugepages_opt_in(env, first, expect):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expect
+
+
+def test_env_rank_world(monkeypatch):
+    from spkr.runtime import env_rank_world
+    from spkr.stream import default_rank_world
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert env_rank_world() == default_rank_world() == (0, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert env_rank_world() == default_rank_world() == (3, 4)  # no process group: the environment
+    monkeypatch.setenv("WORLD_SIZE", "four")
+    with pytest.raises(ValueError, match="WORLD_SIZE='four' is not an integer"):
+        env_rank_world()

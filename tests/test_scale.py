@@ -43,50 +43,27 @@ def small_shards(tmp_path_factory) -> Path:
 
 
 def test_corpus_and_manifest_breakdown(small_shards):
-    probe = bench.manifest_probe(str(small_shards), repeats=1)
-    data = json.loads((small_shards / "manifest.json").read_text())
-    shards = data["splits"]["train"]["shards"]
-    assert [s["num_samples"] for s in shards] == [201, 200, 200, 200, 200]
-    assert probe["manifest_bytes"] == (small_shards / "manifest.json").stat().st_size
-    # what the loaded manifest holds per sample: one packed array per number and the keys' UTF-8
-    # with their ends; no Python object per sample (no "objects"/"list pointers")
-    br = probe["breakdown"]
-    keys = [k for s in shards for k in s["keys"]]
-    assert br["keys: buffer"] == sum(len(k.encode()) + 1 for k in keys) - len(shards)
-    # the smallest unsigned dtype: frames 2..8, labels < 40 (1 byte), offsets < 2**32, key ends < 2**16
-    assert br["frames: array"] == br["labels: array"] == 1001
-    assert (br["keys: ends"], br["offsets: array"], br["checksums: array"]) == (1001 * 2, 1001 * 4, 1001 * 8)
-    packed = [f"{f}: array" for f in ("frames", "labels", "offsets", "checksums")] + [
-        "keys: buffer",
-        "keys: ends",
-    ]
-    assert sorted(br) == sorted(packed)
-    assert probe["held_bytes"] < 1001 * 100, probe["held_bytes"]  # the lists of ints and strs: ~200
-
-
-def test_index_view_holds_the_same_shards_mapped(small_shards):
-    """The version-3 view of the corpus: the same dataset, per-sample fields mapped from index files
-    (no heap bytes per sample in the breakdown), measured by a tree that reads version 3."""
+    """The corpus is a shard set as spkr writes it: the per-sample fields are mapped from the index
+    files, so the loaded manifest holds no Python object (and no heap bytes) per sample."""
     from spkr.shards.format import Manifest
 
-    view = bench.index_view(small_shards)
-    assert bench.shards_for(small_shards, str(bench.REPO)) == view
-    assert Manifest.load(str(view)).dataset_id == Manifest.load(str(small_shards)).dataset_id
-    probe = bench.manifest_probe(str(view), repeats=1)
-    assert probe["index_bytes"] == sum(p.stat().st_size for p in (view / "index").iterdir()) > 1001 * 16
-    no_lists = (small_shards / "manifest.json").stat().st_size / 5  # the JSON without per-sample lists
-    assert probe["manifest_bytes"] < no_lists
-    assert all(name.endswith("(mapped)") for name in probe["breakdown"]), probe["breakdown"]
+    probe = bench.manifest_probe(str(small_shards), repeats=1)
+    shards = Manifest.load(str(small_shards)).split("train").shards
+    assert [s.num_samples for s in shards] == [201, 200, 200, 200, 200]
+    assert probe["manifest_bytes"] == (small_shards / "manifest.json").stat().st_size
+    index = small_shards / "index"
+    assert probe["index_bytes"] == sum(p.stat().st_size for p in index.iterdir()) > 1001 * 16
     br = probe["breakdown"]
+    assert all(name.endswith("(mapped)") for name in br), br
+    # the smallest unsigned dtype: frames 2..8 (1 byte); checksums 8 bytes
     assert (br["frames: array (mapped)"], br["checksums: array (mapped)"]) == (1001, 1001 * 8)
+    assert probe["held_bytes"] < 1001 * 100, probe["held_bytes"]
 
 
 def test_exactly_once_check_fails_on_a_repeated_or_lost_key(small_shards, tmp_path):
-    keys = [
-        k
-        for s in json.loads((small_shards / "manifest.json").read_text())["splits"]["train"]["shards"]
-        for k in s["keys"]
-    ]
+    from spkr.shards.format import Manifest
+
+    keys = [k for s in Manifest.load(str(small_shards)).split("train").shards for k in s.keys]
     per_rank = {r: {"plan": 1, "dropped": 1} for r in (0, 1)}
 
     def logs(rank0: list[str], rank1: list[str]) -> dict:

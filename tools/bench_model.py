@@ -33,6 +33,8 @@ import torch  # noqa: E402
 
 from spkr.models import ModelConfig, build_model  # noqa: E402
 from spkr.models.mamba import Mamba1, Mamba2  # noqa: E402
+from spkr.run.configs import load_configs  # noqa: E402
+from spkr.train import parse_args  # noqa: E402
 
 
 def timeit(fn, repeats: int, check=None) -> float:
@@ -115,6 +117,9 @@ def scan_fwd_bwd(inputs):
     return run
 
 
+LAYER_TS = [256, 1024, 4096]  # section [1]'s sequence lengths
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
@@ -122,36 +127,53 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: per core)")
     ap.add_argument("--layer-only", action="store_true", help="run section [1] (one layer, vs mambapy) only")
     args = ap.parse_args()
-    # One thread by default: on this 2-core machine OpenMP-split small ops are many times slower, which
+    # One thread by default: on a small machine OpenMP-split small ops are many times slower, which
     # distorts ratios between implementations with different op sizes.
     torch.set_num_threads(args.threads)
-    R = args.repeats
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {R} repeats")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {args.repeats} repeats")
     print(f"allocator: {runtime.describe()}\n")
     b, dm = 8, 128
-
-    # -- 1. one layer, per-frame cost at T = 256, 1024, 4096
-    Ts = [256, 1024, 4096]
     ours = Mamba1(dm, d_state=16, backend="torch")
     m2 = Mamba2(dm, d_state=64, headdim=32, backend="torch")
+    rows, first_compile = time_layers(ours, m2, b, args)
+    print_layers(rows, first_compile, b, dm)
+    if args.layer_only:
+        return
+    print_linearity(ours, m2, b, args.repeats + 2)
+    print_whole_models(dm, args.repeats)
+    if not args.quick:
+        print_recompiles()
+
+
+def mambapy_peers(ours: Mamba1):
+    """mambapy's MambaBlock with ``ours``' weights, parallel scan and sequential loop; (None, None)
+    without mambapy."""
     try:
         from mambapy.mamba import MambaBlock, MambaConfig
-
-        peer = MambaBlock(MambaConfig(d_model=dm, n_layers=1, pscan=True))
-        peer.load_state_dict(ours.state_dict())  # same weights
-        peer_seq = MambaBlock(MambaConfig(d_model=dm, n_layers=1, pscan=False))
-        peer_seq.load_state_dict(ours.state_dict())
     except ImportError:
-        peer = peer_seq = None
+        return None, None
+    peers = []
+    for pscan in (True, False):
+        peer = MambaBlock(MambaConfig(d_model=ours.d_model, n_layers=1, pscan=pscan))
+        peer.load_state_dict(ours.state_dict())  # same weights
+        peers.append(peer)
+    return peers[0], peers[1]
+
+
+def time_layers(ours: Mamba1, m2: Mamba2, b: int, args) -> tuple[dict[str, dict[int, float]], dict]:
+    """[1]: {row name: {T: seconds}} of one layer's fwd+bwd, every baseline checked against the fast
+    path; and the first-call times of torch.compile by T."""
+    R = args.repeats
+    peer, peer_seq = mambapy_peers(ours)
     comp = None
     if not args.quick:
         torch._dynamo.reset()
         comp = torch.compile(ours)
     rows: dict[str, dict[int, float]] = {}
     first_compile = {}
-    for T in Ts:
-        u = torch.randn(b, T, dm, requires_grad=True)
+    for T in LAYER_TS:
+        u = torch.randn(b, T, ours.d_model, requires_grad=True)
         # the fast path's output and gradients (from its warm-up call), which every baseline must match
         want = []
         rows.setdefault("ours chunked (eager)", {})[T] = timeit(fwd_bwd(ours, u), R, want.extend)
@@ -169,7 +191,7 @@ def main() -> None:
             rows.setdefault("ours sequential reference", {})[T] = timeit(
                 fwd_bwd(ours, u, scan="ref"), R, check
             )
-            # its backward is quadratic in T: ~3 min per run at T=1024 here, so only T=256 (all sides alike)
+            # its backward is quadratic in T: minutes per run at T=1024, so only T=256 (all sides alike)
             if peer_seq is not None and T <= 256:
                 check = same_as(want, f"mamba-minimal loop T={T}")
                 rows.setdefault("mambapy pscan=False, mamba-minimal loop", {})[T] = timeit(
@@ -178,6 +200,12 @@ def main() -> None:
         # a different layer (not the same work, not checked): for information
         rows.setdefault("ours Mamba-2 SSD chunked (eager, info)", {})[T] = timeit(fwd_bwd(m2, u), R)
         del u, want
+    return rows, first_compile
+
+
+def print_layers(rows: dict[str, dict[int, float]], first_compile: dict, b: int, dm: int) -> None:
+    """[1]'s table and the speed-ups against its targets."""
+    Ts = LAYER_TS
     fast = rows["ours chunked (eager)"]
     print(f"[1] one layer fwd+bwd, batch {b}, d_model {dm}: microseconds per frame (batch x T), and time")
     print("    relative to our eager fast path at the same T")
@@ -214,23 +242,24 @@ def main() -> None:
     if peer_t:
         print(f"    => mambapy pscan cost T=4096 / T=1024:         {peer_t[4096] / peer_t[1024]:6.2f}x")
 
-    if args.layer_only:
-        return
-    # -- 2. linearity: T=1024 and T=4096 runs alternate, best of each (noise only ever adds time)
-    T = 1024
+
+def print_linearity(ours: Mamba1, m2: Mamba2, b: int, rounds: int) -> None:
+    """[2]: T=1024 and T=4096 runs alternate, best of each (noise only ever adds time)."""
+    T, dm = 1024, ours.d_model
     u = torch.randn(b, T, dm, requires_grad=True)
     u4 = torch.randn(b, 4 * T, dm, requires_grad=True)
-    print(f"\n[2] cost(T=4096) / cost(T=1024), fwd+bwd, best of {R + 2} alternating runs (ideal 4x)")
+    print(f"\n[2] cost(T=4096) / cost(T=1024), fwd+bwd, best of {rounds} alternating runs (ideal 4x)")
     for name, layer in (("Mamba-1 layer, fast path", ours), ("Mamba-2 layer (SSD chunked)", m2)):
-        t1, t4 = linearity(fwd_bwd(layer, u), fwd_bwd(layer, u4), R + 2)
+        t1, t4 = linearity(fwd_bwd(layer, u), fwd_bwd(layer, u4), rounds)
         target = "   (target <= 4.5)" if layer is ours else ""
         print(f"    {name:<40s} {t4 / t1:5.2f}x{target}")
     scan1, scan4 = scan_inputs(b, T, ours), scan_inputs(b, 4 * T, ours)
-    t1, t4 = linearity(scan_fwd_bwd(scan1), scan_fwd_bwd(scan4), R + 2)
+    t1, t4 = linearity(scan_fwd_bwd(scan1), scan_fwd_bwd(scan4), rounds)
     print(f"    {'Mamba-1 selective scan alone':<40s} {t4 / t1:5.2f}x")
-    del u4, scan1, scan4
 
-    # -- 3. whole models at T=4096
+
+def print_whole_models(dm: int, R: int) -> None:
+    """[3]: whole classifiers at T=4096, relative to the transformer."""
     bm, Tm, n_mels = 2, 4096, 80
     common = dict(d_model=dm, n_layers=4, frontend_channels=[128], subsample=1, dropout=0.0, head="softmax")
     models = {
@@ -254,27 +283,26 @@ def main() -> None:
     for name, (t, n) in times.items():
         print(f"    {name:<25s} {n / 1e6:5.2f}M params   time {t / base:5.2f}x")
 
-    # -- 4. recompiles
-    if not args.quick:
-        print(
-            "\n[4] torch.compile recompiles over T in [200, 256, 300, 384, 512] (tiny model, dynamo graphs)"
-        )
-        cfg = ModelConfig.from_toml(Path(__file__).resolve().parents[1] / "configs" / "tiny.toml")
-        model = build_model(cfg, n_mels, 10).eval()
-        for dyn in (None, True):
-            torch._dynamo.reset()
-            n_graphs = 0
 
-            def backend(gm, example_inputs):
-                nonlocal n_graphs
-                n_graphs += 1
-                return gm.forward
+def print_recompiles(n_mels: int = 80) -> None:
+    """[4]: dynamo graph compiles of the tiny config over a few T, dynamic=None vs dynamic=True."""
+    print("\n[4] torch.compile recompiles over T in [200, 256, 300, 384, 512] (tiny model, dynamo graphs)")
+    cfg = load_configs(parse_args(["--shards", "x", "--config", "tiny"]))[0]
+    model = build_model(cfg, n_mels, 10).eval()
+    for dyn in (None, True):
+        torch._dynamo.reset()
+        n_graphs = 0
 
-            comp = torch.compile(model, backend=backend, dynamic=dyn)
-            with torch.no_grad():
-                for Tx in [200, 256, 300, 384, 512]:
-                    comp(torch.randn(2, Tx, n_mels), torch.tensor([Tx, Tx // 2]))
-            print(f"    dynamic={dyn!s:<5s}: {n_graphs} graph compiles for 5 distinct T")
+        def backend(gm, example_inputs):
+            nonlocal n_graphs
+            n_graphs += 1
+            return gm.forward
+
+        comp = torch.compile(model, backend=backend, dynamic=dyn)
+        with torch.no_grad():
+            for Tx in [200, 256, 300, 384, 512]:
+                comp(torch.randn(2, Tx, n_mels), torch.tensor([Tx, Tx // 2]))
+        print(f"    dynamic={dyn!s:<5s}: {n_graphs} graph compiles for 5 distinct T")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,9 @@ Per scale ``s`` it writes (once, reused while its ``spec.json`` matches) ``round
 in ``round(280 s)`` shards over 2,418 classes to ``<work>/x<s>/`` with the real writer
 (``spkr.shards.writer.write_shard`` + ``build_manifest``; ``--spkr-src`` measures another spkr tree, e.g.
 ``git archive HEAD spkr | tar -x -C DIR``): short synthetic features (``--min-frames``..
-``--max-frames`` frames x 80 mels, float16), so that 10x still fits on disk. ``x<s>/manifest.json``
-is a version-2 manifest (per-sample lists inline: every spkr reads it); when the writing spkr has
-index files (manifest version 3), ``x<s>-v3/`` holds the same shard set's version-3 manifest and
-``index/`` (its split folder a symlink to ``x<s>/``'s), and a measured spkr tree that reads version 3
-is measured on that. Then, per repeat:
+``--max-frames`` frames x 80 mels, float16), so that 10x still fits on disk; the manifest and its
+index files are written as ``spkr.tools.shard`` writes them (``spkr.shards.writer.write_manifest``).
+Then, per repeat:
 
 * manifest: bytes on disk (+ index files'); ``Manifest.load`` (read + JSON + validate) times, in a fresh interpreter;
   the RSS its first load adds (what a rank keeps: the heap is not given back), the bytes the loaded
@@ -116,13 +114,11 @@ def write_corpus(out: Path, spec: CorpusSpec) -> dict:
     from spkr.features import FeatureConfig
     from spkr.shards.format import shard_name
     from spkr.shards.stats import RunningStats
-    from spkr.shards.writer import build_manifest, write_bytes_atomic, write_shard
+    from spkr.shards.writer import build_manifest, write_manifest, write_shard
 
     spec_file = out / "spec.json"
     if spec_file.exists() and (out / "manifest.json").exists():
         if json.loads(spec_file.read_text()) == asdict(spec):
-            if not (index_view(out) / "manifest.json").exists():  # written by a spkr without index files
-                _write_index_view(out, json.loads((out / "manifest.json").read_text()))
             return {"reused": True, "write_s": None}
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(spec.seed)
@@ -143,39 +139,9 @@ def write_corpus(out: Path, spec: CorpusSpec) -> dict:
         corpus={"source": "synthetic", "subsets": [], "name": "bench_scale"},
         stats=stats.summary(),
     )
-    write_bytes_atomic(str(out / "manifest.json"), json.dumps(data).encode())
-    _write_index_view(out, data)
+    write_manifest(str(out), data)
     spec_file.write_text(json.dumps(asdict(spec)))
     return {"reused": False, "write_s": time.perf_counter() - t0}
-
-
-def index_view(out: Path) -> Path:
-    """Where write_corpus puts the version-3 manifest of ``out``'s shards."""
-    return out.parent / f"{out.name}-v3"
-
-
-def _write_index_view(out: Path, data: dict) -> None:
-    """``index_view(out)``: the same shards (split folder symlinked) with a version-3 manifest and
-    its index files, when the writing spkr has them."""
-    from spkr.shards import writer
-
-    if not hasattr(writer, "write_manifest"):
-        return
-    view = index_view(out)
-    view.mkdir(parents=True, exist_ok=True)
-    if not (view / SPLIT).is_symlink():
-        (view / SPLIT).symlink_to(out / SPLIT, target_is_directory=True)
-    writer.write_manifest(str(view), data)
-
-
-def shards_for(shards: Path, source: str) -> Path:
-    """The shard set a spkr tree (``source``) is measured on: the version-3 view when that tree reads
-    index files and the view exists, else the version-2 one."""
-    fmt = Path(source) / "spkr" / "shards" / "format.py"
-    view = index_view(shards)
-    if fmt.exists() and "INDEX_FILES" in fmt.read_text() and (view / "manifest.json").exists():
-        return view
-    return shards
 
 
 def shards_bytes(out: Path) -> int:
@@ -431,8 +397,9 @@ def run_data_only(shards: Path, logdir: Path, args) -> dict:
 
 def check_exactly_once(shards: Path, logdir: Path, nproc: int, per_rank: dict) -> dict:
     """Every key of the split once across ranks, except ``N mod world`` dropped; equal steps."""
-    manifest = json.loads((shards / "manifest.json").read_text())
-    split_keys = [k for s in manifest["splits"][SPLIT]["shards"] for k in s["keys"]]
+    from spkr.shards.format import Manifest
+
+    split_keys = [k for s in Manifest.load(str(shards)).split(SPLIT).shards for k in s.keys]
     seen: list[str] = []
     steps = {}
     for r in range(nproc):
@@ -469,15 +436,14 @@ def check_exactly_once(shards: Path, logdir: Path, nproc: int, per_rank: dict) -
 # --------------------------------------------------------------------------- how the split reaches workers
 
 
-def mp_probe(shards: str, context: str, args) -> dict:
-    """Rank 0 of ``args.nproc`` (plan only, no process group) iterated in this process with
-    ``args.workers`` workers started by ``context``; worker memory sampled from a thread."""
+def rank0_loader(shards: str, args, context: str):
+    """Rank 0 of ``args.nproc`` (plan only, no process group): a SpeakerLoader with ``args.workers``
+    workers started by multiprocessing ``context``."""
     import multiprocessing as mp
-    from multiprocessing.reduction import ForkingPickler
 
     from spkr.stream.loader import SpeakerLoader
 
-    loader = SpeakerLoader(
+    return SpeakerLoader(
         shards,
         SPLIT,
         args.batch_size,
@@ -487,6 +453,14 @@ def mp_probe(shards: str, context: str, args) -> dict:
         num_workers=args.workers,
         multiprocessing_context=mp.get_context(context),
     )
+
+
+def mp_probe(shards: str, context: str, args) -> dict:
+    """Rank 0 of ``args.nproc`` (plan only, no process group) iterated in this process with
+    ``args.workers`` workers started by ``context``; worker memory sampled from a thread."""
+    from multiprocessing.reduction import ForkingPickler
+
+    loader = rank0_loader(shards, args, context)
     # what forkserver/spawn send to every worker (fork sends nothing); measured, never loaded
     sent = len(ForkingPickler.dumps(loader.dataset))
     sampler = MemorySampler(lambda: [("rank0", os.getpid())], args.interval)
@@ -557,17 +531,27 @@ def worker_phases(shards: str, args) -> dict:
     Private_Dirty by mapping (:func:`private_dirty_by_mapping`, kB) and what tracemalloc sees it
     hold and peak at (bytes) when it starts iterating, after its plan, and after
     ``WORKER_MARKS`` batches and at the end: where a worker's private memory comes from."""
-    import multiprocessing as mp
     import tempfile
+
+    loader = rank0_loader(shards, args, "fork")
+    with tempfile.TemporaryDirectory(prefix="spkr-phases-") as out_dir:
+        d = loader.dataset
+        loader.dataset = _phases_dataset(out_dir)(
+            d.base, d.shards, plan_args=d.plan_args, collate=d.collate, reader_kwargs=d.reader_kwargs
+        )
+        steps = sum(1 for _ in loader)
+        workers = {p.stem: json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("worker*.json"))}
+    return {"steps": steps, "workers": workers}
+
+
+def _phases_dataset(out_dir: str) -> type:
+    """A ShardDataset whose workers record their memory at each phase (:func:`worker_phases`) into
+    ``<out_dir>/worker<id>.json``."""
     import tracemalloc
 
     from torch.utils.data import get_worker_info
 
     from spkr.stream import dataset as ds
-    from spkr.stream.loader import SpeakerLoader
-
-    tmp = tempfile.TemporaryDirectory(prefix="spkr-phases-")
-    out_dir = tmp.name
 
     class Phases(ds.ShardDataset):
         def __iter__(self):
@@ -598,24 +582,7 @@ def worker_phases(shards: str, args) -> dict:
             tracemalloc.stop()
             Path(out_dir, f"worker{worker}.json").write_text(json.dumps(marks))
 
-    loader = SpeakerLoader(
-        shards,
-        SPLIT,
-        args.batch_size,
-        seed=args.seed,
-        rank=0,
-        world_size=args.nproc,
-        num_workers=args.workers,
-        multiprocessing_context=mp.get_context("fork"),
-    )
-    d = loader.dataset
-    loader.dataset = Phases(
-        d.base, d.shards, plan_args=d.plan_args, collate=d.collate, reader_kwargs=d.reader_kwargs
-    )
-    steps = sum(1 for _ in loader)
-    with tmp:
-        workers = {p.stem: json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("worker*.json"))}
-    return {"steps": steps, "workers": workers}
+    return Phases
 
 
 def run_worker_phases(shards: Path, args) -> dict:
@@ -691,14 +658,13 @@ def measure_scale(scale: float, repeat: int, args) -> dict:
     shards = Path(args.work).resolve() / f"x{scale:g}"
     written = write_corpus(shards, spec)
     logdir = shards.parent / f"keys-x{scale:g}-run{repeat}"
-    measured = shards_for(shards, SPKR_SRC[0])
-    manifest = run_manifest_probe(measured)
-    data = run_data_only(measured, logdir, args)
+    manifest = run_manifest_probe(shards)
+    data = run_data_only(shards, logdir, args)
     once = check_exactly_once(shards, logdir, args.nproc, data["per_rank"])
     return {
         "scale": scale,
         "repeat": repeat,
-        "shards": str(measured),
+        "shards": str(shards),
         "spec": asdict(spec),
         "write": {**written, "shards_bytes": shards_bytes(shards)},
         "manifest": manifest,
@@ -773,7 +739,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe_phases:  # internal: run in a fresh interpreter by run_worker_phases
         print(json.dumps(worker_phases(args.probe_phases, args)))
         return 0
-    sources = compared_sources(args)
+    result = measure(args, compared_sources(args))
+    print_report(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0 if all(r["exactly_once"]["ok"] for r in result["rows"]) else 1
+
+
+def corpus_at(scale: float, args) -> Path:
+    """The shards of ``scale`` under ``--work`` (written unless already there)."""
+    shards = Path(args.work).resolve() / f"x{scale:g}"
+    write_corpus(shards, CorpusSpec.scaled(scale, args.min_frames, args.max_frames))
+    return shards
+
+
+def measure(args, sources: dict[str, str]) -> dict:
+    """Every run the arguments ask for, each spkr tree of ``sources`` in turn: ``{"rows": data-only
+    runs, "growth": {label: growth(...)}, "mp": --mp-contexts runs, "phases": --worker-phases runs}``."""
     rows = []
     for scale in [float(s) for s in args.scales.split(",") if s]:
         for repeat in range(args.repeats):
@@ -789,28 +771,24 @@ def main(argv: list[str] | None = None) -> int:
         mine = [r for r in rows if r["src_label"] == label]
         result["growth"][label] = growth(mine) if mine else {}
     for ctx in [c for c in args.mp_contexts.split(",") if c]:
-        spec = CorpusSpec.scaled(args.mp_scale, args.min_frames, args.max_frames)
-        shards = Path(args.work).resolve() / f"x{args.mp_scale:g}"
-        write_corpus(shards, spec)
+        shards = corpus_at(args.mp_scale, args)
         for label, source in sources.items():
             SPKR_SRC[0] = source
-            result["mp"].append(
-                {
-                    "src_label": label,
-                    "scale": args.mp_scale,
-                    **run_mp_probe(shards_for(shards, source), ctx, args),
-                }
-            )
+            probe = run_mp_probe(shards, ctx, args)
+            result["mp"].append({"src_label": label, "scale": args.mp_scale, **probe})
     for scale in [float(x) for x in args.worker_phases.split(",") if x]:
-        spec = CorpusSpec.scaled(scale, args.min_frames, args.max_frames)
-        shards = Path(args.work).resolve() / f"x{scale:g}"
-        write_corpus(shards, spec)
+        shards = corpus_at(scale, args)
         for label, source in sources.items():
             SPKR_SRC[0] = source
-            phases = run_worker_phases(shards_for(shards, source), args)
+            phases = run_worker_phases(shards, args)
             result["phases"].append({"src_label": label, "scale": scale, **phases})
-    if rows:
-        print_table(rows)
+    return result
+
+
+def print_report(result: dict) -> None:
+    """The table of :func:`measure`'s runs, the growth lines, and one line per mp / phases run."""
+    if result["rows"]:
+        print_table(result["rows"])
         print("\ngrowth (least squares over all runs; value at 10x LibriSpeech-960):")
         for label, figures in result["growth"].items():
             for name, g in figures.items():
@@ -838,9 +816,6 @@ def main(argv: list[str] | None = None) -> int:
                     for m in marks
                 )
             )
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return 0 if all(r["exactly_once"]["ok"] for r in rows) else 1
 
 
 if __name__ == "__main__":

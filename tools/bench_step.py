@@ -41,6 +41,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from spkr.models import ModelConfig, build_model  # noqa: E402
+from spkr.run.configs import load_configs  # noqa: E402
+from spkr.train import parse_args  # noqa: E402
 
 N_MELS, N_CLASSES = 80, 100
 # (module file, name it is imported under, {text in the baseline source: replacement}); every
@@ -85,7 +87,9 @@ def load_baseline(rev: str) -> types.ModuleType:
 
 
 def model_config(name: str) -> ModelConfig:
-    return ModelConfig.from_toml(ROOT / "spkr" / "configs" / f"{name}.toml")
+    """The [model] table of bundled config ``name`` (or a config file), read the way spkr.train reads
+    --config."""
+    return load_configs(parse_args(["--shards", "x", "--config", name]))[0]
 
 
 class Side:

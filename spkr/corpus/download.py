@@ -185,45 +185,15 @@ def download_file(
     with _progress(progress) as bar:
         task = bar.add_task(description or Path(str(dest)).name, total=None)
         while True:
-            offset = part.stat().st_size if part.exists() else 0
-            headers = {"Range": f"bytes={offset}-"} if offset else {}
             try:
-                with sess.get(url, headers=headers, stream=True, timeout=timeout) as r:
-                    if r.status_code == 416 and offset:
-                        total = _content_range_total(r.headers.get("Content-Range"))
-                        if total is not None and total == offset:
-                            return part  # already complete
-                        part.unlink()  # inconsistent part: start over
-                        attempt += 1
-                        if attempt > retries:
-                            raise DownloadError(f"{url}: server rejects resuming at byte {offset}")
-                        continue
-                    if r.status_code not in (200, 206):
-                        raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}")
-                    start = 0
-                    total = None
-                    if r.status_code == 206:
-                        start, total = _content_range(r.headers.get("Content-Range"))
-                        if start != offset:
-                            start = 0
-                            part.unlink(missing_ok=True)
-                            raise _Restart()
-                    elif "Content-Length" in r.headers:
-                        total = int(r.headers["Content-Length"])
-                    # 200: the server ignored Range -> write from scratch
-                    mode = "ab" if r.status_code == 206 else "wb"
-                    bar.update(task, total=total, completed=start)
-                    with open(part, mode) as f:
-                        for block in r.iter_content(chunk_size=_CHUNK):
-                            if block:
-                                f.write(block)
-                                bar.advance(task, len(block))
-                    size = part.stat().st_size
-                    if total is not None and size != total:
-                        raise requests.ConnectionError(f"truncated: {size} of {total} bytes")
-                    return part
-            except _Restart:
-                continue
+                _fetch_part(sess, url, part, timeout, bar, task)
+                return part
+            except _Restart as e:
+                if e.rejected_at is None:
+                    continue
+                attempt += 1
+                if attempt > retries:
+                    raise DownloadError(f"{url}: server rejects resuming at byte {e.rejected_at}") from None
             except (
                 requests.ConnectionError,
                 requests.Timeout,
@@ -239,7 +209,50 @@ def download_file(
 
 
 class _Restart(Exception):
-    pass
+    """Start the download over (the part was deleted). ``rejected_at``: the server refused to resume at
+    that byte (a 416 for a part that is not the whole file), which counts as a retry."""
+
+    def __init__(self, rejected_at: int | None = None):
+        super().__init__(rejected_at)
+        self.rejected_at = rejected_at
+
+
+def _fetch_part(sess: requests.Session, url: str, part: Path, timeout: float, bar, task) -> None:
+    """One GET of ``url`` from the size of ``part`` on, appended to it (or written afresh when the server
+    sends the whole file); returns when ``part`` is complete. A connection error, or a body shorter than
+    announced (a ConnectionError), leaves what arrived in ``part``."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    with sess.get(url, headers=headers, stream=True, timeout=timeout) as r:
+        if r.status_code == 416 and offset:
+            if _content_range_total(r.headers.get("Content-Range")) == offset:
+                return  # already complete
+            part.unlink()  # inconsistent part: start over
+            raise _Restart(rejected_at=offset)
+        if r.status_code not in (200, 206):
+            raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}")
+        start, total = _response_range(r, offset, part)
+        bar.update(task, total=total, completed=start)
+        with open(part, "ab" if r.status_code == 206 else "wb") as f:  # 200: the server ignored Range
+            for block in r.iter_content(chunk_size=_CHUNK):
+                if block:
+                    f.write(block)
+                    bar.advance(task, len(block))
+        size = part.stat().st_size
+        if total is not None and size != total:
+            raise requests.ConnectionError(f"truncated: {size} of {total} bytes")
+
+
+def _response_range(r: requests.Response, offset: int, part: Path) -> tuple[int, int | None]:
+    """(first byte, total size or None) of a 200/206 response; a 206 that does not start at ``offset``
+    deletes ``part`` and restarts the download."""
+    if r.status_code != 206:
+        return 0, (int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None)
+    start, total = _content_range(r.headers.get("Content-Range"))
+    if start != offset:
+        part.unlink(missing_ok=True)
+        raise _Restart()
+    return start, total
 
 
 def _content_range(value: str | None) -> tuple[int, int | None]:
@@ -366,7 +379,7 @@ def download_openslr(
         md5s, sha256s = KNOWN_MD5, KNOWN_SHA256
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    sess = session or requests.Session()
+    fetch = dict(session=session or requests.Session(), retries=retries, timeout=timeout, progress=progress)
     out = []
     for subset in expand_subsets(subsets):
         final = dest / "LibriSpeech" / subset
@@ -375,39 +388,31 @@ def download_openslr(
             out.append(final)
             continue
         url = f"{base_url.rstrip('/')}/{subset}.tar.gz"
-        archive = dest / f"{subset}.tar.gz"
         expected = _expected_digests(subset, md5s, sha256s)
-        if archive.exists():
-            candidate = archive
-            _log(f"{subset}: verifying existing {archive}", progress)
-        else:
-            candidate = download_file(
-                url,
-                archive,
-                session=sess,
-                retries=retries,
-                timeout=timeout,
-                progress=progress,
-                description=subset,
-            )
-        got = _verify_archive(candidate, subset, url, expected, progress)
-        if candidate != archive:
-            os.replace(candidate, archive)
-        _log(f"{subset}: extracting {archive.name}", progress)
-        final = extract_subset(archive, dest, subset)
-        _write_marker(
-            final,
-            {
-                "subset": subset,
-                "url": url,
-                "md5": got["md5"],
-                "sha256": got["sha256"],
-                "verified": bool(expected),
-                "verified_with": sorted(expected),
-            },
-        )
-        if not keep_archive:
-            archive.unlink()
-        _log(f"[green]{subset}: done[/] ({final})", progress)
-        out.append(final)
+        out.append(_install_subset(subset, dest, url, expected, keep_archive=keep_archive, fetch=fetch))
     return out
+
+
+def _install_subset(
+    subset: str, dest: Path, url: str, expected: dict, *, keep_archive: bool, fetch: dict
+) -> Path:
+    """One subset of :func:`download_openslr`: the archive (an existing ``<subset>.tar.gz``, else
+    downloaded with ``fetch``, :func:`download_file`'s options) verified, extracted, marked complete."""
+    progress = fetch["progress"]
+    archive = dest / f"{subset}.tar.gz"
+    if archive.exists():
+        candidate = archive
+        _log(f"{subset}: verifying existing {archive}", progress)
+    else:
+        candidate = download_file(url, archive, description=subset, **fetch)
+    got = _verify_archive(candidate, subset, url, expected, progress)
+    if candidate != archive:
+        os.replace(candidate, archive)
+    _log(f"{subset}: extracting {archive.name}", progress)
+    final = extract_subset(archive, dest, subset)
+    marker = {"subset": subset, "url": url, "md5": got["md5"], "sha256": got["sha256"]}
+    _write_marker(final, {**marker, "verified": bool(expected), "verified_with": sorted(expected)})
+    if not keep_archive:
+        archive.unlink()
+    _log(f"[green]{subset}: done[/] ({final})", progress)
+    return final

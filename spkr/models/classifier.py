@@ -43,11 +43,6 @@ def reverse_index(lengths: torch.Tensor, T: int) -> torch.Tensor:
     return torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
 
 
-def reverse_within_length(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, T, C) reversed per row with an index from :func:`reverse_index`."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand_as(x))
-
-
 def utterance_mean_norm(mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """mel (B, T, F) minus each utterance's mean over its valid frames, per mel bin (cepstral mean
     normalisation in the log-mel domain: a fixed channel EQ is a per-bin offset there); padded frames

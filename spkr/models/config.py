@@ -1,11 +1,11 @@
-"""ModelConfig: the ``[model]`` table of a config file (see configs/*.toml)."""
+"""ModelConfig: the ``[model]`` table of a config file (see configs/*.toml; read by
+:func:`spkr.run.configs.load_configs`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from spkr.config import ConfigError, check_fields, from_dict, in_range, load_toml
+from spkr.config import check_fields, in_range
 
 ARCHS = ("mamba", "mamba2", "transformer")
 BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
@@ -101,11 +101,3 @@ class ModelConfig:
     @property
     def resolved_dt_rank(self) -> int:
         return self.dt_rank or -(-self.d_model // 16)
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> ModelConfig:
-        """The ``[model]`` table of a TOML file (unknown keys rejected, naming the file)."""
-        data = load_toml(path)
-        if "model" not in data:
-            raise ConfigError(f"{path}: no [model] table")
-        return from_dict(cls, data["model"], f"{path} [model]")

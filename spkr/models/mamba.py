@@ -125,7 +125,7 @@ class _CausalConv(torch.autograd.Function):
     """x (b, l, d), w (d, K), bias (d,) or None -> y[t] = sum_k x[t - (K-1) + k] w[:, k] + bias (x zero
     before frame 0), in the dtype x * w promotes to, as K shifted multiply-adds.
 
-    The backward is written out because autograd's costs ~2x more here: per tap, a zero-filled
+    The backward is written out because autograd's costs more: per tap, a zero-filled
     padded-length tensor for its slice's gradient, a cast, an accumulation. It does the same
     arithmetic in the same order, so the gradients are bitwise those autograd gives for the forward
     below (checked in tests/test_ssm.py): each tap's x-gradient gy * w[:, k] computed in gy's dtype,

@@ -39,14 +39,12 @@ Mamba-1 recurrence (per channel d and state n, with dA = exp(dt * A)):
 Mamba-2 recurrence (per head h, A scalar, the state is a (p, n) matrix):
     H_t = exp(dt_t * A) * H_{t-1} + dt_t * x_t B_t^T          y_t = H_t C_t + D * x_t
 
-Why Mamba-1 steps frame by frame (measured at 3 s crops, 16 x 150 frames, 1 thread): a chunked
-formulation (local scans in chunks of 8, cumulative decay products, a loop over chunk starts, a
-correction pass) makes ~3 full passes over the (b, l, n, d) states where the frame loop makes one;
-with the slab of a frame in cache, the per-frame op (a few thousand multiply-adds) costs less than the
-extra passes. The fast path was 1.3-1.7x faster than that chunked version for fwd+bwd (d 192-384,
-n 8-16) and 1.2x at 1,500 frames. Block tensors are laid out (bb, seg, n, k) -- channels innermost --
-so every elementwise op runs over contiguous channel vectors and the contractions over n or channels
-are batched matrix products.
+Why Mamba-1 steps frame by frame: a chunked formulation (local scans in chunks, cumulative decay
+products, a loop over chunk starts, a correction pass) makes ~3 full passes over the (b, l, n, d)
+states where the frame loop makes one; with the slab of a frame in cache, the per-frame op (a few
+thousand multiply-adds) costs less than the extra passes. Block tensors are laid out (bb, seg, n, k)
+-- channels innermost -- so every elementwise op runs over contiguous channel vectors and the
+contractions over n or channels are batched matrix products.
 """
 
 from __future__ import annotations
@@ -166,8 +164,8 @@ def _block_states(dt, At, p, q, h0, bufs: _Buffers) -> tuple[torch.Tensor, torch
 
 # Mamba-1 works in blocks of (batch items, a channel group, a time segment of SEGMENT frames), the state
 # carried from segment to segment: every block's (bb, seg, n, k) tensors have about BLOCK_ELEMENTS
-# floats (4 MB), so the cost is linear in T and the working set bounded. Measured at 3 s crops (16 x 150
-# frames, d 192-384, n 8-16): 2^19 and 2^20 about equal, 2^14-2^16 (more, smaller ops) and 2^22 slower.
+# floats (4 MB), so the cost is linear in T and the working set bounded. Much smaller blocks mean more,
+# smaller ops; much larger ones leave the cache.
 BLOCK_ELEMENTS = 1 << 20
 
 
@@ -246,8 +244,8 @@ def _ssm1_bwd(gy, x, dt, A, B, C):
             lam = _outer(gyb, C[bs, ts], bufs.get(2, h.shape))
             g_in = _scan_reversed_(bufs.frames(0, g), bufs.frames(2, lam), g_in)
             # contractions over n or k as batched (1 x n) @ (n x k) and (1 x k) @ (k x n) products: in
-            # this layout several times faster than mul + sum over the n dim; a sum over k as
-            # (1 x k) @ h^T, not h @ (k x 1): 2x faster here (bmm of (16, 384) matrices, 1 thread)
+            # this layout faster than mul + sum over the n dim; a sum over k as (1 x k) @ h^T, not
+            # h @ (k x 1), which is slower
             gC[bs, ts] += torch.matmul(gyb.unsqueeze(-2), h.transpose(-1, -2)).squeeze(-2)  # (bb, seg, n)
             gp = torch.matmul(Bb.unsqueeze(-2), lam).squeeze(-2)  # dL/d(dt*x): (bb, seg, k)
             gB[bs, ts] += torch.matmul(dxb.unsqueeze(-2), lam.transpose(-1, -2)).squeeze(-2)  # (bb, seg, n)

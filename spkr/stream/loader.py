@@ -37,36 +37,35 @@ stay equal across ranks) and recorded in ``loader.skipped``.
 from __future__ import annotations
 
 import gc
-import os
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
-from spkr import storage
+from spkr import runtime, storage
 from spkr.shards.format import DatasetMismatch, Manifest
 from spkr.stream.dataset import ShardDataset
 from spkr.stream.plan import EpochPlan
 
 _TAG_CROP = 0xC209
 _TAG_WORKER_SEED = 0x5EED
-# Batch dtypes. A DataLoader worker hands each batch over in a fresh shared-memory segment, and
-# faulting its pages in costs ~3 us per 4 kB page here (12 ms for a 15 MB float32 batch: the
-# bottleneck with workers). float16 halves that (2 workers: ~1.4x the samples/s, tools/bench_loader.py)
-# and loses nothing the shards kept (features are stored as float16; the normalised values are
-# rounded once). spkr.train and spkr.evaluate ask for float16 and cast to float32 on the device.
+# Batch dtypes. A DataLoader worker hands each batch over in a fresh shared-memory segment whose pages
+# are faulted in one by one (with workers, the loader's bottleneck). float16 halves those pages and
+# loses nothing the shards kept (features are stored as float16; the normalised values are rounded
+# once). spkr.train and spkr.evaluate ask for float16 and cast to float32 on the device.
 BATCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def default_rank_world() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed if initialised, else env RANK/WORLD_SIZE, else (0, 1).
-    THE rank/world function of spkr (the run side imports it from :mod:`spkr.stream`)."""
+    """(rank, world_size) from torch.distributed if initialised, else from the environment
+    (:func:`spkr.runtime.env_rank_world`: RANK/WORLD_SIZE, else (0, 1)). The run side imports it from
+    :mod:`spkr.stream`."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return runtime.env_rank_world()
 
 
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -78,6 +77,13 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     return rank, world_size
+
+
+def _check_choices(on_error: str, dtype: str) -> None:
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
+    if dtype not in BATCH_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(BATCH_DTYPES)}, not {dtype!r}")
 
 
 def normalisation(manifest: Manifest, n_mels: int, stats: dict | None = None) -> dict:
@@ -126,8 +132,8 @@ class Collate:
 
     def __call__(self, records: list, j: int, epoch: int) -> dict:
         """The batch of ``records`` (batch id ``j`` of ``epoch``), made on one thread: these small
-        per-row copies run ~25x slower when torch splits them over OpenMP threads (measured on 2
-        cores). DataLoader workers already use one thread; in-process loading borrows it."""
+        per-row copies run many times slower when torch splits them over OpenMP threads. DataLoader
+        workers already use one thread; in-process loading borrows it."""
         threads = torch.get_num_threads()
         if threads != 1:
             torch.set_num_threads(1)
@@ -207,42 +213,26 @@ class SpeakerLoader:
         manifest: Manifest | None = None,
     ):
         rank, world_size = _rank_world(rank, world_size)
-        if on_error not in ("fail", "skip"):
-            raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
-        if dtype not in BATCH_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(BATCH_DTYPES)}, not {dtype!r}")
+        _check_choices(on_error, dtype)
         self.shards_url, self.split = str(shards), split
         self.manifest = manifest or Manifest.load(
             self.shards_url, storage_options, retry=storage.RetryPolicy(retries, backoff)
         )
         self.split_info = self.manifest.split(split)
-        self.n_mels = int(self.manifest.data["feature_config"].get("n_mels", 80))
-        stats = normalisation(self.manifest, self.n_mels, stats) if normalize else {}
-        reader_kwargs = dict(
-            n_mels=self.n_mels,
-            storage_options=storage_options,
-            retries=retries,
-            backoff=backoff,
-            cache_dir=cache_dir,
-            checksums=checksums,
-            on_error=on_error,
-            use_mmap=mmap,
-            **({"chunk_size": chunk_size} if chunk_size else {}),
-        )
+        self.n_mels = self.manifest.feature_config.n_mels
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
-        collate = Collate(
-            self.n_mels,
-            mean=stats.get("mean"),
-            std=stats.get("std"),
-            crop_frames=crop_frames,
-            seed=seed,
-            rank=rank,
-            dtype=BATCH_DTYPES[dtype],
-        )
-        self.dataset = self._dataset(bucket_window, collate, reader_kwargs)
         self.multiprocessing_context = multiprocessing_context
+        stats = normalisation(self.manifest, self.n_mels, stats) if normalize else {}
+        collate = Collate(self.n_mels, mean=stats.get("mean"), std=stats.get("std"), crop_frames=crop_frames,
+                          seed=seed, rank=rank, dtype=BATCH_DTYPES[dtype])  # fmt: skip
+        reader_kwargs = dict(
+            n_mels=self.n_mels, storage_options=storage_options, retries=retries, backoff=backoff,
+            cache_dir=cache_dir, checksums=checksums, on_error=on_error, use_mmap=mmap,
+            **({"chunk_size": chunk_size} if chunk_size else {}),
+        )  # fmt: skip
+        self.dataset = self._dataset(bucket_window, collate, reader_kwargs)
         self.epoch = 0
         self._consumed = 0
         self._resume: int | None = None

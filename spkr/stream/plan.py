@@ -21,11 +21,10 @@ Training (``train=True``)
       ``nb - 1``). DataLoader's round-robin over workers then yields the rank's batches in the fixed
       order ``j = 0, 1, ..., nb - 1``, batch ``j`` coming from worker ``j % W``.
     * A worker buckets by length with a pool of ``bucket_window`` samples (a multiple of the batch
-      size; default 24 x batch: ~3.7 % padding on LibriSpeech-like lengths, ~150 MB per worker at batch 32): it reads its range sequentially, and whenever the pool is full
-      it emits the ``batch_size`` pool samples of most similar length; the last pool is sorted, cut,
-      and its batches shuffled (see :meth:`EpochPlan.windows`). Padding stays small (~4-6 % on
-      LibriSpeech-like lengths), memory is bounded by the pool, and a worker only ever reads a
-      contiguous byte range of each shard.
+      size; default 24 x batch): it reads its range sequentially, and whenever the pool is full it
+      emits the ``batch_size`` pool samples of most similar length; the last pool is sorted, cut, and
+      its batches shuffled (see :meth:`EpochPlan.windows`). Padding stays small, memory is bounded by
+      the pool, and a worker only ever reads a contiguous byte range of each shard.
 
 Evaluation (``train=False``)
     No shuffle and no drop: rank ``r`` gets ``[r*N//world, (r+1)*N//world)`` (sizes differ by at most
@@ -200,8 +199,7 @@ class EpochPlan:
         similar length (the sorted run of ``B`` with the smallest relative span). At the end the pool
         is sorted and cut (train: in shuffled batch order). Only frame counts from the manifest are
         used, so this is part of the pure plan; memory stays bounded by the pool, and for the same
-        memory it pads ~2-3x less than sort-and-cut windows (4-6 % vs 13 % on LibriSpeech-like lengths
-        at 16 x batch; 3.7 % at the default 24 x batch)."""
+        memory it pads less than sort-and-cut windows."""
         start, stop = self.worker_range(w)
         B, M = self.batch_size, self.bucket_window
         block = M + B  # frame counts looked up a block at a time (a multiple of B): bounded memory

@@ -193,16 +193,8 @@ class ShardFetcher:
             self._pid, self._open, self._pool = os.getpid(), None, None
             if not self.remote:
                 self._fs = "local"
-            elif self.cache_dir:
-                import fsspec
-
-                protocol = self.base.split("://", 1)[0]
-                opts = storage.storage_options_from_env(self.storage_options)
-                self._fs = fsspec.filesystem(
-                    "filecache", target_protocol=protocol, target_options=opts, cache_storage=self.cache_dir
-                )
             else:
-                self._fs = storage.get_fs(self.base, self.storage_options)[0]
+                self._fs = storage.get_fs(self.base, self.storage_options, cache_dir=self.cache_dir)[0]
         return self._fs
 
     def _source(self, shard: ShardInfo):
