@@ -13,6 +13,7 @@ STAGES = [
     ("spkr.errors",),
     ("spkr.config", "spkr.atomic", "spkr.runtime"),
     ("spkr.storage",),
+    ("spkr.shards.schema", "spkr.shards.trials"),
     ("spkr.corpus",),
     ("spkr.features",),
     ("spkr.augment",),

@@ -7,26 +7,28 @@ import pytest
 
 from spkr.scoring import (
     DCF_P_TARGETS,
-    TrialListError,
     as_norm,
     calibrate_thresholds,
-    check_trial_labels,
     cohort_statistics,
     compute_eer,
     compute_min_dcf,
     compute_min_dcfs,
     cosine_scores,
-    format_trials,
     l2_normalize,
-    make_trial_list,
     make_trials,
-    parse_trials,
-    read_trials,
     score_trials,
     speaker_means,
     top_k_statistics,
     verification,
     verification_metrics,
+)
+from spkr.shards.trials import (
+    TrialListError,
+    check_trial_labels,
+    format_trials,
+    make_trial_list,
+    parse_trials,
+    read_trials,
     write_trials,
 )
 
@@ -193,7 +195,7 @@ def test_trial_list_files_unknown_keys_and_refused_writes(tmp_path):
 
 def _unchecked(target, enroll, test):
     """A TrialList that skipped the checks (as a caller could build one)."""
-    from spkr.scoring import TrialList
+    from spkr.shards.trials import TrialList
 
     return TrialList(np.asarray(target), tuple(enroll), tuple(test))
 

@@ -114,7 +114,7 @@ def _shard_samples(spec: CorpusSpec, si: int, rng: np.random.Generator, pool: np
 def write_corpus(out: Path, spec: CorpusSpec) -> dict:
     """Write the shards and manifest of ``spec`` into ``out`` (reused when ``out/spec.json`` matches)."""
     from spkr.features import FeatureConfig
-    from spkr.shards.format import shard_name
+    from spkr.shards.schema import shard_name
     from spkr.shards.stats import RunningStats
     from spkr.shards.writer import build_manifest, write_bytes_atomic, write_shard
 
@@ -171,9 +171,10 @@ def _write_index_view(out: Path, data: dict) -> None:
 def shards_for(shards: Path, source: str) -> Path:
     """The shard set a spkr tree (``source``) is measured on: the version-3 view when that tree reads
     index files and the view exists, else the version-2 one."""
-    fmt = Path(source) / "spkr" / "shards" / "format.py"
+    package = Path(source) / "spkr" / "shards"
+    reads_index = any("INDEX_FILES" in p.read_text() for p in package.glob("*.py"))
     view = index_view(shards)
-    if fmt.exists() and "INDEX_FILES" in fmt.read_text() and (view / "manifest.json").exists():
+    if reads_index and (view / "manifest.json").exists():
         return view
     return shards
 
@@ -303,9 +304,9 @@ def manifest_probe(shards: str, repeats: int = 3) -> dict:
     import gc
     import tracemalloc
 
-    from spkr.shards.format import MANIFEST_NAME, Manifest
+    from spkr.shards.format import Manifest  # the measured tree's (any spkr version)
 
-    size = os.path.getsize(os.path.join(shards, MANIFEST_NAME))
+    size = os.path.getsize(os.path.join(shards, "manifest.json"))
     index_dir = os.path.join(shards, "index")
     index_bytes = sum(e.stat().st_size for e in os.scandir(index_dir)) if os.path.isdir(index_dir) else 0
     gc.collect()

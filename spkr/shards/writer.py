@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 
 from spkr import atomic, storage
 from spkr.augment import (
-    COPY_SEPARATOR,
     AugmentConfig,
     AugmentError,
     AugmentSources,
@@ -54,23 +53,20 @@ from spkr.config import ConfigError, check_fields, in_range
 from spkr.corpus.librispeech import Utterance
 from spkr.corpus.protocols import Protocol
 from spkr.features import AudioError, FeatureConfig, LogMel, compute_logmel, load_audio, resolve_backend
+from spkr.shards.checks import with_digest
 from spkr.shards.codec import Sample, digest_tar, write_tar
-from spkr.shards.format import (
+from spkr.shards.format import Manifest, ShardInfo, dataset_extras, dataset_id, split_summary
+from spkr.shards.index import index_files
+from spkr.shards.schema import (
     AUGMENT_NAME,
+    COPY_SEPARATOR,
     FORMAT,
     INLINE_VERSION,
     MANIFEST_NAME,
     SAMPLE_CHECKSUM,
     SIDECAR_SUFFIX,
-    Manifest,
     ManifestError,
-    ShardInfo,
-    dataset_extras,
-    dataset_id,
-    index_files,
     shard_name,
-    split_summary,
-    with_digest,
 )
 from spkr.shards.stats import RunningStats
 
@@ -593,7 +589,7 @@ def build_manifest(
     ``protocol`` ``Protocol.manifest_entry()``; ``augment`` the copies' entry (:func:`augment_entry`).
     The last two are stored only when given (older manifests have neither). The per-sample fields
     are inline (a version-2 manifest): :func:`write_manifest` writes them as index files. Its
-    ``digest`` (:func:`spkr.shards.format.manifest_digest`) covers every field."""
+    ``digest`` (:func:`spkr.shards.checks.manifest_digest`) covers every field."""
     data = {
         "format": FORMAT,
         "version": INLINE_VERSION,

@@ -43,20 +43,16 @@ from spkr.corpus.librispeech import (
     training_combination,
 )
 from spkr.corpus.protocols import (
-    CLOSED_SESSION,
     DEFAULT_ENROLL_PER_SPEAKER,
     DEFAULT_TRIALS_PER_SPEAKER,
     DEFAULT_VALID_FRACTION,
-    OPEN,
-    PROTOCOLS,
     TRAIN,
-    VERIFICATION,
     Protocol,
     make_protocol,
 )
 from spkr.errors import EXIT_ERROR, KNOWN_ERRORS, one_line
 from spkr.features import AudioError, FeatureConfig
-from spkr.shards.format import sample_key_problem
+from spkr.shards.schema import CLOSED_SESSION, OPEN, PROTOCOLS, VERIFICATION, sample_key_problem
 from spkr.shards.writer import (
     WriteOptions,
     augment_run_identity,
