@@ -86,7 +86,8 @@ def test_an_edited_feature_config_is_refused(tmp_path):
 
 
 def test_a_deeply_nested_sidecar_is_a_shard_to_write_again(tmp_path):
-    from spkr.shards.writer import ShardJob, read_sidecar
+    from spkr.shards.plan import ShardJob
+    from spkr.shards.writer import read_sidecar
 
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "shard-000000.tar.json").write_text("[" * 100_000 + "]" * 100_000)

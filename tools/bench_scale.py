@@ -349,7 +349,7 @@ def object_breakdown(data: dict) -> dict:
     for sd in data["splits"].values():
         for shard in sd["shards"]:
             for field, values in shard.items():
-                if hasattr(values, "array"):  # spkr.shards.format.PackedInts
+                if hasattr(values, "array"):  # spkr.shards.packed.PackedInts
                     mapped = " (mapped)" if isinstance(values.array, np.memmap) else ""
                     add(f"{field}: array{mapped}", values.array.nbytes)
                 elif hasattr(values, "ends"):  # PackedStrs

@@ -100,8 +100,8 @@ def read_sidecar(shards: Path):
     """What the manifest merge takes from a sidecar (:func:`spkr.shards.writer.merge_manifest`);
     None: the shard counts as not complete and is written again."""
     from spkr.shards.format import ShardInfo
+    from spkr.shards.plan import ShardJob
     from spkr.shards.stats import RunningStats
-    from spkr.shards.writer import ShardJob
     from spkr.shards.writer import read_sidecar as read
 
     job = ShardJob("train", 0, [], [])

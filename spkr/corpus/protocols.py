@@ -4,8 +4,8 @@ Three protocols, each a pure, seeded, deterministic function of the utterance li
 their order) that returns a :class:`Protocol` -- everything the shard tool writes and the manifest
 records (see docs/protocols.md):
 
-* ``closed`` -- the original project's closed-set re-split (:func:`spkr.corpus.labels.build_splits`,
-  unchanged): splits ``train``/``valid``/``test``, classes = train ∪ dev ∪ test speakers.
+* ``closed`` -- the closed-set re-split of :func:`spkr.corpus.labels.build_splits`: splits
+  ``train``/``valid``/``test``, classes = train ∪ dev ∪ test speakers.
 * ``closed-session`` -- the same class set, but every valid/test utterance comes from a chapter (a
   LibriSpeech recording session) that has no training utterance: whole chapters are held out per
   speaker with >= 2 chapters, aiming at the ``closed`` sizes (``len(dev)``, ``len(test)``). Speakers

@@ -12,7 +12,8 @@
 - :mod:`spkr.shards.codec`: the tar layout of a sample, encoded and decoded (``Sample``,
   ``write_tar``, ``decode_sample``, ``decode_member``, ``ShardError``, ``sample_checksum``);
 - :mod:`spkr.shards.stats`: ``RunningStats``, the per-mel-bin feature statistics;
-- :mod:`spkr.shards.writer`: the write side (plan, featurize, write shards and sidecars, merge the
+- :mod:`spkr.shards.plan`: the shard plan (``plan_shards``, ``ShardJob``);
+- :mod:`spkr.shards.writer`: the write side (featurize, write shards and sidecars, merge the
   manifest); imported on its own, it pulls in audio decoding.
 
 The names below are loaded on first use, so importing :mod:`spkr.shards.schema` or

@@ -225,8 +225,8 @@ def _check_verification_entry(entry: dict, name: str, at: str) -> int:
 
 def check_digest(d: dict, where: str) -> None:
     """Every field of manifest ``d`` (as read) has the sha256 its ``digest`` lists; else ManifestError
-    naming the field. Without a digest: a manifest written before it, whose fields are not checked
-    but must be ones such a manifest holds (:data:`PRE_DIGEST_FIELDS`)."""
+    naming the field. Without a digest, the fields are not checked but must be ones a manifest
+    without a digest holds (:data:`PRE_DIGEST_FIELDS`)."""
     if DIGEST not in d:
         unknown = sorted(set(d) - PRE_DIGEST_FIELDS)
         if unknown:

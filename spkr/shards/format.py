@@ -82,8 +82,8 @@ def dataset_id(
     which order. ``split_keys``: {split: ordered keys, or their UTF-8 joined by newlines}. Two shard
     sets with the same id hold the same samples computed the same way; another seed, source split,
     feature config or label map differs. ``extras`` (:func:`dataset_extras`: a non-closed protocol,
-    augmentation) is hashed too when given, so shard sets made before protocols and augmentation keep
-    their ids."""
+    augmentation) is hashed too when given; a closed shard set without copies has no extras, so its
+    id depends on features, labels and keys alone."""
     h = hashlib.sha256()
     h.update(f"{FORMAT}\n{feature_fingerprint}\n{feature_backend}\n".encode())
     h.update(json.dumps(list(labels)).encode())
@@ -474,7 +474,7 @@ class Manifest:
         self, name: str, storage_options: dict | None = None, retry: storage.RetryPolicy | None = None
     ) -> str:
         """The trial file's text (``<1|0> <enroll_key> <test_key>`` lines; parse it with
-        ``spkr.scoring.parse_trials``), after checking its sha256 against the manifest's."""
+        ``spkr.shards.trials.parse_trials``), after checking its sha256 against the manifest's."""
         entry = self._verification(name, "trial file")["trials"]
         url = self.trials_url(name)
         raw = read_listed(url, f"trial file of split '{name}'", storage_options, retry)

@@ -44,7 +44,7 @@ from spkr.errors import SpkrError
 
 FORMAT = "spkr-shards"
 VERSION = 3  # 2: dataset_id + per-sample checksums; 3: per-sample fields in index files
-INLINE_VERSION = 2  # per-sample fields inline: what build_manifest assembles and older shard sets hold
+INLINE_VERSION = 2  # per-sample fields inline: what build_manifest assembles, and version-2 shard sets
 READ_VERSIONS = (INLINE_VERSION, VERSION)
 INDEX_DIR = "index"
 # The index files of a split (module docstring): field -> file suffix.
