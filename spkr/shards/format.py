@@ -111,7 +111,7 @@ def dataset_extras(protocol: dict | None, augment: dict | None) -> dict:
 @dataclass
 class ShardInfo:
     """One shard's entry. Read from a manifest or sidecar (:meth:`from_dict`), the per-sample fields
-    are :class:`PackedStrs` / :class:`PackedInts` (equal to the lists they were read from); the
+    are :class:`~spkr.shards.packed.PackedStrs` / :class:`~spkr.shards.packed.PackedInts` (equal to the lists they were read from); the
     writer builds it with lists. :meth:`to_dict` gives lists either way."""
 
     name: str  # relative to the shards directory, e.g. "train/shard-000000.tar"
@@ -128,7 +128,7 @@ class ShardInfo:
     def from_dict(cls, d: dict, where: str, split: str | None = None) -> ShardInfo:
         """A shard entry (of a manifest or a sidecar) with every field type- and range-checked, else
         ManifestError naming ``where`` and the shard: a safe name inside ``split``'s folder (a sidecar's
-        own ``split`` when not given, see :func:`shard_name_problem`), int counts, per-sample lists of
+        own ``split`` when not given, see :func:`spkr.shards.schema.shard_name_problem`), int counts, per-sample lists of
         length ``num_samples`` (keys: strings without '.', '/'; frames, labels: ints >= 0; offsets:
         increasing, on tar blocks, inside ``bytes``; checksums: 0 <= c < 2**64)."""
         return check_shard_entry(cls, d, where, split)

@@ -82,7 +82,7 @@ def plan_shards(
     """Deterministic shard plan: each split's samples sorted by (key, copy), shuffled (seeded, so
     shards mix speakers and copies) and cut into ceil(n / shard_size) shards whose sizes differ by at
     most one. ``speakers``: the label space (a sample's label is its speaker's index), one list for
-    every split or ``{split: list}``. ``identity`` (:func:`run_identity`) goes into every job's plan
+    every split or ``{split: list}``. ``identity`` (:func:`spkr.shards.writer.run_identity`) goes into every job's plan
     hash; with ``augment.copies`` > 0, ``augment_split`` also gets the copies and its jobs'
     identity ``augment_identity`` (:func:`spkr.augment.augment_identity`) under ``"augment"``."""
     identity = {**(identity or {}), "seed": int(seed)}
