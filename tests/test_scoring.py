@@ -334,3 +334,17 @@ def test_target_flags_must_match_the_speakers():
         TrialListError, match=r"^in memory: trial 0: a non-target trial, but a1 and a2 are both speaker A"
     ):
         check_trial_labels(flipped, speaker_of)
+
+
+def test_scoring_and_the_trial_format_import_without_torch_or_the_manifest():
+    """spkr.scoring and spkr.shards.trials (and the contract's schema) load neither torch nor the
+    manifest: the spkr.shards package loads its names on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, spkr.scoring, spkr.shards.trials, spkr.shards.schema, spkr.corpus.protocols\n"
+        "print(sorted(m for m in ('torch', 'spkr.shards.format', 'spkr.shards.codec') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

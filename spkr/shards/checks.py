@@ -82,7 +82,8 @@ def joined_keys(shards: list) -> bytes:
 
 
 def check_shard_entry(cls, d, where: str, split: str | None, n_classes: int | None = None):
-    """ShardInfo.from_dict's checks (see there); labels below ``n_classes`` when given. The
+    """A ``cls`` (:class:`spkr.shards.format.ShardInfo`) from shard entry ``d`` after
+    ``ShardInfo.from_dict``'s checks (see there); labels below ``n_classes`` when given. The
     per-sample fields come out packed (:class:`PackedStrs`, :class:`PackedInts`)."""
     if not isinstance(d, dict):
         raise ManifestError(f"{where}: a shard entry is a {type(d).__name__}, not an object")
