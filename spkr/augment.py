@@ -60,11 +60,11 @@ import soundfile as sf
 from spkr.config import check_fields, from_dict
 from spkr.errors import SpkrError
 from spkr.features import AudioError, resample
+from spkr.shards.schema import COPY_SEPARATOR
 
 KINDS: tuple[str, ...] = ("speed", "reverb", "noise", "music", "babble")  # also the order of chained steps
 ADDITIVE_CATEGORY: dict[str, str] = {"noise": "noise", "music": "music", "babble": "speech"}  # kind -> folder
 AUDIO_EXTENSIONS: tuple[str, ...] = (".wav", ".flac")
-COPY_SEPARATOR = "~aug"
 SPEED_SEPARATOR = "@sp"
 
 

@@ -15,7 +15,7 @@ DEMO_ROOT = REPO / "data" / "demo"
 
 # Keep every test process to one intra-op thread: 2 cores, and tests run torchrun with 2 ranks.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Remote shard sets' index files are cached here (spkr.shards.format.index_cache_dir), not in ~/.cache.
+# Remote shard sets' index files are cached here (spkr.shards.index.index_cache_dir), not in ~/.cache.
 os.environ.setdefault("SPKR_INDEX_CACHE", tempfile.mkdtemp(prefix="spkr-index-cache-"))
 
 

@@ -39,7 +39,7 @@ def make_shards(
     """
     from spkr.features import FeatureConfig
     from spkr.shards.codec import Sample
-    from spkr.shards.format import shard_name
+    from spkr.shards.schema import shard_name
     from spkr.shards.stats import RunningStats
     from spkr.shards.writer import write_shard
 

@@ -13,7 +13,8 @@ import pytest
 
 from spkr.features import FeatureConfig
 from spkr.shards.codec import Sample
-from spkr.shards.format import Manifest, shard_name
+from spkr.shards.format import Manifest
+from spkr.shards.schema import shard_name
 from spkr.shards.stats import RunningStats
 from spkr.shards.writer import write_shard
 from spkr.tools import shard as shard_tool

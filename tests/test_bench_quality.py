@@ -1,5 +1,5 @@
 """tools/bench_quality.py: the configs it trains and when it reuses a step (the runs themselves are
-minutes each: measured by hand, see README "Model quality")."""
+minutes each: measured by hand, see docs/results.md)."""
 
 from __future__ import annotations
 

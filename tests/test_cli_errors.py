@@ -27,9 +27,10 @@ from spkr.features import AudioError
 from spkr.gallery import GalleryError
 from spkr.models.mamba import BackendUnavailable
 from spkr.run import TrainError
-from spkr.scoring import TrialListError
 from spkr.shards.codec import ShardError
-from spkr.shards.format import DatasetMismatch, Manifest, ManifestError, ManifestMismatch
+from spkr.shards.format import Manifest
+from spkr.shards.schema import DatasetMismatch, ManifestError, ManifestMismatch
+from spkr.shards.trials import TrialListError
 from spkr.shards.writer import ShardConflict
 from spkr.storage import ReadFailed
 from spkr.stream import SpeakerLoader

@@ -73,7 +73,8 @@ def test_an_edited_feature_config_is_refused(tmp_path):
     """The dataset_id hashes the stored feature_fingerprint: an edited feature_config loaded as is."""
     import json
 
-    from spkr.shards.format import Manifest, ManifestError
+    from spkr.shards.format import Manifest
+    from spkr.shards.schema import ManifestError
     from tests.shardkit import make_shards
 
     d = make_shards(tmp_path / "s", [3], n_mels=8)
@@ -85,7 +86,8 @@ def test_an_edited_feature_config_is_refused(tmp_path):
 
 
 def test_a_deeply_nested_sidecar_is_a_shard_to_write_again(tmp_path):
-    from spkr.shards.writer import ShardJob, read_sidecar
+    from spkr.shards.plan import ShardJob
+    from spkr.shards.writer import read_sidecar
 
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "shard-000000.tar.json").write_text("[" * 100_000 + "]" * 100_000)
@@ -98,20 +100,21 @@ def test_loading_many_shard_sets_keeps_file_descriptors_bounded(tmp_path, monkey
     import os
     import shutil
 
-    import spkr.shards.format as fmt
+    import spkr.shards.packed as packed
+    from spkr.shards.format import Manifest
     from tests.shardkit import make_shards
 
-    monkeypatch.setattr(fmt, "MAPPED_MAX", 8)
+    monkeypatch.setattr(packed, "MAPPED_MAX", 8)
     src = make_shards(tmp_path / "s", [3, 2], n_mels=8)
     counts = []
     for i in range(12):
         d = shutil.copytree(src, tmp_path / f"copy{i}")
-        m = fmt.Manifest.load(str(d))
+        m = Manifest.load(str(d))
         assert list(m.split("train").shards[0].keys)
         del m
         shutil.rmtree(d)
         counts.append(len(os.listdir("/proc/self/fd")))
-    assert len(fmt._MAPPED) <= 8
+    assert len(packed._MAPPED) <= 8
     assert counts[-1] <= counts[3], counts  # no growth once the cache is full
 
 
@@ -121,7 +124,8 @@ def test_a_renamed_digest_key_is_refused(tmp_path, rename):
     digest key left an unknown field and loaded, every other field unverified."""
     import json
 
-    from spkr.shards.format import Manifest, ManifestError
+    from spkr.shards.format import Manifest
+    from spkr.shards.schema import ManifestError
     from tests.shardkit import make_shards
 
     d = make_shards(tmp_path / "s", [3], n_mels=8)

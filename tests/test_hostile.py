@@ -18,7 +18,8 @@ import pytest
 
 from spkr.features import FeatureConfig
 from spkr.shards.codec import ShardError, decode_member
-from spkr.shards.format import Manifest, ManifestError, ShardInfo
+from spkr.shards.format import Manifest, ShardInfo
+from spkr.shards.schema import ManifestError
 from spkr.shards.stats import RunningStats
 from spkr.stream import SpeakerLoader
 from spkr.stream.reader import ShardReader

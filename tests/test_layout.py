@@ -12,6 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "spkr"
 STAGES = [
     ("spkr.errors",),
     ("spkr.config", "spkr.atomic", "spkr.runtime"),
+    ("spkr.shards.schema", "spkr.shards.trials"),  # the shard contract: below every stage that uses it
     ("spkr.storage",),
     ("spkr.corpus",),
     ("spkr.features",),

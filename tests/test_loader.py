@@ -340,7 +340,7 @@ def test_workers_started_by_forkserver_or_spawn_resume_exactly(shards, context, 
 def test_a_state_without_its_dataset_is_refused(shards):
     """A loader state names the dataset its positions are in; one without (hand-made, or cut down) could
     be of any shard set, so it is refused like one of another dataset."""
-    from spkr.shards.format import DatasetMismatch
+    from spkr.shards.schema import DatasetMismatch
 
     loader = SpeakerLoader(str(shards), "train", 4, train=True, seed=3, rank=0, world_size=1, num_workers=0)
     state = loader.state_dict()

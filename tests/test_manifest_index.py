@@ -1,5 +1,5 @@
 """Version-3 manifests (issue 12): the per-sample fields of the shard entries live in per-split index
-files beside manifest.json (spkr.shards.format's docstring), checked (bytes, sha256, dtype, shape,
+files beside manifest.json (spkr.shards.schema's docstring), checked (bytes, sha256, dtype, shape,
 contents) and memory-mapped at load. Every shard set here is written for real by the writer
 (build_manifest + write_manifest); version 2 (lists inline) still loads and means the same."""
 
@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spkr.shards.format import INDEX_DIR, Manifest, ManifestError
+from spkr.shards.format import Manifest
+from spkr.shards.schema import INDEX_DIR, ManifestError
 
 from .netkit import BUCKET, PREFIX, moto_s3, s3_options
 from .shardkit import make_shards

@@ -20,8 +20,10 @@ import torch
 
 from spkr import storage
 from spkr.shards.codec import ShardError
-from spkr.shards.format import Manifest, ManifestError
-from spkr.shards.writer import ShardJob, sidecar_matches
+from spkr.shards.format import Manifest
+from spkr.shards.plan import ShardJob
+from spkr.shards.schema import ManifestError
+from spkr.shards.writer import sidecar_matches
 from spkr.stream import SpeakerLoader
 from spkr.stream.reader import ShardReader
 

@@ -14,7 +14,8 @@ import pytest
 
 from spkr.run.evaluation import gallery_scores, identification
 from spkr.run.metrics import read_metrics
-from spkr.scoring import calibrate_thresholds, make_trial_list
+from spkr.scoring import calibrate_thresholds
+from spkr.shards.trials import make_trial_list
 from tests.netkit import free_port
 from tests.runkit import TINY_MODEL, subprocess_env
 

@@ -13,16 +13,14 @@ import pytest
 
 from spkr.corpus import Utterance, build_splits, iter_openslr
 from spkr.corpus.protocols import (
-    CLOSED_SESSION,
     TEST_VERIFY,
     VALID_VERIFY,
-    Trial,
-    format_trials,
     make_protocol,
     verification_split,
     verify_protocol,
 )
-from spkr.scoring import parse_trials
+from spkr.shards.schema import CLOSED_SESSION
+from spkr.shards.trials import Trial, format_trials, parse_trials
 
 from .conftest import DEMO_ROOT
 
@@ -322,8 +320,9 @@ def test_trial_flags_are_checked_against_the_speakers_when_read(open_shards, tmp
     import shutil
 
     from spkr.run.evaluation import load_trials
-    from spkr.scoring import TrialListError
-    from spkr.shards.format import Manifest, dataset_extras, dataset_id, with_digest
+    from spkr.shards.checks import with_digest
+    from spkr.shards.format import Manifest, dataset_extras, dataset_id
+    from spkr.shards.trials import TrialListError
 
     out = tmp_path / "shards"
     shutil.copytree(open_shards, out)

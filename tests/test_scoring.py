@@ -7,26 +7,28 @@ import pytest
 
 from spkr.scoring import (
     DCF_P_TARGETS,
-    TrialListError,
     as_norm,
     calibrate_thresholds,
-    check_trial_labels,
     cohort_statistics,
     compute_eer,
     compute_min_dcf,
     compute_min_dcfs,
     cosine_scores,
-    format_trials,
     l2_normalize,
-    make_trial_list,
     make_trials,
-    parse_trials,
-    read_trials,
     score_trials,
     speaker_means,
     top_k_statistics,
     verification,
     verification_metrics,
+)
+from spkr.shards.trials import (
+    TrialListError,
+    check_trial_labels,
+    format_trials,
+    make_trial_list,
+    parse_trials,
+    read_trials,
     write_trials,
 )
 
@@ -193,7 +195,7 @@ def test_trial_list_files_unknown_keys_and_refused_writes(tmp_path):
 
 def _unchecked(target, enroll, test):
     """A TrialList that skipped the checks (as a caller could build one)."""
-    from spkr.scoring import TrialList
+    from spkr.shards.trials import TrialList
 
     return TrialList(np.asarray(target), tuple(enroll), tuple(test))
 
@@ -332,3 +334,17 @@ def test_target_flags_must_match_the_speakers():
         TrialListError, match=r"^in memory: trial 0: a non-target trial, but a1 and a2 are both speaker A"
     ):
         check_trial_labels(flipped, speaker_of)
+
+
+def test_scoring_and_the_trial_format_import_without_torch_or_the_manifest():
+    """spkr.scoring and spkr.shards.trials (and the contract's schema) load neither torch nor the
+    manifest: the spkr.shards package loads its names on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, spkr.scoring, spkr.shards.trials, spkr.shards.schema, spkr.corpus.protocols\n"
+        "print(sorted(m for m in ('torch', 'spkr.shards.format', 'spkr.shards.codec') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -21,8 +21,9 @@ from spkr.augment import AugmentConfig, augment, copy_key, description_json, loa
 from spkr.corpus.labels import class_weights
 from spkr.corpus.protocols import make_protocol
 from spkr.features import FeatureConfig, LogMel, compute_logmel, load_audio
-from spkr.shards.format import Manifest, ManifestError
-from spkr.shards.writer import with_copies
+from spkr.shards.format import Manifest
+from spkr.shards.plan import with_copies
+from spkr.shards.schema import ManifestError
 from spkr.stream import SpeakerLoader
 from spkr.tools import shard as shard_tool
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from spkr.corpus.labels import build_splits
-from spkr.corpus.protocols import PROTOCOLS, make_protocol
-from spkr.shards.format import Manifest, ManifestError, dataset_id
-from spkr.shards.writer import plan_shards
+from spkr.corpus.protocols import make_protocol
+from spkr.shards.format import Manifest, dataset_id
+from spkr.shards.plan import plan_shards
+from spkr.shards.schema import PROTOCOLS, ManifestError
 from spkr.stream import SpeakerLoader
 from spkr.tools import chart_dataset
 from spkr.tools import shard as shard_tool

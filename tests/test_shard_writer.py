@@ -15,7 +15,9 @@ import soundfile as sf
 from spkr import storage
 from spkr.features import FeatureConfig, LogMel, compute_logmel, load_audio
 from spkr.shards import writer as shard_writer
-from spkr.shards.format import Manifest, ManifestError, manifest_digest
+from spkr.shards.checks import manifest_digest
+from spkr.shards.format import Manifest
+from spkr.shards.schema import ManifestError
 from spkr.tools import shard as shard_tool
 
 from .conftest import write_corpus

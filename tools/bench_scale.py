@@ -112,7 +112,7 @@ def _shard_samples(spec: CorpusSpec, si: int, rng: np.random.Generator, pool: np
 def write_corpus(out: Path, spec: CorpusSpec) -> dict:
     """Write the shards and manifest of ``spec`` into ``out`` (reused when ``out/spec.json`` matches)."""
     from spkr.features import FeatureConfig
-    from spkr.shards.format import shard_name
+    from spkr.shards.schema import shard_name
     from spkr.shards.stats import RunningStats
     from spkr.shards.writer import build_manifest, write_manifest, write_shard
 
@@ -269,9 +269,9 @@ def manifest_probe(shards: str, repeats: int = 3) -> dict:
     import gc
     import tracemalloc
 
-    from spkr.shards.format import MANIFEST_NAME, Manifest
+    from spkr.shards.format import Manifest  # the measured tree's (any spkr version)
 
-    size = os.path.getsize(os.path.join(shards, MANIFEST_NAME))
+    size = os.path.getsize(os.path.join(shards, "manifest.json"))
     index_dir = os.path.join(shards, "index")
     index_bytes = sum(e.stat().st_size for e in os.scandir(index_dir)) if os.path.isdir(index_dir) else 0
     gc.collect()
@@ -314,7 +314,7 @@ def object_breakdown(data: dict) -> dict:
     for sd in data["splits"].values():
         for shard in sd["shards"]:
             for field, values in shard.items():
-                if hasattr(values, "array"):  # spkr.shards.format.PackedInts
+                if hasattr(values, "array"):  # spkr.shards.packed.PackedInts
                     mapped = " (mapped)" if isinstance(values.array, np.memmap) else ""
                     add(f"{field}: array{mapped}", values.array.nbytes)
                 elif hasattr(values, "ends"):  # PackedStrs

@@ -36,7 +36,8 @@ import torch  # noqa: E402
 from spkr.corpus.labels import build_splits  # noqa: E402
 from spkr.corpus.librispeech import iter_openslr, training_combination  # noqa: E402
 from spkr.features import FeatureConfig, LogMel, compute_logmel, load_audio  # noqa: E402
-from spkr.shards.writer import WriteOptions, plan_shards, run_jobs  # noqa: E402
+from spkr.shards.plan import plan_shards  # noqa: E402
+from spkr.shards.writer import WriteOptions, run_jobs  # noqa: E402
 
 
 def concat_corpus(utts, root: str, seconds: float) -> str:

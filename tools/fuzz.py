@@ -81,7 +81,8 @@ def read_manifest(shards: Path):
     that deletes it reads the original content, unverified, which is how a shard set written before
     the digest loads (by design), and counts as the same result. A mutation that renames it (a flipped
     bit in the key) leaves an unknown field beside the content: a different result, unless refused."""
-    from spkr.shards.format import DIGEST, Manifest
+    from spkr.shards.format import Manifest
+    from spkr.shards.schema import DIGEST
 
     m = Manifest.load(str(shards))
     data = {k: v for k, v in m.data.items() if k not in ("splits", DIGEST)}
@@ -99,8 +100,8 @@ def read_sidecar(shards: Path):
     """What the manifest merge takes from a sidecar (:func:`spkr.shards.writer.merge_manifest`);
     None: the shard counts as not complete and is written again."""
     from spkr.shards.format import ShardInfo
+    from spkr.shards.plan import ShardJob
     from spkr.shards.stats import RunningStats
-    from spkr.shards.writer import ShardJob
     from spkr.shards.writer import read_sidecar as read
 
     job = ShardJob("train", 0, [], [])
@@ -139,7 +140,7 @@ def read_checkpoint(path: Path):
 
 
 def read_trials(path: Path):
-    from spkr.scoring import read_trials as read
+    from spkr.shards.trials import read_trials as read
 
     t = read(path)
     return canonical([t.target, list(t.enroll), list(t.test)])

@@ -19,16 +19,14 @@ from .librispeech import (
     read_speakers_txt,
     training_combination,
 )
-from .protocols import PROTOCOLS, Protocol, ProtocolSplit, Trial, make_protocol
+from .protocols import Protocol, ProtocolSplit, make_protocol
 
 __all__ = [
     "COMBINED",
-    "PROTOCOLS",
     "DEV_SUBSET",
     "SUBSETS",
     "TEST_SUBSET",
     "TRAIN_SUBSETS",
-    "Trial",
     "Protocol",
     "ProtocolSplit",
     "SpeakerInfo",

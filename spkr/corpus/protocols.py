@@ -4,8 +4,8 @@ Three protocols, each a pure, seeded, deterministic function of the utterance li
 their order) that returns a :class:`Protocol` -- everything the shard tool writes and the manifest
 records (see docs/protocols.md):
 
-* ``closed`` -- the original project's closed-set re-split (:func:`spkr.corpus.labels.build_splits`,
-  unchanged): splits ``train``/``valid``/``test``, classes = train ∪ dev ∪ test speakers.
+* ``closed`` -- the closed-set re-split of :func:`spkr.corpus.labels.build_splits`: splits
+  ``train``/``valid``/``test``, classes = train ∪ dev ∪ test speakers.
 * ``closed-session`` -- the same class set, but every valid/test utterance comes from a chapter (a
   LibriSpeech recording session) that has no training utterance: whole chapters are held out per
   speaker with >= 2 chapters, aiming at the ``closed`` sizes (``len(dev)``, ``len(test)``). Speakers
@@ -32,31 +32,26 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from spkr.shards.schema import (
+    CLASSIFICATION,
+    CLOSED,
+    CLOSED_SESSION,
+    OPEN,
+    PROTOCOLS,
+    VERIFICATION,
+    trials_path,
+)
+from spkr.shards.trials import Trial, format_trials
+
 from .labels import _apportion, build_splits, check_unique_keys, resplit, sort_by_speaker, sort_speakers
 from .librispeech import Utterance, numeric_sort_key
 
-CLOSED, CLOSED_SESSION, OPEN = "closed", "closed-session", "open"
-PROTOCOLS: tuple[str, ...] = (CLOSED, CLOSED_SESSION, OPEN)
-CLASSIFICATION, VERIFICATION = "classification", "verification"
 TRAIN, VALID, TEST = "train", "valid", "test"
 VALID_VERIFY, TEST_VERIFY = "valid-verify", "test-verify"
-TRIALS_DIR = "trials"  # <out>/trials/<split>.txt
 
 DEFAULT_ENROLL_PER_SPEAKER = 3
 DEFAULT_TRIALS_PER_SPEAKER = 200
 DEFAULT_VALID_FRACTION = 0.05
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One verification trial: is ``test`` spoken by the speaker of ``enroll``?"""
-
-    target: bool
-    enroll: str  # utterance key (an enrollment utterance)
-    test: str  # utterance key (a test utterance)
-
-    def line(self) -> str:
-        return f"{int(self.target)} {self.enroll} {self.test}"
 
 
 @dataclass(frozen=True)
@@ -113,11 +108,6 @@ class Protocol:
             "splits": {name: _split_entry(sp) for name, sp in self.splits.items()},
             "stats": self.stats,
         }
-
-
-def trials_path(split: str) -> str:
-    """Where a verification split's trial list goes, relative to the shards directory."""
-    return f"{TRIALS_DIR}/{split}.txt"
 
 
 def _split_entry(sp: ProtocolSplit) -> dict:
@@ -477,15 +467,6 @@ def _verification_stats(speakers, by_spk, enroll, tests, trials: list[Trial], pe
     }
 
 
-# ------------------------------------------------------------------------------------- trial files
-
-
-def format_trials(trials: Iterable[Trial]) -> str:
-    """Trial file content: one ``<1|0> <enroll_key> <test_key>`` line per trial (``\\n``-terminated),
-    the format :func:`spkr.scoring.parse_trials` reads (the evaluation stage's reader)."""
-    return "".join(t.line() + "\n" for t in trials)
-
-
 # ----------------------------------------------------------------------------------------- checks
 
 
@@ -539,25 +520,15 @@ def _verification_problems(sp: ProtocolSplit, classes: set[str]) -> list[str]:
 
 
 __all__ = [
-    "CLASSIFICATION",
-    "CLOSED",
-    "CLOSED_SESSION",
-    "OPEN",
-    "PROTOCOLS",
     "TEST_VERIFY",
-    "TRIALS_DIR",
     "VALID_VERIFY",
-    "VERIFICATION",
     "Protocol",
     "ProtocolSplit",
-    "Trial",
     "check_speaker_disjoint",
     "closed_protocol",
     "closed_session_protocol",
-    "format_trials",
     "make_protocol",
     "open_protocol",
-    "trials_path",
     "verification_split",
     "verify_protocol",
 ]

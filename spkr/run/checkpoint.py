@@ -23,7 +23,7 @@ import torch
 from spkr.checkpoint import FORMAT, VERSION, check_dataset, set_rng_state, to_plain
 from spkr.config import to_dict
 from spkr.run import TrainError
-from spkr.shards.format import ManifestError
+from spkr.shards.schema import ManifestError
 
 
 @dataclass

@@ -42,17 +42,14 @@ import torch.nn.functional as F
 
 from spkr.run.distributed import DistEnv, all_reduce_sums, autocast, gather
 from spkr.scoring import (
-    TrialList,
     calibrate_thresholds,
-    check_trial_keys,
-    check_trial_labels,
     l2_normalize,
-    parse_trials,
     score_trials,
     select_cohort,
     speaker_means,
     verification_metrics,
 )
+from spkr.shards.trials import TrialList, check_trial_keys, check_trial_labels, parse_trials
 
 
 def eval_loader(

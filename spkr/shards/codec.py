@@ -2,7 +2,7 @@
 (read side), in one place.
 
 Layout: a shard is a POSIX ustar tar; sample ``<key>`` is three regular-file members, in the order of
-:data:`spkr.shards.format.MEMBER_EXTS`: ``<key>.cls`` (ASCII int label), ``<key>.json`` (a JSON
+:data:`spkr.shards.schema.MEMBER_EXTS`: ``<key>.cls`` (ASCII int label), ``<key>.json`` (a JSON
 object, sorted keys) and ``<key>.mel.npy`` (``np.save`` of the (frames, n_mels) float16 features,
 never pickled). Headers carry mtime 0, mode 0644, uid/gid 0 and empty owner names, so equal samples
 give equal bytes. A sample's byte span (its first header up to the next sample's, the last one to
@@ -35,7 +35,7 @@ import numpy as np
 import xxhash
 
 from spkr.errors import SpkrError
-from spkr.shards.format import MEMBER_EXTS
+from spkr.shards.schema import MEMBER_EXTS
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)  # a tar end-of-archive block

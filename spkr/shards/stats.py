@@ -12,7 +12,8 @@ import math
 
 import numpy as np
 
-from spkr.shards.format import ManifestError, _count, _floats, _number, _string_keys
+from spkr.shards.fields import check_count, check_floats, check_number, check_string_keys
+from spkr.shards.schema import ManifestError
 
 
 class RunningStats:
@@ -61,21 +62,21 @@ class RunningStats:
         """Stats as written by to_dict (e.g. in a sidecar), type- and shape-checked, else ManifestError
         naming ``where``."""
         at = f"{where}: stats"
-        _string_keys(d, "stats", where)
+        check_string_keys(d, "stats", where)
         missing = [k for k in ("n_mels", "count", "total", "total_sq", "min", "max") if k not in d]
         if missing:
             raise ManifestError(f"{at} lacks {missing}")
-        n_mels = _count(d["n_mels"], "n_mels", at, lo=1, hi=2**31)
-        total = _floats(d["total"], "total", at, n_mels)
-        total_sq = _floats(d["total_sq"], "total_sq", at, n_mels, lo=0.0)
+        n_mels = check_count(d["n_mels"], "n_mels", at, lo=1, hi=2**31)
+        total = check_floats(d["total"], "total", at, n_mels)
+        total_sq = check_floats(d["total_sq"], "total_sq", at, n_mels, lo=0.0)
         s = cls(n_mels)
-        s.count = _count(d["count"], "count", at)
+        s.count = check_count(d["count"], "count", at)
         s.total, s.total_sq = total, total_sq
         for k in ("min", "max"):
             if d[k] is None and s.count:
                 raise ManifestError(f"{at}: {k} is null for {s.count} frames")
-        s.min = _number(d["min"], "min", at) if d["min"] is not None else math.inf
-        s.max = _number(d["max"], "max", at) if d["max"] is not None else -math.inf
+        s.min = check_number(d["min"], "min", at) if d["min"] is not None else math.inf
+        s.max = check_number(d["max"], "max", at) if d["max"] is not None else -math.inf
         return s
 
     def summary(self) -> dict:

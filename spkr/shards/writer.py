@@ -1,8 +1,8 @@
 """Write side: utterances -> log-mel features -> WebDataset tar shards + manifest (the tar layout
 itself is :mod:`spkr.shards.codec`'s).
 
-    plan_shards(splits, label spaces[, augment])  deterministic list of ShardJob (split, index, samples)
-    run(jobs, rank, world, workers) each rank writes the jobs i with i % world == rank, in parallel
+    plan_shards(...)               (spkr.shards.plan) the deterministic list of ShardJob
+    run_jobs(jobs, ..., rank, world) each rank writes the jobs i with i % world == rank, in parallel
     write_shard(...)               one tar, written under a temporary name, then renamed; then its sidecar
     merge_manifest(...)            when every planned shard has a sidecar: the protocol's trial files,
                                    augment.jsonl, the index files, then manifest.json (each atomically)
@@ -28,23 +28,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from spkr import atomic, storage
 from spkr.augment import (
-    COPY_SEPARATOR,
     AugmentConfig,
     AugmentError,
     AugmentSources,
     augment,
     augment_identity,
-    copy_key,
-    copy_speaker,
     description_json,
     known_contents,
     load_sources,
@@ -54,23 +49,20 @@ from spkr.config import ConfigError, check_fields, in_range
 from spkr.corpus.librispeech import Utterance
 from spkr.corpus.protocols import Protocol
 from spkr.features import AudioError, FeatureConfig, LogMel, compute_logmel, load_audio, resolve_backend
+from spkr.shards.checks import with_digest
 from spkr.shards.codec import Sample, digest_tar, write_tar
-from spkr.shards.format import (
+from spkr.shards.format import Manifest, ShardInfo, dataset_extras, dataset_id, split_summary
+from spkr.shards.index import index_files
+from spkr.shards.plan import ShardJob
+from spkr.shards.schema import (
     AUGMENT_NAME,
+    COPY_SEPARATOR,
     FORMAT,
     INLINE_VERSION,
     MANIFEST_NAME,
     SAMPLE_CHECKSUM,
     SIDECAR_SUFFIX,
-    Manifest,
     ManifestError,
-    ShardInfo,
-    dataset_extras,
-    dataset_id,
-    index_files,
-    shard_name,
-    split_summary,
-    with_digest,
 )
 from spkr.shards.stats import RunningStats
 
@@ -151,103 +143,6 @@ def write_shard(
 
 
 # --------------------------------------------------------------------------- planning
-
-
-@dataclass
-class ShardJob:
-    split: str
-    index: int
-    utterances: list[Utterance]
-    labels: list[int]
-    identity: dict = field(default_factory=dict)  # the run's identity (run_identity) [+ "augment"]
-    copies: list[int | None] | None = None  # per utterance: augmented copy index, None = the original
-
-    @property
-    def name(self) -> str:
-        return shard_name(self.split, self.index)
-
-    def copy_indices(self) -> list[int | None]:
-        return self.copies if self.copies is not None else [None] * len(self.utterances)
-
-    def keys(self) -> list[str]:
-        """The sample keys in order: the utterance key, or ``<key>~aug<k>`` for copy k."""
-        return [
-            u.key if k is None else copy_key(u.key, k) for u, k in zip(self.utterances, self.copy_indices())
-        ]
-
-    def plan_hash(self) -> str:
-        """What this shard must hold: the run's identity, then its sample keys and labels in order."""
-        h = hashlib.sha256()
-        h.update(json.dumps(self.identity, sort_keys=True).encode() + b"\n")
-        for key, lab in zip(self.keys(), self.labels):
-            h.update(f"{key}\t{lab}\n".encode())
-        return h.hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class PlannedSample:
-    """One sample to write: an utterance, or augmented copy ``copy`` of it, and its class name."""
-
-    utterance: Utterance
-    copy: int | None
-    speaker: str  # the label's name: the utterance's speaker, or its speed class
-
-
-def with_copies(utts: Iterable[Utterance], augment: AugmentConfig | None) -> list[PlannedSample]:
-    """The utterances and (when ``augment.copies``) their copies, sorted by (key, copy) with the
-    original first; copies labelled by :func:`spkr.augment.copy_speaker`."""
-    out = []
-    for u in sorted(utts, key=lambda u: u.key):
-        out.append(PlannedSample(u, None, u.speaker))
-        for k in range(augment.copies if augment is not None else 0):
-            out.append(PlannedSample(u, k, copy_speaker(u.speaker, u.key, k, augment)))
-    return out
-
-
-def plan_shards(
-    splits: dict[str, list[Utterance]],
-    speakers: list[str] | dict[str, list[str]],
-    shard_size: int,
-    seed: int = 0,
-    identity: dict | None = None,
-    *,
-    augment: AugmentConfig | None = None,
-    augment_split: str = "train",
-    augment_identity: dict | None = None,
-) -> list[ShardJob]:
-    """Deterministic shard plan: each split's samples sorted by (key, copy), shuffled (seeded, so
-    shards mix speakers and copies) and cut into ceil(n / shard_size) shards whose sizes differ by at
-    most one. ``speakers``: the label space (a sample's label is its speaker's index), one list for
-    every split or ``{split: list}``. ``identity`` (:func:`run_identity`) goes into every job's plan
-    hash; with ``augment.copies`` > 0, ``augment_split`` also gets the copies and its jobs'
-    identity ``augment_identity`` (:func:`spkr.augment.augment_identity`) under ``"augment"``."""
-    identity = {**(identity or {}), "seed": int(seed)}
-    if shard_size < 1:
-        raise ValueError("shard_size must be >= 1")
-    copying = augment is not None and augment.copies > 0
-    jobs: list[ShardJob] = []
-    for split, utts in splits.items():
-        space = speakers[split] if isinstance(speakers, dict) else speakers
-        label_of = {spk: i for i, spk in enumerate(space)}
-        order = with_copies(utts, augment if copying and split == augment_split else None)
-        random.Random(f"{seed}:{split}").shuffle(order)
-        copies_here = copying and split == augment_split
-        job_identity = {**identity, "augment": augment_identity} if copies_here else identity
-        n_shards = max(1, math.ceil(len(order) / shard_size)) if order else 0
-        for i in range(n_shards):
-            part = order[i * len(order) // n_shards : (i + 1) * len(order) // n_shards]
-            unknown = [s for s in part if s.speaker not in label_of]
-            if unknown:
-                u = unknown[0].utterance
-                raise ValueError(
-                    f"{u.path or u.key}: speaker {unknown[0].speaker} not in split {split}'s labels"
-                )
-            copies = [s.copy for s in part] if copies_here else None
-            utterances = [s.utterance for s in part]
-            jobs.append(
-                ShardJob(split, i, utterances, [label_of[s.speaker] for s in part], job_identity, copies)
-            )
-    return jobs
 
 
 # --------------------------------------------------------------------------- one shard job
@@ -591,9 +486,9 @@ def build_manifest(
     """The manifest's data for these shards (the one place its fields are assembled): ``stats`` is
     :meth:`RunningStats.summary` of the training split; ``identity`` the run's (run_identity);
     ``protocol`` ``Protocol.manifest_entry()``; ``augment`` the copies' entry (:func:`augment_entry`).
-    The last two are stored only when given (older manifests have neither). The per-sample fields
+    The last two are stored only when given. The per-sample fields
     are inline (a version-2 manifest): :func:`write_manifest` writes them as index files. Its
-    ``digest`` (:func:`spkr.shards.format.manifest_digest`) covers every field."""
+    ``digest`` (:func:`spkr.shards.checks.manifest_digest`) covers every field."""
     data = {
         "format": FORMAT,
         "version": INLINE_VERSION,
@@ -735,12 +630,9 @@ def write_manifest(out: str, data: dict, storage_options: dict | None = None) ->
 
 
 __all__ = [
-    "PlannedSample",
     "augment_entry",
     "augment_run_identity",
     "job_sources",
-    "with_copies",
-    "ShardJob",
     "ShardConflict",
     "build_manifest",
     "run_identity",
@@ -749,7 +641,6 @@ __all__ = [
     "JobResult",
     "write_shard",
     "write_bytes_atomic",
-    "plan_shards",
     "write_job",
     "run_jobs",
     "merge_manifest",

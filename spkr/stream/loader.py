@@ -44,7 +44,8 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from spkr import runtime, storage
-from spkr.shards.format import DatasetMismatch, Manifest
+from spkr.shards.format import Manifest
+from spkr.shards.schema import DatasetMismatch
 from spkr.stream.dataset import ShardDataset
 from spkr.stream.plan import EpochPlan
 

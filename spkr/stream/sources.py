@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 from spkr import storage
 from spkr.shards.codec import ShardError
-from spkr.shards.format import ShardInfo, shard_name_problem
+from spkr.shards.format import ShardInfo
+from spkr.shards.schema import shard_name_problem
 
 DEFAULT_CHUNK = 4 << 20
 

@@ -30,6 +30,7 @@ import dataclasses
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from spkr.augment import AugmentConfig, speed_classes
 from spkr.config import add_storage_options, finite_number, json_object
@@ -43,28 +44,23 @@ from spkr.corpus.librispeech import (
     training_combination,
 )
 from spkr.corpus.protocols import (
-    CLOSED_SESSION,
     DEFAULT_ENROLL_PER_SPEAKER,
     DEFAULT_TRIALS_PER_SPEAKER,
     DEFAULT_VALID_FRACTION,
-    OPEN,
-    PROTOCOLS,
     TRAIN,
-    VERIFICATION,
     Protocol,
     make_protocol,
 )
 from spkr.errors import EXIT_ERROR, KNOWN_ERRORS, one_line
 from spkr.features import AudioError, FeatureConfig
-from spkr.shards.format import sample_key_problem
+from spkr.shards.plan import plan_shards, with_copies
+from spkr.shards.schema import CLOSED_SESSION, OPEN, PROTOCOLS, VERIFICATION, sample_key_problem
 from spkr.shards.writer import (
     WriteOptions,
     augment_run_identity,
     merge_manifest,
-    plan_shards,
     run_identity,
     run_jobs,
-    with_copies,
 )
 
 OPEN_OPTIONS = {  # option -> default; only with --protocol open
@@ -84,6 +80,22 @@ AUGMENT_OPTIONS = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m spkr.tools.shard", description=__doc__.split("\n")[0])
+    _add_source_options(p)
+    _add_write_options(p)
+    _add_protocol_options(p.add_argument_group("protocol (docs/protocols.md)"))
+    _add_augment_options(p.add_argument_group("augmentation (spkr.augment; training split only)"))
+    args = p.parse_args(argv)
+    given = [o for o in OPEN_OPTIONS if getattr(args, o) is not None]
+    if given and args.protocol != OPEN:
+        p.error(f"--{given[0].replace('_', '-')} only applies to --protocol open")
+    given = [o for o in AUGMENT_OPTIONS if getattr(args, o)]
+    if given and args.augment_copies <= 0:
+        p.error(f"--{given[0].replace('_', '-')} needs --augment-copies K (K >= 1)")
+    return args
+
+
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    """Where the corpus is, which of it, where the shards go and who writes them."""
     p.add_argument(
         "--source", required=True, help="LibriSpeech root (OpenSLR layout) or, with --hf, a HF dataset"
     )
@@ -100,6 +112,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=None, help="this machine's rank (default: $RANK or 0)")
     p.add_argument("--world-size", type=int, default=None, help="number of ranks (default: $WORLD_SIZE or 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the re-split and the write-time shuffle")
+
+
+def _add_write_options(p: argparse.ArgumentParser) -> None:
+    """How audio is read and featurized, and what happens to shards already in --out."""
     p.add_argument(
         "--on-error", choices=("fail", "skip"), default="fail", help="bad audio: stop, or skip+report"
     )
@@ -120,14 +136,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="rewrite shards in --out that were written under another config/seed/source (else: stop)",
     )
     p.add_argument("--no-progress", action="store_true")
-    g = p.add_argument_group("protocol (docs/protocols.md)")
+
+
+def _add_protocol_options(g) -> None:
     g.add_argument("--protocol", choices=PROTOCOLS, default="closed", help="how utterances go to splits")
     g.add_argument("--trials-per-speaker", type=int, default=None, help="open: trials per speaker (200)")
     g.add_argument("--enroll-per-speaker", type=int, default=None, help="open: enrollment utterances (3)")
     g.add_argument(
         "--valid-fraction", type=finite_number, default=None, help="open: train share in valid (0.05)"
     )
-    g = p.add_argument_group("augmentation (spkr.augment; training split only)")
+
+
+def _add_augment_options(g) -> None:
     g.add_argument("--augment-copies", type=int, default=0, help="K augmented copies per training utterance")
     g.add_argument(
         "--augment-kinds", default=None, help="comma list of noise,music,babble,reverb,speed (a+b chains)"
@@ -145,14 +165,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument(
         "--augment-config", type=json_object, default=None, help="JSON object of AugmentConfig fields"
     )
-    args = p.parse_args(argv)
-    given = [o for o in OPEN_OPTIONS if getattr(args, o) is not None]
-    if given and args.protocol != OPEN:
-        p.error(f"--{given[0].replace('_', '-')} only applies to --protocol open")
-    given = [o for o in AUGMENT_OPTIONS if getattr(args, o)]
-    if given and args.augment_copies <= 0:
-        p.error(f"--{given[0].replace('_', '-')} needs --augment-copies K (K >= 1)")
-    return args
 
 
 def speed_list(text: str) -> list[float]:
@@ -357,63 +369,91 @@ def write_shards(args, jobs: list, cfg: FeatureConfig, opts: WriteOptions, rank:
     )
 
 
+@dataclass
+class ShardRun:
+    """What one shard run writes: the protocol's splits, the copies' recipe, the label map and
+    class weights, the planned jobs and the manifest's ``corpus`` entry."""
+
+    cfg: FeatureConfig
+    protocol: Protocol
+    aug: AugmentConfig | None
+    opts: WriteOptions
+    classes: list[str]
+    weights: list[float]
+    jobs: list
+    corpus: dict
+    skipped: list[dict]  # utterances refused before planning (metadata problems)
+
+
+def plan_run(args) -> ShardRun:
+    """Read the corpus, build the protocol and the copies' recipe, and plan the shards."""
+    overrides = dict(args.feature_config or {})
+    if args.n_mels:
+        overrides["n_mels"] = args.n_mels
+    cfg = FeatureConfig.from_dict({**FeatureConfig().to_dict(), **overrides}, "--feature-config")
+    skipped: list[dict] = []
+    train, dev, test, subsets = load_corpus(args, skipped)
+    if not train:
+        raise ValueError(f"{args.source}: no training utterances found for {args.subsets}")
+    options = {o: getattr(args, o) for o in OPEN_OPTIONS if getattr(args, o) is not None}
+    protocol = make_protocol(args.protocol, train, dev, test, seed=args.seed, **options)
+    aug = augment_config(args)
+    opts = write_options(args, aug)
+    classes, spaces = label_spaces(protocol, aug)
+    weights = training_weights(protocol, aug, classes)
+    # as typed (not resolved): every rank of a multi-machine run must plan the same identity
+    source = str(args.source).rstrip("/") or "/"
+    jobs = plan_shards(
+        protocol.split_utterances(),
+        spaces,
+        args.shard_size,
+        seed=args.seed,
+        identity=run_identity(cfg, opts, args.seed, source),
+        augment=aug,
+        augment_split=TRAIN,
+        augment_identity=augment_run_identity(aug, cfg.sample_rate) if aug else None,
+    )
+    corpus = corpus_entry(args, subsets, protocol, jobs, aug)
+    return ShardRun(cfg, protocol, aug, opts, classes, weights, jobs, corpus, skipped)
+
+
+def announce(run: ShardRun, args, rank: int, world: int) -> None:
+    """What the run is about to write, on stderr."""
+    print(f"[shard] {describe_protocol(run.protocol)}", file=sys.stderr)
+    if run.aug is not None:
+        print(
+            f"[shard] augmentation: {run.aug.copies} copies of each of "
+            f"{len(run.protocol.splits[TRAIN].utterances)} training utterances ({', '.join(run.aug.kinds)}); "
+            f"{len(run.classes)} classes",
+            file=sys.stderr,
+        )
+    print(
+        f"[shard] {run.corpus['num_utterances']} utterances, {len(run.protocol.classes)} speakers, "
+        f"{len(run.jobs)} shards -> {args.out} (rank {rank}/{world}, {args.workers} workers)",
+        file=sys.stderr,
+    )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
     world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
-    overrides = dict(args.feature_config or {})
-    if args.n_mels:
-        overrides["n_mels"] = args.n_mels
     try:
-        cfg = FeatureConfig.from_dict({**FeatureConfig().to_dict(), **overrides}, "--feature-config")
-        pre_skipped: list[dict] = []
-        train, dev, test, subsets = load_corpus(args, pre_skipped)
-        if not train:
-            raise ValueError(f"{args.source}: no training utterances found for {args.subsets}")
-        options = {o: getattr(args, o) for o in OPEN_OPTIONS if getattr(args, o) is not None}
-        protocol = make_protocol(args.protocol, train, dev, test, seed=args.seed, **options)
-        aug = augment_config(args)
-        opts = write_options(args, aug)
-        classes, spaces = label_spaces(protocol, aug)
-        weights = training_weights(protocol, aug, classes)
-        # as typed (not resolved): every rank of a multi-machine run must plan the same identity
-        source = str(args.source).rstrip("/") or "/"
-        jobs = plan_shards(
-            protocol.split_utterances(),
-            spaces,
-            args.shard_size,
-            seed=args.seed,
-            identity=run_identity(cfg, opts, args.seed, source),
-            augment=aug,
-            augment_split=TRAIN,
-            augment_identity=augment_run_identity(aug, cfg.sample_rate) if aug else None,
-        )
-        corpus = corpus_entry(args, subsets, protocol, jobs, aug)
-        print(f"[shard] {describe_protocol(protocol)}", file=sys.stderr)
-        if aug is not None:
-            print(
-                f"[shard] augmentation: {aug.copies} copies of each of {len(protocol.splits[TRAIN].utterances)} "
-                f"training utterances ({', '.join(aug.kinds)}); {len(classes)} classes",
-                file=sys.stderr,
-            )
-        print(
-            f"[shard] {corpus['num_utterances']} utterances, {len(protocol.classes)} speakers, "
-            f"{len(jobs)} shards -> {args.out} (rank {rank}/{world}, {args.workers} workers)",
-            file=sys.stderr,
-        )
+        run = plan_run(args)
+        announce(run, args, rank, world)
         if not args.merge_only:
-            write_shards(args, jobs, cfg, opts, rank, world)
+            write_shards(args, run.jobs, run.cfg, run.opts, rank, world)
         manifest = merge_manifest(
             args.out,
-            jobs,
-            cfg,
-            classes,
-            weights,
-            corpus,
+            run.jobs,
+            run.cfg,
+            run.classes,
+            run.weights,
+            run.corpus,
             storage_options=args.storage_options,
-            skipped=pre_skipped,
-            protocol=protocol,
-            augment=aug,
+            skipped=run.skipped,
+            protocol=run.protocol,
+            augment=run.aug,
         )
     except KNOWN_ERRORS as e:
         print(one_line("shard", e), file=sys.stderr)
