@@ -145,7 +145,7 @@ class ShardFetcher:
     def url(self, shard: ShardInfo | str) -> str:
         """The shard's path or URL under ``base``. A name that could reach outside it (absolute, '..',
         a URL scheme, under s3://bucket-a/p a '/bucket-b/...' name, ...: see
-        :func:`spkr.shards.format.shard_name_problem`) is refused, even for a ShardInfo made by hand."""
+        :func:`spkr.shards.schema.shard_name_problem`) is refused, even for a ShardInfo made by hand."""
         name = shard if isinstance(shard, str) else shard.name
         problem = shard_name_problem(name)
         if problem:
