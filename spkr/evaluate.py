@@ -5,8 +5,9 @@
         [--split test-verify] [--as-norm [--cohort-per-speaker 3] [--cohort-size 0] [--top-k 300]]
 
 ``--split`` defaults to the split whose role is ``test`` (``test``, or ``test-verify`` on an ``open``
-shard set, docs/protocols.md). Batches come from :func:`spkr.run.evaluation.eval_loader`, the loader
-training validates with, normalised with the checkpoint's statistics; each utterance is embedded once.
+shard set, docs/protocols.md). The evaluation is :func:`spkr.run.evaluation.evaluate_split`, the one
+training validates and tests with, on :func:`spkr.run.evaluation.eval_loader`'s batches normalised
+with the checkpoint's statistics; each utterance is embedded once.
 
 Classification split: cross-entropy (unweighted) and top-1 accuracy over every sample; verification
 on trial pairs made from the labels (all pairs, or a seeded sample of target and non-target pairs when

@@ -24,8 +24,8 @@ Every epoch: ``valid`` loss/accuracy (each sample exactly once over the ranks, s
 end: ``test`` loss/accuracy and verification EER/minDCF. Metrics: ``<out>/metrics.jsonl`` (rank 0).
 
 Layout: this file is the command line and :func:`train`, read top to bottom; the parts live in
-:mod:`spkr.run` (distributed, configs, rundir, checkpoint, metrics, evaluation, trainer). Errors the
-user can fix are one line on stderr and exit status 2 (:func:`spkr.run.cli.cli_main`).
+:mod:`spkr.run` (distributed, configs, rundir, checkpoint, metrics, evaluation, mel_augment, trainer).
+Errors the user can fix are one line on stderr and exit status 2 (:func:`spkr.run.cli.cli_main`).
 
 Resume: ``--resume``, or automatically when torchrun restarts the job (TORCHELASTIC_RESTART_COUNT > 0)
 or an explicit ``--out`` holds ``last.pt`` (``--fresh`` ignores it): model, optimizer, schedule, scaler,

@@ -304,8 +304,10 @@ def cohort_selection(
     return set(chosen), info
 
 
-def read_selected(shards: str, manifest, split: str, keys: set[str], batch_size: int, *, stats: dict,
-                  storage_options: dict | None = None, dtype: str = "float16") -> Iterator[tuple[dict, dict]]:  # fmt: skip
+def read_selected(
+    shards: str, manifest, split: str, keys: set[str], batch_size: int, *, stats: dict,
+    storage_options: dict | None = None, dtype: str = "float16",
+) -> Iterator[tuple[dict, dict]]:  # fmt: skip
     """(batch, read so far) of exactly the samples of ``split`` whose key is in ``keys``. Batches as
     :func:`eval_loader`'s (normalised with ``stats``, ``dtype``, ``{"mel", "lengths", "labels",
     "keys"}``) and bucketed by length the loader's way: the selection is the stream of an evaluation

@@ -194,8 +194,9 @@ class Trainer:
         """The position (and model/optimizer/schedule/scaler/RNG state) of ``<out>/last.pt``."""
         ckpt = load_checkpoint(self.last, map_location=self.env.device)
         pos = state.restore(
-            ckpt, model=self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-            manifest=self.data.manifest, model_cfg=self.model_cfg, rank=self.env.rank, world=self.env.world,
+            ckpt, model=self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler,
+            scaler=self.scaler, manifest=self.data.manifest, model_cfg=self.model_cfg, rank=self.env.rank,
+            world=self.env.world,
             where=str(self.last),
         )  # fmt: skip
         self.thresholds = ckpt.get("verification_thresholds")
@@ -233,16 +234,16 @@ class Trainer:
         )
         self.logger.log(
             f"train: dataset {manifest.dataset_id}, {manifest.split('train').num_samples} samples, "
-            f"{data.train.dropped} dropped per epoch for equal rank shares, {data.micro_per_epoch} batches/rank/epoch "
-            f"of {self.cfg.batch_size} x {self.cfg.grad_accum} accum, {data.steps_per_epoch} steps/epoch, "
-            f"{data.total_steps} steps"
+            f"{data.train.dropped} dropped per epoch for equal rank shares, "
+            f"{data.micro_per_epoch} batches/rank/epoch of {self.cfg.batch_size} x {self.cfg.grad_accum} "
+            f"accum, {data.steps_per_epoch} steps/epoch, {data.total_steps} steps"
         )
         self.logger.metrics(
             {
-                "kind": "config", "time": time.time(), "dataset_id": manifest.dataset_id, "shards": self.shards,
-                "world_size": env.world, "backend": raw.backend_name(), "compile": use_compile,
-                "dtype": dtype_name(self.amp_dtype), "dropped": data.train.dropped, "params": n_params,
-                "steps_per_epoch": data.steps_per_epoch, "total_steps": data.total_steps,
+                "kind": "config", "time": time.time(), "dataset_id": manifest.dataset_id,
+                "shards": self.shards, "world_size": env.world, "backend": raw.backend_name(),
+                "compile": use_compile, "dtype": dtype_name(self.amp_dtype), "dropped": data.train.dropped,
+                "params": n_params, "steps_per_epoch": data.steps_per_epoch, "total_steps": data.total_steps,
                 "resumed_step": resumed_step, "train": to_dict(self.cfg), "model": to_dict(self.model_cfg),
             }
         )  # fmt: skip

@@ -20,11 +20,13 @@ that very checkpoint on the very dataset being charted: the same weights (the ``
 training records with each evaluation row against :func:`spkr.checkpoint.weights_fingerprint` of the
 checkpoint's state dict), the same step and epoch, the same ``dataset_id`` (the checkpoint's, which is
 also the charted shards'), and every sample of the split (``n``; for a verification split: its split
-name and every trial of its list). Anything else (epochs training did not validate, runs older than the fingerprint, other
-shards, ``--no-reuse``) is evaluated here with :func:`spkr.run.evaluation.eval_loader` (training's
-evaluation batches) under ``--dtype`` (default auto: training's precision policy,
+name and every trial of its list). Anything else (epochs training did not validate, rows without a
+weights fingerprint, other shards, ``--no-reuse``) is evaluated here by
+:func:`spkr.run.evaluation.evaluate_split` on :func:`spkr.run.evaluation.eval_loader`'s batches (as
+training and spkr.evaluate) under ``--dtype`` (default auto: training's precision policy,
 :func:`spkr.run.distributed.resolve_dtype`, logged); each point in losses.json says which
-(``"source": "metrics.jsonl" | "evaluated"``) and its autocast dtype. Errors: one line, exit status 2.
+(``"source": "metrics.jsonl" | "evaluated"``) and its autocast dtype, and ``reuse`` counts both.
+Errors: one line, exit status 2.
 
 Training evaluates the split of role test (``test``, ``test-verify``) only once, at the end, so by
 default it is charted for the last epoch's checkpoint only; ``--test-epochs all`` evaluates it for
