@@ -8,6 +8,7 @@ are built by tests/runkit.py.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,7 +138,9 @@ def test_train_streams_from_loopback_s3(session_base, tmp_path):
         assert any(x["kind"] == "test" and x["n"] > 0 for x in rows)
         assert (run / "last.pt").exists()
         # evaluate and chart_losses read the checkpoint's s3:// shards with the options of the
-        # environment too (resolved by the storage layer; the CLIs pass --storage-options only)
+        # environment too (resolved by the storage layer; the CLIs pass --storage-options only); the
+        # run stopped mid-epoch (--max-steps), so chart_losses charts its last.pt as an epoch checkpoint
+        shutil.copy(run / "last.pt", run / "ckpt-epoch000.pt")
         for cmd in (
             ["spkr.evaluate", "--checkpoint", str(run / "last.pt"), "--device", "cpu"],
             ["spkr.tools.chart_losses", "--run", str(run), "--device", "cpu"],

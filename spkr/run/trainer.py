@@ -60,7 +60,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# --------------------------------------------------------------------------- build
+# --------------------------------------------------------------------------- the data
 
 
 @dataclass
@@ -100,7 +100,7 @@ def seed_rank(seed: int, rank: int) -> None:
     np.random.seed((seed + rank) % 2**32)
 
 
-def build_data(shards: str, cfg: TrainConfig, env: DistEnv, storage_options: dict) -> Data:
+def build_data(shards: str, cfg: TrainConfig, env: DistEnv, storage_options: dict | None) -> Data:
     """The training loader (random crops, float16 batches cast on the device) and the evaluation
     loaders over the same manifest (:func:`training_splits`: ``valid``/``test``; protocol open also
     ``valid-verify``, and ``test-verify`` as the test split); TrainError if this rank gets no batch."""
