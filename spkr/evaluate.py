@@ -5,8 +5,9 @@
         [--split test-verify] [--as-norm [--cohort-per-speaker 3] [--cohort-size 0] [--top-k 300]]
 
 ``--split`` defaults to the split whose role is ``test`` (``test``, or ``test-verify`` on an ``open``
-shard set, docs/protocols.md). Batches come from :func:`spkr.run.evaluation.eval_loader`, the loader
-training validates with, normalised with the checkpoint's statistics; each utterance is embedded once.
+shard set, docs/protocols.md). The evaluation is :func:`spkr.run.evaluation.evaluate_split`, the one
+training validates and tests with, on :func:`spkr.run.evaluation.eval_loader`'s batches normalised
+with the checkpoint's statistics; each utterance is embedded once.
 
 Classification split: cross-entropy (unweighted) and top-1 accuracy over every sample; verification
 on trial pairs made from the labels (all pairs, or a seeded sample of target and non-target pairs when
@@ -40,22 +41,22 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from spkr.run.cli import cli_main
-from spkr.run.distributed import DTYPE_CHOICES, DistEnv, describe_dtype, dtype_name, resolve_dtype
+from spkr.run.distributed import DTYPE_CHOICES, describe_dtype, dtype_name, resolve_dtype
 from spkr.run.evaluation import (
     COHORT_PER_SPEAKER,
+    EvalOptions,
     embed_cohort,
     eval_loader,
-    evaluate_distributed,
-    run_split,
-    summarise,
-    verify_split,
+    eval_splits,
+    evaluate_split,
+    local_env,
 )
-from spkr.scoring import verification
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,107 +106,98 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@dataclass(frozen=True)
+class AsNorm:
+    """``--as-norm``: the cohort of training speakers the trial scores are normalised against."""
+
+    per_speaker: int = COHORT_PER_SPEAKER  # original training utterances embedded per speaker
+    size: int = 0  # speakers, a seeded sample (0 = every training speaker)
+
+
 def evaluate_checkpoint(
     ckpt: dict,
     shards: str,
     split: str | None = None,
+    opts: EvalOptions = EvalOptions(pairs=200_000),
     *,
+    device: str | torch.device | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
-    storage_options: dict | None = None,
-    verify: bool = True,
-    max_pairs: int = 200_000,
-    seed: int = 0,
-    amp_dtype=None,
-    model=None,
+    as_norm: AsNorm | None = None,
     allow_other_dataset: bool = False,
     warn=lambda msg: print(f"[evaluate] {msg}", file=sys.stderr),
-    device: str | torch.device | None = None,
-    as_norm: bool = False,
-    cohort_size: int = 0,
-    top_k: int = 300,
-    cohort_per_speaker: int = COHORT_PER_SPEAKER,
 ) -> dict:
     """Metrics of a checkpoint on one split (None: the split of role ``test``) of its own training
     dataset (another one only with ``allow_other_dataset``, with a warning), normalised with the
-    checkpoint's statistics: loss/accuracy (+ label-pair verification) on a classification split,
-    trial-list verification (+ AS-norm with ``as_norm``) on a verification split (module docstring).
-    Runs on ``device`` (None: cuda when available, else cpu; with ``model`` given: that model's device)
-    with the Mamba backend for that device, whichever one the checkpoint was trained with
-    (:func:`spkr.checkpoint.build_model_from_checkpoint`), under autocast ``amp_dtype`` (None = fp32);
-    the result names all three."""
+    checkpoint's statistics: :func:`spkr.run.evaluation.evaluate_split` with ``opts`` (loss/accuracy
+    + label-pair verification on a classification split, trial-list verification on a verification
+    split, AS-norm'ed with ``as_norm``; module docstring). Runs on ``device`` (None: cuda when
+    available, else cpu) with the Mamba backend for that device, whichever one the checkpoint was
+    trained with (:func:`spkr.checkpoint.build_model_from_checkpoint`), under autocast
+    ``opts.amp_dtype`` (None = fp32); the result names all three."""
     from spkr.checkpoint import build_model_from_checkpoint, check_dataset, resolve_device
     from spkr.shards.format import Manifest
 
-    manifest = Manifest.load(shards, storage_options)
+    manifest = Manifest.load(shards, opts.storage_options)
     split = split or default_split(manifest)
     kind = manifest.split_kind(split)
     if as_norm and kind != "verification":
         raise ValueError(f"--as-norm scores trial lists: split '{split}' is a {kind} split")
-    if as_norm and (cohort_per_speaker < 1 or cohort_size < 0 or top_k < 2):
+    if as_norm and (as_norm.per_speaker < 1 or as_norm.size < 0 or opts.top_k < 2):
         raise ValueError("--cohort-per-speaker must be >= 1, --cohort-size >= 0, --top-k >= 2")
     loader = eval_loader(
-        shards, split, batch_size, num_workers=num_workers, storage_options=storage_options,
+        shards, split, batch_size, num_workers=num_workers, storage_options=opts.storage_options,
         stats=ckpt["stats"], manifest=manifest,
     )  # fmt: skip
     warning = check_dataset(ckpt, manifest, "the checkpoint", allow_other_dataset=allow_other_dataset)
     if warning:
         warn(warning)
-    if model is None:
-        device = resolve_device(device)
-        model, _ = build_model_from_checkpoint(ckpt, device)
-    else:
-        device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = resolve_device(device)
+    model, _ = build_model_from_checkpoint(ckpt, device)
     res = {"split": split, "kind": kind, "dataset_id": manifest.dataset_id, "same_dataset": warning is None}
-    res.update(device=str(device), backend=model.backend_name(), dtype=dtype_name(amp_dtype))
-    if kind == "verification":
-        env = DistEnv(False, 0, 1, 0, torch.device(device))
-        cohort = None
-        if as_norm:
-            t0 = time.perf_counter()
-            cohort, how = embed_cohort(
-                model, shards, manifest, manifest.splits_with_role("train")[0], device, amp_dtype,
-                stats=ckpt["stats"], per_speaker=cohort_per_speaker, seed=seed, cohort_size=cohort_size,
-                batch_size=batch_size, storage_options=storage_options,
-            )  # fmt: skip
-            how["seconds"] = round(time.perf_counter() - t0, 3)
-            print(
-                f"[evaluate] AS-norm cohort: {how['speakers']} speakers from {how['utterances']} of the "
-                f"{how['utterances_available']} {how['split']} utterances ({how['shards_read']} of "
-                f"{how['shards_total']} shards read, seed {seed}) in {how['seconds']:.1f} s",
-                file=sys.stderr,
-            )
-        emb = evaluate_distributed(model, loader, env, amp_dtype, embeddings=True, classify=False)
-        res["n"] = emb["n"]
-        res["verification"] = verify_split(
-            emb, manifest, split, storage_options=storage_options, cohort=cohort, top_k=top_k
-        )
-        if as_norm:
-            res["verification"]["as_norm"]["cohort_selection"] = how
-        return res
-    sums = run_split(model, loader, device, amp_dtype, embeddings=verify)
-    res.update(summarise(sums))
-    if verify:
-        try:
-            res["verification"] = verification(sums["emb"], sums["labels"], max_pairs, seed)
-        except ValueError as e:  # e.g. one utterance per speaker: no target pair
-            res["verification"] = {"error": str(e)}
+    res.update(device=str(device), backend=model.backend_name(), dtype=dtype_name(opts.amp_dtype))
+    cohort = how = None
+    if as_norm:
+        cohort, how = as_norm_cohort(model, shards, manifest, ckpt, device, opts, as_norm, batch_size)
+    res.update(evaluate_split(model, loader, local_env(device), opts, cohort))
+    if as_norm:
+        res["verification"]["as_norm"]["cohort_selection"] = how
     return res
+
+
+def as_norm_cohort(
+    model, shards, manifest, ckpt, device, opts: EvalOptions, as_norm: AsNorm, batch_size: int
+):
+    """(cohort, how it was made) of :func:`spkr.run.evaluation.embed_cohort` over the split of role
+    train (seeded with ``opts.seed``), timed and reported on stderr."""
+    t0 = time.perf_counter()
+    cohort, how = embed_cohort(
+        model, shards, manifest, manifest.splits_with_role("train")[0], device, opts.amp_dtype,
+        stats=ckpt["stats"], per_speaker=as_norm.per_speaker, seed=opts.seed, cohort_size=as_norm.size,
+        batch_size=batch_size, storage_options=opts.storage_options,
+    )  # fmt: skip
+    how["seconds"] = round(time.perf_counter() - t0, 3)
+    print(
+        f"[evaluate] AS-norm cohort: {how['speakers']} speakers from {how['utterances']} of the "
+        f"{how['utterances_available']} {how['split']} utterances ({how['shards_read']} of "
+        f"{how['shards_total']} shards read, seed {opts.seed}) in {how['seconds']:.1f} s",
+        file=sys.stderr,
+    )
+    return cohort, how
 
 
 def default_split(manifest) -> str:
     """The split of role ``test`` (``test``; ``test-verify`` on an ``open`` shard set)."""
-    splits = manifest.splits_with_role("test")
-    if not splits:
+    split = eval_splits(manifest).test
+    if split is None:
         raise ValueError(
             f"{manifest.url}: no split of role test (splits: {manifest.split_names}); give --split"
         )
-    return splits[0]
+    return split
 
 
 def run(args) -> int:
     """The command: load, evaluate, write the JSON, print the summary."""
-    from spkr import storage
     from spkr.checkpoint import describe_backend, resolve_device
     from spkr.checkpoint import load as load_ckpt
     from spkr.run.metrics import eval_line
@@ -217,12 +209,14 @@ def run(args) -> int:
     shards = args.shards or ckpt.get("shards")
     if not shards:
         raise ValueError("no --shards given and the checkpoint does not name its shards")
+    opts = EvalOptions(
+        amp_dtype, pairs=None if args.no_verification else args.max_pairs, seed=args.seed,
+        storage_options=args.storage_options, top_k=args.top_k,
+    )  # fmt: skip
+    as_norm = AsNorm(args.cohort_per_speaker, args.cohort_size) if args.as_norm else None
     res = evaluate_checkpoint(
-        ckpt, shards, args.split, batch_size=args.batch_size, num_workers=args.num_workers,
-        storage_options=storage.storage_options_from_env(args.storage_options), verify=not args.no_verification,
-        max_pairs=args.max_pairs, seed=args.seed, amp_dtype=amp_dtype,
-        allow_other_dataset=args.allow_other_dataset, device=device, as_norm=args.as_norm,
-        cohort_size=args.cohort_size, top_k=args.top_k, cohort_per_speaker=args.cohort_per_speaker,
+        ckpt, shards, args.split, opts, device=device, batch_size=args.batch_size,
+        num_workers=args.num_workers, as_norm=as_norm, allow_other_dataset=args.allow_other_dataset,
     )  # fmt: skip
     res.update({"checkpoint": str(args.checkpoint), "shards": str(shards), "step": ckpt.get("step")})
     split = res["split"]

@@ -24,8 +24,8 @@ Every epoch: ``valid`` loss/accuracy (each sample exactly once over the ranks, s
 end: ``test`` loss/accuracy and verification EER/minDCF. Metrics: ``<out>/metrics.jsonl`` (rank 0).
 
 Layout: this file is the command line and :func:`train`, read top to bottom; the parts live in
-:mod:`spkr.run` (distributed, configs, rundir, checkpoint, metrics, evaluation, trainer). Errors the
-user can fix are one line on stderr and exit status 2 (:func:`spkr.run.cli.cli_main`).
+:mod:`spkr.run` (distributed, configs, rundir, checkpoint, metrics, evaluation, mel_augment, trainer).
+Errors the user can fix are one line on stderr and exit status 2 (:func:`spkr.run.cli.cli_main`).
 
 Resume: ``--resume``, or automatically when torchrun restarts the job (TORCHELASTIC_RESTART_COUNT > 0)
 or an explicit ``--out`` holds ``last.pt`` (``--fresh`` ignores it): model, optimizer, schedule, scaler,
@@ -40,7 +40,6 @@ import dataclasses
 import sys
 import time
 
-from spkr import storage
 from spkr.config import ConfigError, add_storage_options
 from spkr.run import trainer
 from spkr.run.checkpoint import Position
@@ -139,19 +138,19 @@ def add_train_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def run_data_only(args) -> int:
-    """``--data-only``: the data pipeline alone (spkr.stream.data_only) with the run's [train] settings."""
-    from spkr.stream.data_only import main as data_only_main
+    """``--data-only``: the data pipeline alone (:func:`spkr.stream.data_only.run`) with the run's
+    [train] settings and ``--storage-options``."""
+    from spkr.stream.data_only import DataOnly
+    from spkr.stream.data_only import run as data_only
 
     _, cfg = load_configs(args)
-    d_argv = ["--shards", args.shards, "--batch-size", str(cfg.batch_size), "--epochs", str(cfg.epochs)]
-    d_argv += ["--workers", str(cfg.num_workers), "--seed", str(cfg.seed)]
-    if cfg.crop_frames:
-        d_argv += ["--crop-frames", str(cfg.crop_frames)]
-    if args.log_keys:
-        d_argv += ["--log-keys", args.log_keys]
-    if cfg.max_steps:
-        d_argv += ["--max-steps", str(cfg.max_steps)]
-    return data_only_main(d_argv) or 0
+    return data_only(
+        DataOnly(
+            args.shards, batch_size=cfg.batch_size, epochs=cfg.epochs, workers=cfg.num_workers,
+            seed=cfg.seed, crop_frames=cfg.crop_frames or None, log_keys=args.log_keys,
+            max_steps=cfg.max_steps or None, storage_options=args.storage_options,
+        )
+    )  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -171,7 +170,6 @@ def train(args) -> int:
     t_start = time.time()
     model_cfg, cfg = load_configs(args)
     _, config_note = config_source(args)
-    storage_options = storage.storage_options_from_env(args.storage_options)
     trainer.check_shards(args.shards)
     env = setup(args.device)
 
@@ -186,31 +184,31 @@ def train(args) -> int:
     trainer.seed_rank(cfg.seed, env.rank)
 
     # what: data, model, optimizer, schedule (restored from last.pt on a resume), compiled and wrapped
-    data = trainer.build_data(args.shards, cfg, env, storage_options)
-    t = trainer.build(model_cfg, cfg, env, data, amp_dtype, logger, out, args.shards)
-    pos = trainer.restore(t, restart) if resume else Position()
+    data = trainer.build_data(args.shards, cfg, env, args.storage_options)
+    t = trainer.Trainer(model_cfg, cfg, env, data, amp_dtype, logger, out, args.shards)
+    pos = t.restore(restart) if resume else Position()
     planned_samples = data.total_steps * cfg.grad_accum * cfg.batch_size * env.world
     use_compile = resolve_compile(cfg.compile, env.device, planned_samples)
-    trainer.wrap(t, use_compile[0])
-    trainer.log_start(t, pos.step if resume else None, use_compile, dtype_reason)
+    t.wrap(use_compile[0])
+    t.log_start(pos.step if resume else None, use_compile, dtype_reason)
     profiler = trainer.StepProfiler(out, env.rank, env.device, logger) if args.profile else None
 
     # the loop: epochs of optimizer steps; validation and checkpoints at each epoch's end
     t.model.train()
     stop, outcome = pos.finished or pos.step >= data.total_steps, "end"
     while not stop and outcome != "paused" and pos.epoch < cfg.epochs:
-        outcome = trainer.train_epoch(t, pos, args.stop_at_step, profiler)
+        outcome = t.train_epoch(pos, args.stop_at_step, profiler)
         if outcome == "profiled":
             logger.close()
             return 0
-        stop = trainer.end_epoch(t, pos, outcome)
+        stop = t.end_epoch(pos, outcome)
     if outcome == "paused" and not stop:
         again = f"--out {out}" if args.out is not None else f"--out {out} (or --resume)"
         logger.log(f"paused after step {pos.step} (--stop-at-step): run again with {again} to continue")
         logger.close()
         return 0
 
-    trainer.final_test(t, pos)
+    t.final_test(pos)
     logger.log(f"done in {time.time() - t_start:.1f} s; checkpoint {t.last}")
     logger.close()
     return 0

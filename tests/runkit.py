@@ -184,3 +184,11 @@ def untrained_checkpoint(path: Path, seed: int = 0) -> Path:
     }  # fmt: skip
     save_atomic(ckpt, path)
     return path
+
+
+def chart_counts(run: Path) -> dict:
+    """What the last chart_losses call on ``run`` did, from its losses.json: checkpoints charted (each
+    loaded once) and points reused from metrics.jsonl or evaluated."""
+    losses = json.loads((Path(run) / "losses.json").read_text())
+    charted = {p["checkpoint"] for points in losses["splits"].values() for p in points}
+    return {"checkpoints": len(charted), **losses["reuse"]}

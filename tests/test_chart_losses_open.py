@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import spkr.tools.chart_losses as cl
-from tests.runkit import TINY_RUN_MODEL, tiny_run
+from tests.runkit import TINY_RUN_MODEL, chart_counts, tiny_run
 
 OPEN_EPOCHS = 2
 
@@ -52,7 +52,7 @@ def test_chart_losses_default_splits_of_an_open_run(open_tiny_run, open_shards, 
     assert [p["epoch"] for p in pts["valid"]] == [p["epoch"] for p in pts["valid-verify"]] == [0, 1]
     assert [p["epoch"] for p in pts["test-verify"]] == [1]
     # training measured every point (valid rows hold the valid-verify EER; the test row test-verify's)
-    assert cl.COUNTS == {"checkpoints": 2, "reused": 5, "evaluated": 0}
+    assert chart_counts(run) == {"checkpoints": 2, "reused": 5, "evaluated": 0}
     assert all(p["source"] == "metrics.jsonl" for s in pts for p in pts[s])
     assert all({"loss", "acc"} <= p.keys() and "eer" not in p for p in pts["valid"])
     for split in ("valid-verify", "test-verify"):
@@ -66,7 +66,7 @@ def test_chart_losses_default_splits_of_an_open_run(open_tiny_run, open_shards, 
 
     # evaluated here instead: the same figures (another batch size: equal up to padding/fp32 noise)
     assert cl.main(["--run", str(run), "--dtype", "fp32", "--no-reuse", "--test-epochs", "all"]) == 0
-    assert cl.COUNTS == {"checkpoints": 2, "reused": 0, "evaluated": 6}
+    assert chart_counts(run) == {"checkpoints": 2, "reused": 0, "evaluated": 6}
     fresh = json.loads((run / "losses.json").read_text())["splits"]
     assert [p["epoch"] for p in fresh["test-verify"]] == [0, 1]
     for split in ("valid-verify", "test-verify"):

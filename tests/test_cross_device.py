@@ -92,6 +92,16 @@ def _reference(ckpt: dict, torch_config: str):
     return model.eval()
 
 
+def _reference_eval(ckpt: dict, shards: str, split: str, torch_config: str, pairs: int | None) -> dict:
+    """The reference model's figures on ``split`` through the one evaluation entry (fp32, one process,
+    the checkpoint's statistics, spkr.evaluate's batch size)."""
+    from spkr.run.evaluation import EvalOptions, eval_loader, evaluate_split, local_env
+
+    loader = eval_loader(shards, split, 64, stats=ckpt["stats"])
+    model = _reference(ckpt, torch_config)
+    return evaluate_split(model, loader, local_env("cpu"), EvalOptions(pairs=pairs))
+
+
 def _wav(path: Path, seconds: float = 0.6, f0: float = 180.0) -> Path:
     import soundfile as sf
 
@@ -154,13 +164,12 @@ def test_mamba_ssm_checkpoint_runs_on_cpu_with_the_torch_scan(gpu_run):
 def test_mamba_ssm_checkpoint_evaluates_on_cpu(gpu_run, tmp_path, capsys):
     from spkr.evaluate import evaluate_checkpoint
     from spkr.evaluate import main as eval_main
+    from spkr.run.evaluation import EvalOptions
 
     ckpt = load(gpu_run["ckpt"])
     shards = str(gpu_run["shards"])
-    res = evaluate_checkpoint(ckpt, shards, "test", device="cpu", max_pairs=0)
-    ref = evaluate_checkpoint(
-        ckpt, shards, "test", model=_reference(ckpt, gpu_run["torch_config"]), max_pairs=0
-    )
+    res = evaluate_checkpoint(ckpt, shards, "test", EvalOptions(pairs=0), device="cpu")
+    ref = _reference_eval(ckpt, shards, "test", gpu_run["torch_config"], pairs=0)
     assert res["backend"] == "torch" and res["device"] == "cpu" and res["n"] == 9
     assert res["acc"] == ref["acc"] and res["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6)
     for k in ("eer", "min_dcf", "trials"):
@@ -200,7 +209,6 @@ def test_mamba_ssm_checkpoint_predicts_on_cpu(gpu_run, tmp_path, capsys):
 
 
 def test_mamba_ssm_run_charts_on_cpu(gpu_run, capsys):
-    from spkr.evaluate import evaluate_checkpoint
     from spkr.tools.chart_losses import main as chart_main
 
     run = gpu_run["run"]
@@ -208,9 +216,7 @@ def test_mamba_ssm_run_charts_on_cpu(gpu_run, capsys):
     assert "device cpu, backend torch (checkpoint trained with backend mamba_ssm)" in capsys.readouterr().out
     (point,) = json.loads((run / "losses.json").read_text())["splits"]["valid"]
     ckpt = load(run / "ckpt-epoch000.pt")
-    ref = evaluate_checkpoint(
-        ckpt, str(gpu_run["shards"]), "valid", model=_reference(ckpt, gpu_run["torch_config"]), verify=False
-    )
+    ref = _reference_eval(ckpt, str(gpu_run["shards"]), "valid", gpu_run["torch_config"], pairs=None)
     assert point["n"] == ref["n"] == 6 and point["acc"] == ref["acc"]
     assert point["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6)
 

@@ -12,7 +12,7 @@ import torch
 
 from spkr.run.distributed import dtype_name, resolve_dtype
 from spkr.scoring import compute_eer, compute_min_dcf, cosine_scores, make_trials, verification
-from tests.runkit import tiny_run
+from tests.runkit import chart_counts, tiny_run
 
 
 def test_eer_and_min_dcf_hand_computed():
@@ -138,7 +138,7 @@ def test_chart_losses_reuses_what_training_measured(tmp_path_factory, tmp_path):
 
     fp32 = ["--dtype", "fp32"]  # training's precision here: evaluated points comparable with its rows
     assert cl.main(["--run", str(run), "--splits", "valid", "test", *fp32]) == 0
-    assert cl.COUNTS == {"checkpoints": 3, "reused": 3, "evaluated": 1}
+    assert chart_counts(run) == {"checkpoints": 3, "reused": 3, "evaluated": 1}
     losses = json.loads((run / "losses.json").read_text())
     valid, test = losses["splits"]["valid"], losses["splits"]["test"]
     assert [(r["epoch"], r["source"]) for r in valid] == [
@@ -156,7 +156,7 @@ def test_chart_losses_reuses_what_training_measured(tmp_path_factory, tmp_path):
     # a fresh evaluation of every checkpoint gives the reused values (other batches: equal up to rounding)
     # in the precision training measured them with (fp32; chart_losses' default is the auto policy)
     assert cl.main(["--run", str(run), "--splits", "valid", "test", "--no-reuse", *fp32]) == 0
-    assert cl.COUNTS == {"checkpoints": 3, "reused": 0, "evaluated": 4}
+    assert chart_counts(run) == {"checkpoints": 3, "reused": 0, "evaluated": 4}
     fresh = json.loads((run / "losses.json").read_text())["splits"]
     for split, points in (("valid", valid), ("test", test)):
         assert [r["epoch"] for r in fresh[split]] == [r["epoch"] for r in points]
@@ -168,7 +168,7 @@ def test_chart_losses_reuses_what_training_measured(tmp_path_factory, tmp_path):
     # --test-epochs all: the two earlier checkpoints are evaluated on test too, nothing else
     # (default --dtype auto: training's precision policy for this CPU, as spkr.evaluate)
     assert cl.main(["--run", str(run), "--splits", "test", "--test-epochs", "all"]) == 0
-    assert cl.COUNTS == {"checkpoints": 3, "reused": 1, "evaluated": 2}
+    assert chart_counts(run) == {"checkpoints": 3, "reused": 1, "evaluated": 2}
     auto = dtype_name(resolve_dtype("auto", torch.device("cpu"))[0])
     test = json.loads((run / "losses.json").read_text())["splits"]["test"]
     assert [r["dtype"] for r in test] == [auto, auto, "float32"]  # the last one: training's fp32 row
@@ -180,5 +180,5 @@ def test_chart_losses_reuses_what_training_measured(tmp_path_factory, tmp_path):
     args = ["--run", str(run), "--splits", "valid", "--shards", str(other)]
     assert cl.main(args) == 2  # refused, as before
     assert cl.main(args + ["--allow-other-dataset"]) == 0
-    assert cl.COUNTS == {"checkpoints": 3, "reused": 0, "evaluated": 3}
+    assert chart_counts(run) == {"checkpoints": 3, "reused": 0, "evaluated": 3}
     assert cl.main(["--run", str(tmp_path_factory.mktemp("empty"))]) == 2

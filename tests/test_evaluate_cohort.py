@@ -74,7 +74,8 @@ def test_cohort_selection_and_read_selected_read_only_the_cohort(open_shards):
     few, few_info = cohort_selection(m, "train", per_speaker=2, seed=7, cohort_size=4)
     assert len(few) == 8 and few_info["speakers"] == 4 and few_info["cohort_size"] == 4
 
-    batches = list(read_selected(str(open_shards), m, "train", keys, 4, stats=m.stats))
+    pairs = list(read_selected(str(open_shards), m, "train", keys, 4, stats=m.stats))
+    batches = [b for b, _ in pairs]
     got = [k for b in batches for k in b["keys"]]
     assert sorted(got) == sorted(keys) and all(len(b["keys"]) <= 4 for b in batches)
 
@@ -82,12 +83,14 @@ def test_cohort_selection_and_read_selected_read_only_the_cohort(open_shards):
     def span(shard, i):
         return (shard.offsets[i + 1] if i + 1 < shard.num_samples else shard.bytes) - shard.offsets[i]
 
-    assert read_selected.last == {
+    read = pairs[-1][1]  # what the whole pass read, with its last batch
+    assert [r["samples"] for _, r in pairs] == np.cumsum([len(b["keys"]) for b in batches]).tolist()
+    assert read == {
         "shards_read": len({samples[k][0].name for k in keys}),
         "samples": len(keys),
         "bytes_read": sum(span(*samples[k][:2]) for k in keys),
     }
-    assert read_selected.last["bytes_read"] < 0.3 * sum(s.bytes for s in m.split("train").shards)  # 30 of 152
+    assert read["bytes_read"] < 0.3 * sum(s.bytes for s in m.split("train").shards)  # 30 of 152
     for b in batches:  # labels as in the manifest
         assert b["labels"].tolist() == [samples[k][2] for k in b["keys"]] and b["mel"].dtype == torch.float16
 
@@ -130,13 +133,15 @@ def test_embed_cohort_equals_a_loader_pass_over_the_same_utterances(open_shards)
 
 
 def test_evaluate_as_norm_records_what_made_the_cohort(open_shards, capsys):
-    from spkr.evaluate import evaluate_checkpoint
+    from spkr.evaluate import AsNorm, evaluate_checkpoint
+    from spkr.run.evaluation import EvalOptions
     from spkr.shards.format import Manifest
 
     m = Manifest.load(str(open_shards))
-    model, ckpt = _model_and_ckpt(m)
-    kw = dict(model=model, device="cpu", as_norm=True, top_k=5, batch_size=16)
-    res = evaluate_checkpoint(ckpt, str(open_shards), cohort_per_speaker=2, seed=5, cohort_size=6, **kw)
+    _, ckpt = _model_and_ckpt(m)
+    opts = EvalOptions(seed=5, top_k=5)
+    kw = dict(device="cpu", batch_size=16)
+    res = evaluate_checkpoint(ckpt, str(open_shards), None, opts, as_norm=AsNorm(2, 6), **kw)
     a = res["verification"]["as_norm"]
     assert res["split"] == "test-verify" and a["cohort"] == 6 and 0 <= a["eer"] <= 1
     how = a["cohort_selection"]
@@ -146,4 +151,4 @@ def test_evaluate_as_norm_records_what_made_the_cohort(open_shards, capsys):
     assert "seeded per-speaker-balanced" in how["selection"] and how["seconds"] >= 0
     assert "AS-norm cohort: 6 speakers from 12 of the" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--cohort-per-speaker must be >= 1"):
-        evaluate_checkpoint(ckpt, str(open_shards), cohort_per_speaker=0, **kw)
+        evaluate_checkpoint(ckpt, str(open_shards), None, opts, as_norm=AsNorm(0), **kw)

@@ -158,14 +158,17 @@ def test_evaluate_refuses_a_changed_trial_file(open_run, open_shards, tmp_path, 
 
 
 def test_closed_manifest_keeps_valid_and_test(tmp_path):
-    from spkr.run.trainer import eval_splits
+    from spkr.run.evaluation import EvalSplits, eval_splits
+    from spkr.run.trainer import training_splits
     from spkr.shards.format import Manifest
     from tests.shardkit import make_shards
 
     shards = make_shards(
         tmp_path / "s", splits={"train": [4], "valid": [2], "test": [2]}, n_mels=8, n_classes=2
     )
-    assert eval_splits(Manifest.load(str(shards))) == ["valid", "test"]
+    manifest = Manifest.load(str(shards))
+    assert eval_splits(manifest) == EvalSplits("valid", None, "test", ["valid", "test"])
+    assert training_splits(manifest) == ["valid", "test"]
 
 
 def test_training_refuses_a_changed_trial_file_before_training(open_shards, tmp_path, capsys):

@@ -46,7 +46,7 @@ def _trainer(shards: Path, out: Path, seed: int = 0, **train) -> trainer.Trainer
     data = trainer.build_data(str(shards), cfg, env, {})
     out.mkdir(parents=True, exist_ok=True)
     logger = Logger(out, env.master, progress=False)
-    return trainer.build(_model_cfg(), cfg, env, data, torch.float32, logger, out, str(shards))
+    return trainer.Trainer(_model_cfg(), cfg, env, data, torch.float32, logger, out, str(shards))
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -60,7 +60,7 @@ def test_one_training_step_updates_weights_schedule_and_window(shards, tmp_path)
     window = TrainWindow(world=1)
     t.data.train.set_epoch(0)
     batches = iter(t.data.train)
-    trainer.train_step(t, batches, 1, 1, window)
+    t.train_step(batches, 1, 1, window)
     after = _params(t.raw_model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert t.scheduler.last_epoch == 1 and t.scheduler.get_last_lr()[0] == pytest.approx(1e-3)  # warmup 2/2
@@ -76,11 +76,11 @@ def test_gradient_accumulation_sums_the_groups_gradients(shards, tmp_path):
     t.data.train.set_epoch(0)
     batches = list(t.data.train)[:2]
     for batch in batches:
-        trainer.micro_step(t, batch, group_size=2, sync=True)
+        t.micro_step(batch, group_size=2, sync=True)
     accumulated = {n: p.grad.clone() for n, p in t.raw_model.named_parameters() if p.grad is not None}
     t.optimizer.zero_grad(set_to_none=True)
     for batch in batches:
-        trainer.micro_step(t, batch, group_size=1, sync=True)
+        t.micro_step(batch, group_size=1, sync=True)
     for n, p in t.raw_model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(accumulated[n] * 2, p.grad, rtol=1e-4, atol=1e-6)
@@ -90,13 +90,13 @@ def test_checkpoint_restore_round_trip(shards, tmp_path):
     """Everything a resume needs comes back: weights, optimizer moments, schedule, RNG, position."""
     t = _trainer(shards, tmp_path / "run")
     pos = Position()
-    assert trainer.train_epoch(t, pos, stop_at_step=3) == "paused"
+    assert t.train_epoch(pos, stop_at_step=3) == "paused"
     assert (pos.step, pos.batches_done) == (3, 3)
-    trainer.save_checkpoint(t, pos, [t.last])
+    t.save_checkpoint(pos, [t.last])
     rng_after_save = torch.rand(3)
 
     other = _trainer(shards, tmp_path / "run", seed=7)  # other initial weights and RNG
-    restored = trainer.restore(other, restart=0)
+    restored = other.restore(restart=0)
     assert (restored.step, restored.epoch, restored.batches_done, restored.finished) == (3, 0, 3, False)
     assert restored.loader_state is not None  # mid-epoch: this rank's loader position
     for k, v in t.raw_model.state_dict().items():
@@ -107,18 +107,18 @@ def test_checkpoint_restore_round_trip(shards, tmp_path):
     assert torch.equal(torch.rand(3), rng_after_save)  # the saved RNG state continues identically
 
     # the restored run finishes the epoch with exactly the batches the first one had not consumed
-    assert trainer.train_epoch(other, restored) == "end" and restored.batches_done == 6
+    assert other.train_epoch(restored) == "end" and restored.batches_done == 6
     ckpt = load_checkpoint(t.last)
     assert ckpt["step"] == 3 and ckpt["model_config"]["d_model"] == 16 and ckpt["scaler"] is None
 
 
 def test_restore_refuses_another_model_config(shards, tmp_path):
     t = _trainer(shards, tmp_path / "run")
-    trainer.save_checkpoint(t, Position(), [t.last])
+    t.save_checkpoint(Position(), [t.last])
     other = _trainer(shards, tmp_path / "run")
     other.model_cfg = _model_cfg(d_model=24)
     with pytest.raises(TrainError, match=r"\[model\] config differs .*d_model"):
-        trainer.restore(other, restart=0)
+        other.restore(restart=0)
 
 
 def test_evaluation_passes_agree(shards):
@@ -145,7 +145,7 @@ def test_evaluate_uses_trainings_precision_policy(shards, tmp_path, capsys):
     from spkr.evaluate import main as eval_main
 
     t = _trainer(shards, tmp_path / "run")
-    trainer.save_checkpoint(t, Position(), [t.last])
+    t.save_checkpoint(Position(), [t.last])
     train_auto, why = resolve_dtype(TrainConfig().dtype, CPU)
     results = {}
     for flag in ([], ["--dtype", "fp32"]):

@@ -78,10 +78,10 @@ def _train_rows(shards: Path, out: Path, timed: bool) -> tuple[list[dict], dict]
     data = trainer.build_data(str(shards), cfg, env, {})
     out.mkdir(parents=True)
     logger = Logger(out, env.master, progress=False)
-    t = trainer.build(ModelConfig(**MODEL), cfg, env, data, torch.float32, logger, out, str(shards))
-    trainer.wrap(t, use_compile=False)
+    t = trainer.Trainer(ModelConfig(**MODEL), cfg, env, data, torch.float32, logger, out, str(shards))
+    t.wrap(use_compile=False)
     t.clock = PhaseClock(env.device, enabled=timed)
-    assert trainer.train_epoch(t, Position(), stop_at_step=3) == "paused"
+    assert t.train_epoch(Position(), stop_at_step=3) == "paused"
     return [r for r in read_metrics(out) if r["kind"] == "train"], t.raw_model.state_dict()
 
 

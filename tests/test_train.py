@@ -18,7 +18,8 @@ from spkr import checkpoint as ck
 from spkr.config import ConfigError
 from spkr.features import FeatureConfig, mel_centres
 from spkr.run.configs import TrainConfig, load_configs
-from spkr.run.trainer import eq_augment, lr_factor, spec_augment
+from spkr.run.mel_augment import eq_augment, spec_augment
+from spkr.run.trainer import lr_factor
 from spkr.train import main, parse_args
 
 REPO = Path(__file__).resolve().parents[1]

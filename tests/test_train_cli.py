@@ -380,3 +380,17 @@ def test_torchrun_restart_resumes_the_default_run_dir(toy, tmp_path):
     assert configs[1]["resumed_step"] >= configs[0]["steps_per_epoch"]
     assert "resumed from runs/toy-2/last.pt (restart 1)" in text
     assert any(r["kind"] == "test" for r in _rows(run))
+
+
+def test_data_only_runs_the_data_pipeline_with_the_train_settings(toy, tmp_path, capsys):
+    """``--data-only``: spkr.stream.data_only with the config's [train] values and the command line's
+    overrides (batch size, steps, workers, seed), and its ``--storage-options``; no run directory."""
+    keys = tmp_path / "keys"
+    argv = ["--shards", str(toy / "shards" / "toy"), "--config", "tiny", "--data-only", "--log-keys", str(keys),
+            "--epochs", "1", "--max-steps", "3", "--batch-size", "5", "--num-workers", "0", "--crop-frames", "0",
+            "--storage-options", "{}"]  # fmt: skip
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in (keys / "rank0.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"], len(r["keys"])) for r in lines] == [(0, 0, 5), (0, 1, 5), (0, 2, 5)]
+    assert "epoch 0: 3 steps (plan 10)" in capsys.readouterr().out  # 48 samples / 5
+    assert not (tmp_path / "runs").exists()

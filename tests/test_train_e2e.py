@@ -8,6 +8,7 @@ are built by tests/runkit.py.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -136,5 +137,18 @@ def test_train_streams_from_loopback_s3(session_base, tmp_path):
         assert [x["step"] for x in rows if x["kind"] == "train"] == [1, 2, 3, 4]
         assert any(x["kind"] == "test" and x["n"] > 0 for x in rows)
         assert (run / "last.pt").exists()
+        # evaluate and chart_losses read the checkpoint's s3:// shards with the options of the
+        # environment too (resolved by the storage layer; the CLIs pass --storage-options only); the
+        # run stopped mid-epoch (--max-steps), so chart_losses charts its last.pt as an epoch checkpoint
+        shutil.copy(run / "last.pt", run / "ckpt-epoch000.pt")
+        for cmd in (
+            ["spkr.evaluate", "--checkpoint", str(run / "last.pt"), "--device", "cpu"],
+            ["spkr.tools.chart_losses", "--run", str(run), "--device", "cpu"],
+        ):
+            r = subprocess.run([sys.executable, "-m", *cmd], env=env, capture_output=True, text=True,
+                               cwd=REPO, timeout=300)  # fmt: skip
+            assert r.returncode == 0, (cmd[0], r.stderr[-5000:])
+        assert json.loads((run / "eval-test.json").read_text())["shards"] == f"s3://{bucket}/demo"
+        assert (run / "losses.json").exists()
     finally:
         server.stop()

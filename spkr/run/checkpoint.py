@@ -127,7 +127,7 @@ def restore(
     model.load_state_dict(ckpt["model"])
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
-    except ValueError as e:  # e.g. Mamba-1's A_log moved to the no-decay group (issue 13)
+    except ValueError as e:  # e.g. A_log in another weight-decay group
         raise TrainError(
             f"cannot resume from {where}: its optimizer parameter groups differ from this model's "
             f"weight-decay groups ({e}); start over with --fresh"

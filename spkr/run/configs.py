@@ -101,9 +101,9 @@ def compile_setting(text: str) -> bool | str:
     raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}")
 
 
-# CPU: torch.compile trains the demo config 1.23x (cold inductor cache) - 1.29x (warm) faster, but the
-# first step comes 191 s later with a cold cache (26 s warm) on 2 cores (tools/bench_train.py; README):
-# it pays back after ~40k training samples with a cold cache. "auto" compiles on CPU from this many.
+# "auto" compiles on CPU for runs of at least this many training samples: there torch.compile steps the
+# demo config 1.23x (cold inductor cache) to 1.29x (warm) as fast as eager, and its first step waits
+# 191 s for a cold cache (26 s warm) on 2 cores (tools/bench_train.py), which ~40k samples repay.
 CPU_COMPILE_MIN_SAMPLES = 50_000
 
 

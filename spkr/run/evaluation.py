@@ -1,7 +1,14 @@
-"""Evaluation passes, shared by training (valid/test), ``spkr.evaluate`` and ``chart_losses``.
+"""Evaluation, shared by training (valid/test), ``spkr.evaluate`` and ``chart_losses``.
 
-    loader = eval_loader(shards, "valid", 64, num_workers=2, storage_options=opts,
+    splits = eval_splits(manifest)          # by role and kind: .valid, .valid_verify, .test, .every
+    loader = eval_loader(shards, split, 64, num_workers=2, storage_options=opts,
                          rank=r, world=w, manifest=m, stats=ckpt["stats"])
+    res = evaluate_split(model, loader, env, EvalOptions(amp_dtype, pairs=0), cohort=None)
+
+:func:`evaluate_split` is the one evaluation of a split, dispatched by the split's kind in the
+manifest: a classification split gets loss/accuracy (+ label-pair EER/minDCF with ``pairs``), a
+verification split (protocol open, docs/protocols.md) its trial list's EER/minDCF. Its parts:
+
     sums = run_split(model, loader, device, amp_dtype, embeddings=False)   # one rank, no collectives
     res = summarise(sums)                                                  # {"loss", "acc", "n"}
     res = evaluate_distributed(model, loader, env, amp_dtype, embeddings)  # sums all-reduced once
@@ -13,8 +20,8 @@ cast to float32 on the device), so training, evaluate and chart_losses measure t
 Loss is unweighted cross-entropy (sum over samples), accuracy top-1. ``amp_dtype`` comes from
 :func:`spkr.run.distributed.resolve_dtype`, the one precision policy.
 
-Verification splits (protocol open, docs/protocols.md; labels index the split's own speakers, so no
-head/loss/accuracy: ``classify=False``)::
+Verification splits (labels index the split's own speakers, so no head/loss/accuracy:
+``classify=False``)::
 
     emb = evaluate_distributed(model, loader, env, amp_dtype, embeddings=True, classify=False)
     cohort, how = embed_cohort(model, shards, manifest, "train", device, amp_dtype,
@@ -28,13 +35,16 @@ utterance, each embedded once): cosine EER/minDCF(0.01, 0.05), ``as_norm`` with 
 
 The AS-norm cohort (:func:`embed_cohort`) is bounded: a seeded per-speaker-balanced subset of the
 training split (:func:`cohort_selection`, :func:`spkr.scoring.select_cohort`), and only those
-utterances are read (:func:`read_selected`: one ranged read per run of consecutive selected samples
-of a shard, checksummed as the loader does; shards without a selected sample are never opened).
+utterances are read (:func:`read_selected`: the selection as a stream bucketed by
+:class:`spkr.stream.plan.EpochPlan`, one ranged read per run of consecutive selected samples of a
+shard, checksummed as the loader does; shards without a selected sample are never opened).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,9 +57,95 @@ from spkr.scoring import (
     score_trials,
     select_cohort,
     speaker_means,
+    verification,
     verification_metrics,
 )
 from spkr.shards.trials import TrialList, check_trial_keys, check_trial_labels, parse_trials
+
+
+@dataclass(frozen=True)
+class EvalSplits:
+    """The splits a manifest is evaluated on, by role and kind (docs/protocols.md)."""
+
+    valid: str | None  # the classification split of role valid (training validates on it)
+    valid_verify: str | None  # the verification split of role valid (protocol open: trials every epoch)
+    test: str | None  # the split of role test (training's final test, spkr.evaluate's default)
+    every: list[str]  # every split of role valid or test, manifest order (chart_losses' default)
+
+
+def eval_splits(manifest) -> EvalSplits:
+    """The manifest's evaluation splits: ``valid``, ``test`` without a protocol; ``valid``,
+    ``valid-verify``, ``test-verify`` with protocol open."""
+    valid = manifest.splits_with_role("valid")
+    test = manifest.splits_with_role("test")
+    return EvalSplits(
+        valid=next((s for s in valid if manifest.split_kind(s) == "classification"), None),
+        valid_verify=next((s for s in valid if manifest.split_kind(s) == "verification"), None),
+        test=test[0] if test else None,
+        every=[s for s in manifest.split_names if manifest.split_role(s) in ("valid", "test")],
+    )
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How :func:`evaluate_split` measures a split."""
+
+    amp_dtype: torch.dtype | None = None  # autocast dtype (None: fp32)
+    pairs: int | None = None  # classification: label-pair EER/minDCF over at most this many trial
+    #   pairs (0: all pairs; None: none, loss/accuracy only)
+    seed: int = 0  # of the label-pair sample
+    storage_options: dict | None = None  # for the trial files
+    top_k: int = 300  # AS-norm: top cohort scores per side
+    calibrate: bool = False  # verification: also the decision thresholds (:func:`gallery_scores`)
+    trial_errors: bool = False  # verification: an unusable trial list is an ``error`` entry, not a
+    #   ValueError (training records it and carries on)
+
+
+def local_env(device) -> DistEnv:
+    """The DistEnv of one process on ``device`` (spkr.evaluate, chart_losses)."""
+    return DistEnv(False, 0, 1, 0, torch.device(device))
+
+
+def evaluate_split(model, loader, env: DistEnv, opts: EvalOptions, cohort: np.ndarray | None = None) -> dict:
+    """The figures of the (unwrapped) model on ``loader``'s split, by the split's kind; every rank
+    calls it, rank 0 gets the verification figures:
+
+    - classification: ``{"loss", "acc", "n"}`` (:func:`evaluate_distributed`), with ``opts.pairs``
+      also ``verification``: EER/minDCF of trial pairs made from the labels
+      (:func:`spkr.scoring.verification`; a split without a target pair: an ``error`` entry);
+    - verification: ``{"n", "verification"}``: every utterance embedded once, the split's trial list
+      scored (:func:`verify_split`; AS-norm'ed against ``cohort`` when given)."""
+    manifest, split = loader.manifest, loader.split
+    loader.set_epoch(0)
+    if manifest.split_kind(split) == "verification":
+        emb = evaluate_distributed(model, loader, env, opts.amp_dtype, embeddings=True, classify=False)
+        res = {"n": emb["n"]}
+        if env.master:
+            res["verification"] = _trial_verification(emb, manifest, split, opts, cohort)
+        return res
+    res = evaluate_distributed(model, loader, env, opts.amp_dtype, embeddings=opts.pairs is not None)
+    if opts.pairs is not None:
+        emb, labels = res.pop("emb"), res.pop("labels")
+        res.pop("keys")
+        if env.master:
+            try:
+                res["verification"] = verification(emb, labels, opts.pairs, opts.seed)
+            except ValueError as e:  # e.g. one utterance per speaker: no target pair
+                res["verification"] = {"error": str(e)}
+    return res
+
+
+def _trial_verification(emb: dict, manifest, split: str, opts: EvalOptions, cohort) -> dict:
+    """:func:`verify_split` with ``opts``; with ``opts.trial_errors`` a ValueError is an ``error`` entry."""
+    try:
+        return verify_split(
+            emb, manifest, split, storage_options=opts.storage_options, cohort=cohort,
+            top_k=opts.top_k, calibrate=opts.calibrate,
+        )  # fmt: skip
+    except ValueError as e:
+        if not opts.trial_errors:
+            raise
+        return {"split": split, "error": str(e)}
 
 
 def eval_loader(
@@ -205,52 +301,54 @@ def cohort_selection(
     return set(chosen), info
 
 
-def read_selected(shards: str, manifest, split: str, keys: set[str], batch_size: int, *, stats: dict,
-                  storage_options: dict | None = None, dtype: str = "float16"):  # fmt: skip
-    """Batches (as :func:`eval_loader`'s: normalised with ``stats``, ``dtype``, ``{"mel", "lengths",
-    "labels", "keys"}``) of exactly the samples of ``split`` whose key is in ``keys``, read with
-    :class:`spkr.stream.reader.ShardReader` (checksums on): one byte range per run of consecutive
-    selected samples, nothing else. Batches group samples of similar length (a pool of 8 batches).
-    ``read_selected.last`` = {"shards_read", "samples", "bytes_read"} of the last complete pass."""
+def read_selected(
+    shards: str, manifest, split: str, keys: set[str], batch_size: int, *, stats: dict,
+    storage_options: dict | None = None, dtype: str = "float16",
+) -> Iterator[tuple[dict, dict]]:  # fmt: skip
+    """(batch, read so far) of exactly the samples of ``split`` whose key is in ``keys``. Batches as
+    :func:`eval_loader`'s (normalised with ``stats``, ``dtype``, ``{"mel", "lengths", "labels",
+    "keys"}``) and bucketed by length the loader's way: the selection is the stream of an evaluation
+    :class:`~spkr.stream.plan.EpochPlan` (one worker, a pool of 8 batches), walked window by window.
+    Read with :class:`spkr.stream.reader.ShardReader` (checksums on): one byte range per run of
+    consecutive selected samples, nothing else. "Read so far": ``{"shards_read", "samples",
+    "bytes_read"}``; with the last batch, those of the whole pass."""
     from spkr.stream.loader import BATCH_DTYPES, Collate, normalisation
+    from spkr.stream.plan import EpochPlan
     from spkr.stream.reader import ShardReader
 
-    n_mels = int(manifest.data["feature_config"].get("n_mels", 80))
+    n_mels = manifest.feature_config.n_mels
     st = normalisation(manifest, n_mels, stats)
     collate = Collate(n_mels, mean=st["mean"], std=st["std"], dtype=BATCH_DTYPES[dtype])
+    selected = []  # (shard, the indices of its selected samples); shards without one left out
+    for shard in manifest.split(split).shards:
+        rows = np.asarray([i for i, k in enumerate(shard.keys) if k in keys], np.int64)
+        if len(rows):
+            selected.append((shard, rows))
+    plan = EpochPlan(
+        [len(rows) for _, rows in selected], [np.asarray(s.frames)[rows] for s, rows in selected],
+        batch_size=batch_size, train=False, bucket_window=8 * batch_size,
+    )  # fmt: skip
     reader = ShardReader(shards, storage_options, n_mels=n_mels)
-    pool, shards_read, samples, j = [], 0, 0, 0
+    read = {"shards_read": len(selected), "samples": 0, "bytes_read": 0}
+    pool = {}  # stream position -> record, until its batch is made
+    j = 0
     try:
-        for shard in manifest.split(split).shards:
-            rows = [i for i, k in enumerate(shard.keys) if k in keys]
-            if not rows:
-                continue
-            shards_read += 1
-            runs = np.split(np.asarray(rows), np.flatnonzero(np.diff(rows) > 1) + 1)
-            for run in runs:
-                pool += reader.iter_range(shard, int(run[0]), int(run[-1]) + 1)
-            while len(pool) >= 8 * batch_size:
-                pool.sort(key=lambda r: r.feats.shape[0])
-                for _ in range(4):
-                    batch, pool = pool[:batch_size], pool[batch_size:]
-                    samples += len(batch)
-                    yield collate(batch, j, 0)
-                    j += 1
-        pool.sort(key=lambda r: r.feats.shape[0])
-        for a in range(0, len(pool), batch_size):
-            samples += len(pool[a : a + batch_size])
-            yield collate(pool[a : a + batch_size], j, 0)
-            j += 1
-        read_selected.last = {
-            "shards_read": shards_read,
-            "samples": samples,
-            "bytes_read": reader.stats.bytes,
-        }
+        for window in plan.windows(0):
+            positions = np.arange(window.start, window.stop, dtype=np.int64)
+            which, nth = plan.locate(positions)
+            sample = np.array([selected[w][1][n] for w, n in zip(which, nth)], np.int64)
+            cuts = np.flatnonzero((np.diff(which) != 0) | (np.diff(sample) != 1)) + 1
+            for w, run, at in zip(np.split(which, cuts), np.split(sample, cuts), np.split(positions, cuts)):
+                a, b = int(run[0]), int(run[-1]) + 1
+                for rec in reader.iter_range(selected[w[0]][0], a, b):
+                    pool[int(at[0]) + rec.index - a] = rec
+            for batch in window.batches:
+                records = [pool.pop(int(p), None) for p in batch]
+                read.update(samples=read["samples"] + len(records), bytes_read=reader.stats.bytes)
+                yield collate(records, j, 0), dict(read)
+                j += 1
     finally:
         reader.close()
-
-
-read_selected.last = {}
 
 
 @torch.no_grad()
@@ -267,9 +365,11 @@ def embed_cohort(
     was_training = model.training
     model.eval()
     embs, labs = [], []
+    read = {"shards_read": 0, "samples": 0, "bytes_read": 0}
     try:
-        for batch in read_selected(shards, manifest, split, keys, batch_size, stats=stats,
-                                   storage_options=storage_options):  # fmt: skip
+        for batch, so_far in read_selected(shards, manifest, split, keys, batch_size, stats=stats,
+                                           storage_options=storage_options):  # fmt: skip
+            read = so_far
             mel = batch["mel"].to(device).float()
             with autocast(device, amp_dtype):
                 emb = model.embed(mel, batch["lengths"].to(device))
@@ -283,7 +383,7 @@ def embed_cohort(
             f"AS-norm cohort: read {len(got['labels'])} of {info['utterances']} selected utterances"
         )
     _, means = speaker_means(got["emb"], got["labels"])
-    info.update(read_selected.last, shards_total=len(manifest.split(split).shards))
+    info.update(read, shards_total=len(manifest.split(split).shards))
     return means, info
 
 

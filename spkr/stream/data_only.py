@@ -7,7 +7,8 @@
 Under torchrun (WORLD_SIZE > 1) a gloo process group is initialised from the environment and all
 ranks meet at a barrier after every epoch, so a rank yielding a different number of batches would
 hang there (tests bound this with a timeout). Per rank ``OUTDIR/rank{r}.jsonl`` gets one line per
-step: ``{"epoch", "step", "keys": [...]}``. ``spkr.train --data-only`` delegates to :func:`main`.
+step: ``{"epoch", "step", "keys": [...]}``. ``spkr.train --data-only`` calls :func:`run` with its
+[train] settings.
 """
 
 from __future__ import annotations
@@ -18,8 +19,28 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from spkr.errors import EXIT_ERROR, KNOWN_ERRORS, one_line
+
+
+@dataclass(frozen=True)
+class DataOnly:
+    """What :func:`run` iterates (the command-line flags, plus ``storage_options``)."""
+
+    shards: str
+    split: str = "train"
+    batch_size: int = 32
+    epochs: int = 1
+    workers: int = 2
+    seed: int = 0
+    crop_frames: int | None = None
+    bucket_window: int | None = None
+    eval: bool = False  # evaluation order: no shuffle, no drop
+    log_keys: str | None = None  # directory for rank{r}.jsonl key logs
+    max_steps: int | None = None  # stop each epoch after this many steps
+    timeout: float = 300.0  # process-group timeout (s)
+    storage_options: dict | None = None
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -43,19 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     """Errors: one line ``[data_only] error: ...`` and exit 2, like every spkr CLI."""
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        return run(DataOnly(**vars(args)))
     except KNOWN_ERRORS as e:
         print(one_line("data_only", e), file=sys.stderr, flush=True)
         return EXIT_ERROR
 
 
-def run(args) -> int:
+def run(args: DataOnly) -> int:
     """Iterate the loader for ``args.epochs`` epochs, logging keys and throughput per rank."""
     import torch.distributed as dist
 
-    from spkr.stream.loader import SpeakerLoader
+    from spkr.stream.loader import SpeakerLoader, default_rank_world
 
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    _, world = default_rank_world()
     initialised_here = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
@@ -69,6 +90,7 @@ def run(args) -> int:
         num_workers=args.workers,
         crop_frames=args.crop_frames,
         bucket_window=args.bucket_window,
+        storage_options=args.storage_options,
     )
     rank = loader.rank
     log = None

@@ -20,11 +20,13 @@ that very checkpoint on the very dataset being charted: the same weights (the ``
 training records with each evaluation row against :func:`spkr.checkpoint.weights_fingerprint` of the
 checkpoint's state dict), the same step and epoch, the same ``dataset_id`` (the checkpoint's, which is
 also the charted shards'), and every sample of the split (``n``; for a verification split: its split
-name and every trial of its list). Anything else (epochs training did not validate, runs older than the fingerprint, other
-shards, ``--no-reuse``) is evaluated here with :func:`spkr.run.evaluation.eval_loader` (training's
-evaluation batches) under ``--dtype`` (default auto: training's precision policy,
+name and every trial of its list). Anything else (epochs training did not validate, rows without a
+weights fingerprint, other shards, ``--no-reuse``) is evaluated here by
+:func:`spkr.run.evaluation.evaluate_split` on :func:`spkr.run.evaluation.eval_loader`'s batches (as
+training and spkr.evaluate) under ``--dtype`` (default auto: training's precision policy,
 :func:`spkr.run.distributed.resolve_dtype`, logged); each point in losses.json says which
-(``"source": "metrics.jsonl" | "evaluated"``) and its autocast dtype. Errors: one line, exit status 2.
+(``"source": "metrics.jsonl" | "evaluated"``) and its autocast dtype, and ``reuse`` counts both.
+Errors: one line, exit status 2.
 
 Training evaluates the split of role test (``test``, ``test-verify``) only once, at the end, so by
 default it is charted for the last epoch's checkpoint only; ``--test-epochs all`` evaluates it for
@@ -44,7 +46,6 @@ from pathlib import Path
 from spkr.run.metrics import read_metrics
 
 EPOCH_RE = re.compile(r"ckpt-epoch(\d+)\.pt$")
-COUNTS = {"checkpoints": 0, "reused": 0, "evaluated": 0}  # of the last main() call: loads, points
 
 
 def epoch_checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -104,8 +105,11 @@ VERIFICATION_FIGURES = ("eer", "min_dcf_0.01", "min_dcf_0.05")
 
 def default_splits(manifest) -> list[str]:
     """Every split of the manifest but the one of role train (manifest order): ``valid``, ``test``;
-    on an ``open`` shard set ``valid``, ``valid-verify``, ``test-verify``."""
-    return [s for s in manifest.split_names if manifest.split_role(s) in ("valid", "test")]
+    on an ``open`` shard set ``valid``, ``valid-verify``, ``test-verify``
+    (:func:`spkr.run.evaluation.eval_splits`)."""
+    from spkr.run.evaluation import eval_splits
+
+    return eval_splits(manifest).every
 
 
 def check_splits(manifest, splits: list[str]) -> None:
@@ -233,7 +237,6 @@ class Chart:
 
 def open_chart(args) -> Chart:
     """Checkpoints, shards, precision and loaders of the run (ValueError when there is nothing to chart)."""
-    from spkr import storage
     from spkr.checkpoint import describe_backend, resolve_device
     from spkr.checkpoint import load as load_ckpt
     from spkr.run.distributed import describe_dtype, resolve_dtype
@@ -245,7 +248,7 @@ def open_chart(args) -> Chart:
     ckpts = epoch_checkpoints(run)
     if not ckpts:
         raise ValueError(f"{run}: no per-epoch checkpoints (ckpt-epochNNN.pt)")
-    opts = storage.storage_options_from_env(args.storage_options)
+    opts = args.storage_options
     first = load_ckpt(ckpts[0][1])
     shards = args.shards or first.get("shards")
     if not shards:
@@ -281,19 +284,15 @@ def open_chart(args) -> Chart:
                  dict(zero), dict(zero), {s: 0.0 for s in splits})  # fmt: skip
 
 
-def evaluate_point(c: Chart, model, split: str, loader) -> dict:
-    """The figures of one split for a model: loss/acc/n (classification), or EER, minDCF(0.01, 0.05),
-    their thresholds and trial counts and n (verification: every utterance embedded once, the
-    trial list scored)."""
-    from spkr.run.distributed import DistEnv
-    from spkr.run.evaluation import evaluate_distributed, run_split, summarise, verify_split
+def evaluate_point(c: Chart, model, loader) -> dict:
+    """The figures of one split for a model (:func:`spkr.run.evaluation.evaluate_split`): loss/acc/n
+    (classification), or EER, minDCF(0.01, 0.05), their thresholds and trial counts and n
+    (verification: every utterance embedded once, the trial list scored)."""
+    from spkr.run.evaluation import EvalOptions, evaluate_split, local_env
 
-    if c.manifest.split_kind(split) != "verification":
-        return summarise(run_split(model, loader, c.device, c.amp_dtype))
-    env = DistEnv(False, 0, 1, 0, c.device)
-    emb = evaluate_distributed(model, loader, env, c.amp_dtype, embeddings=True, classify=False)
-    v = verify_split(emb, c.manifest, split, storage_options=c.storage_options)
-    return verification_point(v, emb["n"])
+    opts = EvalOptions(c.amp_dtype, storage_options=c.storage_options)
+    res = evaluate_split(model, loader, local_env(c.device), opts)
+    return verification_point(res["verification"], res["n"]) if "verification" in res else res
 
 
 def verification_point(v: dict, n: int) -> dict:
@@ -315,7 +314,6 @@ def chart_checkpoint(c: Chart, epoch: int, path: Path, losses: dict) -> None:
     from spkr.run.distributed import dtype_name
 
     ckpt = load_ckpt(path)
-    COUNTS["checkpoints"] += 1
     if ckpt["stats"] != c.first["stats"]:
         raise ValueError(f"{path}: other feature statistics than {c.ckpts[0][1].name}: not one run")
     warning = check_dataset(ckpt, c.manifest, str(path), allow_other_dataset=c.args.allow_other_dataset)
@@ -333,17 +331,15 @@ def chart_checkpoint(c: Chart, epoch: int, path: Path, losses: dict) -> None:
         if row:
             res = {"loss": row["loss"], "acc": row["acc"], "n": row["n"]} if "loss" in row else row["point"]
             point.update(res, source="metrics.jsonl", dtype=row.get("eval_dtype"))
-            COUNTS["reused"] += 1
             c.reused[split] += 1
             how = "reused"
         else:
             if model is None:
                 model, _ = build_model_from_checkpoint(ckpt, c.device)
             t0 = time.perf_counter()
-            res = evaluate_point(c, model, split, loader)
+            res = evaluate_point(c, model, loader)
             secs = time.perf_counter() - t0
             point.update(res, source="evaluated", dtype=dtype_name(c.amp_dtype), seconds=round(secs, 3))
-            COUNTS["evaluated"] += 1
             c.evaluated[split] += 1
             c.seconds[split] += secs
             how = f"evaluated {secs:.1f} s"
@@ -383,7 +379,6 @@ def report(c: Chart) -> None:
 def run(args) -> int:
     """The command: chart every epoch checkpoint, then write losses.json and losses.png."""
     run_dir = Path(args.run)
-    COUNTS.update(checkpoints=0, reused=0, evaluated=0)
     c = open_chart(args)
     shards = args.shards or c.first.get("shards")
     losses: dict = {"run": str(run_dir), "shards": str(shards), "splits": {s: [] for s in c.splits}}
@@ -393,7 +388,7 @@ def run(args) -> int:
         if any(epoch in c.charted[s] for s in c.splits):
             chart_checkpoint(c, epoch, path, losses)
     report(c)
-    losses["reuse"] = {"reused": COUNTS["reused"], "evaluated": COUNTS["evaluated"]}
+    losses["reuse"] = {"reused": sum(c.reused.values()), "evaluated": sum(c.evaluated.values())}
     losses["test_epochs"] = args.test_epochs
     metrics = read_metrics(run_dir)
     losses["train"] = [
