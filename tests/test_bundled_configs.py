@@ -1,4 +1,5 @@
-"""Bundled configs: tiny-transformer is the Transformer baseline trained exactly like tiny."""
+"""Bundled configs: tiny-transformer is the Transformer baseline trained exactly like tiny; tiny-aam is tiny
+with the margin head."""
 
 from __future__ import annotations
 
@@ -21,3 +22,10 @@ def test_tiny_transformer_trains_like_tiny_at_a_similar_size():
         for c in (tiny, tt)
     ]
     assert 0.8 < sizes[1] / sizes[0] < 1.25, sizes  # "of similar size" (0.34M vs 0.37M)
+
+
+def test_tiny_aam_is_tiny_with_the_margin_head():
+    configs = bundled_configs()
+    tiny = tomllib.loads(configs["tiny"].read_text())
+    aam = tomllib.loads(configs["tiny-aam"].read_text())
+    assert aam["train"] == tiny["train"] and aam["model"] == {**tiny["model"], "head": "aam"}

@@ -80,12 +80,13 @@ def test_exactly_once_check_fails_on_a_repeated_or_lost_key(small_shards, tmp_pa
 
 @pytest.mark.slow
 def test_data_only_under_torchrun_exactly_once(small_shards, tmp_path):
-    args = _args(nproc=2, workers=2, batch_size=32, interval=0.1, timeout=300.0)
+    # batch 8: 63 steps keep the workers alive long enough to be sampled on a busy machine
+    args = _args(nproc=2, workers=2, batch_size=8, interval=0.05, timeout=300.0)
     run = bench.run_data_only(small_shards, tmp_path / "keys", args)
     once = bench.check_exactly_once(small_shards, tmp_path / "keys", 2, run["per_rank"])
     assert once["ok"], once
     assert once["distinct"] == 1000 and once["dropped_expected"] == 1 and once["missing"] == 1
-    assert once["steps_per_rank"] == {0: 16, 1: 16}  # ceil(500 / 32) on both ranks
+    assert once["steps_per_rank"] == {0: 63, 1: 63}  # ceil(500 / 8) on both ranks
     mem = run["memory_mb"]
     assert sorted(mem) == ["rank0", "rank0/worker", "rank1", "rank1/worker"]
     assert all(len(mem[f"rank{r}/worker"]) == 2 for r in (0, 1))  # 2 DataLoader workers per rank

@@ -34,7 +34,7 @@ from spkr.run.rundir import RUN_MARKER, decide_run_dir, shards_name
 from spkr.train import main, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLED = {"mamba-ssm", "mamba-torch", "mamba2-torch", "tiny", "tiny-transformer", "transformer"}
+BUNDLED = {"mamba-ssm", "mamba-torch", "mamba2-torch", "tiny", "tiny-aam", "tiny-transformer", "transformer"}
 # Only flags that keep two steps of the default config quick on 2 CPU cores (never --out / --config).
 FAST = ["--max-steps", "2", "--batch-size", "8", "--num-workers", "0", "--no-progress"]
 
@@ -139,7 +139,7 @@ def test_config_names_resolve_from_any_cwd(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--config mamba3: no such file, and no bundled config of that name" in err
-    assert "bundled: mamba-ssm, mamba-torch, mamba2-torch, tiny-transformer, tiny, transformer" in err
+    assert "bundled: mamba-ssm, mamba-torch, mamba2-torch, tiny-aam, tiny-transformer, tiny, transformer" in err
     with pytest.raises(SystemExit):
         parse_args(["--shards", "x", "--config", "sub/missing.toml"])
     assert "no such file" in capsys.readouterr().err

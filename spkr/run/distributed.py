@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from spkr import runtime
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_CHOICES = ("auto", *DTYPES)  # what --dtype and the [train] dtype accept
 
@@ -117,7 +119,7 @@ def _init_process_group(backend: str) -> None:
         return
     # After a torchrun restart the agent's store still holds the previous attempt's gloo addresses
     # under the same keys (connectFullMesh then dials dead workers): a fresh key prefix per attempt.
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world = runtime.env_rank_world()
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass
 
+from spkr import runtime
 from spkr.augment import AugmentConfig, speed_classes
 from spkr.config import add_storage_options, finite_number, json_object
 from spkr.corpus.labels import class_weights
@@ -436,9 +436,10 @@ def announce(run: ShardRun, args, rank: int, world: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
-    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     try:
+        env_rank, env_world = runtime.env_rank_world()
+        rank = args.rank if args.rank is not None else env_rank
+        world = args.world_size if args.world_size is not None else env_world
         run = plan_run(args)
         announce(run, args, rank, world)
         if not args.merge_only:
