@@ -234,65 +234,136 @@ class Chart:
             return []
         return [s for s in self.splits if self.manifest.split_role(s) == "test"]
 
+    @classmethod
+    def open(cls, args) -> Chart:
+        """Checkpoints, shards, precision and loaders of the run (ValueError when there is nothing to chart)."""
+        from spkr.checkpoint import describe_backend, resolve_device
+        from spkr.checkpoint import load as load_ckpt
+        from spkr.run.distributed import describe_dtype, resolve_dtype
+        from spkr.run.evaluation import eval_loader
+        from spkr.shards.format import Manifest
 
-def open_chart(args) -> Chart:
-    """Checkpoints, shards, precision and loaders of the run (ValueError when there is nothing to chart)."""
-    from spkr.checkpoint import describe_backend, resolve_device
-    from spkr.checkpoint import load as load_ckpt
-    from spkr.run.distributed import describe_dtype, resolve_dtype
-    from spkr.run.evaluation import eval_loader
-    from spkr.shards.format import Manifest
+        run = Path(args.run)
+        device = resolve_device(args.device)
+        ckpts = epoch_checkpoints(run)
+        if not ckpts:
+            raise ValueError(f"{run}: no per-epoch checkpoints (ckpt-epochNNN.pt)")
+        opts = args.storage_options
+        first = load_ckpt(ckpts[0][1])
+        shards = args.shards or first.get("shards")
+        if not shards:
+            raise ValueError("no --shards and the checkpoint does not name its shards")
+        manifest = Manifest.load(shards, opts)
+        splits = args.splits or default_splits(manifest)
+        check_splits(manifest, splits)
+        if not splits:
+            raise ValueError(f"{manifest.url}: no split of role valid or test to chart; give --splits")
+        amp_dtype, why = resolve_dtype(args.dtype, device)
+        print(f"[chart_losses] {describe_backend(first, device)}, {describe_dtype(amp_dtype, why)}")
+        print("[chart_losses] splits: " + ", ".join(f"{s} ({manifest.split_kind(s)})" for s in splits))
+        loaders = {  # normalised with the run's training statistics (the checkpoint's)
+            split: eval_loader(
+                shards,
+                split,
+                args.batch_size,
+                num_workers=args.num_workers,
+                storage_options=opts,
+                stats=first["stats"],
+                manifest=manifest,
+            )
+            for split in splits
+        }
+        last_epoch = ckpts[-1][0]
+        last_only = {s for s in splits if manifest.split_role(s) == "test" and args.test_epochs == "last"}
+        charted = {  # the epochs each split is charted for: role test only at the end unless --test-epochs all
+            s: {e for e, _ in ckpts if s not in last_only or e == last_epoch} for s in splits
+        }
+        metrics = [] if args.no_reuse else read_metrics(run)
+        zero = {s: 0 for s in splits}
+        return cls(args, manifest, splits, opts, ckpts, first, loaders, charted, metrics, device, amp_dtype,
+                     dict(zero), dict(zero), {s: 0.0 for s in splits})  # fmt: skip
 
-    run = Path(args.run)
-    device = resolve_device(args.device)
-    ckpts = epoch_checkpoints(run)
-    if not ckpts:
-        raise ValueError(f"{run}: no per-epoch checkpoints (ckpt-epochNNN.pt)")
-    opts = args.storage_options
-    first = load_ckpt(ckpts[0][1])
-    shards = args.shards or first.get("shards")
-    if not shards:
-        raise ValueError("no --shards and the checkpoint does not name its shards")
-    manifest = Manifest.load(shards, opts)
-    splits = args.splits or default_splits(manifest)
-    check_splits(manifest, splits)
-    if not splits:
-        raise ValueError(f"{manifest.url}: no split of role valid or test to chart; give --splits")
-    amp_dtype, why = resolve_dtype(args.dtype, device)
-    print(f"[chart_losses] {describe_backend(first, device)}, {describe_dtype(amp_dtype, why)}")
-    print("[chart_losses] splits: " + ", ".join(f"{s} ({manifest.split_kind(s)})" for s in splits))
-    loaders = {  # normalised with the run's training statistics (the checkpoint's)
-        split: eval_loader(
-            shards,
-            split,
-            args.batch_size,
-            num_workers=args.num_workers,
-            storage_options=opts,
-            stats=first["stats"],
-            manifest=manifest,
+    def evaluate_point(self, model, loader) -> dict:
+        """The figures of one split for a model (:func:`spkr.run.evaluation.evaluate_split`): loss/acc/n
+        (classification), or EER, minDCF(0.01, 0.05), their thresholds and trial counts and n
+        (verification: every utterance embedded once, the trial list scored)."""
+        from spkr.run.evaluation import EvalOptions, evaluate_split, local_env
+
+        opts = EvalOptions(self.amp_dtype, storage_options=self.storage_options)
+        res = evaluate_split(model, loader, local_env(self.device), opts)
+        return verification_point(res["verification"], res["n"]) if "verification" in res else res
+
+    def chart_checkpoint(self, epoch: int, path: Path, losses: dict) -> None:
+        """The points of one epoch checkpoint: reused from metrics.jsonl when proven, else evaluated."""
+        from spkr.checkpoint import build_model_from_checkpoint, check_dataset, weights_fingerprint
+        from spkr.checkpoint import load as load_ckpt
+        from spkr.run.distributed import dtype_name
+
+        ckpt = load_ckpt(path)
+        if ckpt["stats"] != self.first["stats"]:
+            raise ValueError(f"{path}: other feature statistics than {self.ckpts[0][1].name}: not one run")
+        warning = check_dataset(
+            ckpt, self.manifest, str(path), allow_other_dataset=self.args.allow_other_dataset
         )
-        for split in splits
-    }
-    last_epoch = ckpts[-1][0]
-    last_only = {s for s in splits if manifest.split_role(s) == "test" and args.test_epochs == "last"}
-    charted = {  # the epochs each split is charted for: role test only at the end unless --test-epochs all
-        s: {e for e, _ in ckpts if s not in last_only or e == last_epoch} for s in splits
-    }
-    metrics = [] if args.no_reuse else read_metrics(run)
-    zero = {s: 0 for s in splits}
-    return Chart(args, manifest, splits, opts, ckpts, first, loaders, charted, metrics, device, amp_dtype,
-                 dict(zero), dict(zero), {s: 0.0 for s in splits})  # fmt: skip
+        if warning and epoch == self.ckpts[0][0]:
+            print(f"[chart_losses] {warning}", file=sys.stderr)
+        weights = weights_fingerprint(ckpt["model"]) if self.metrics else None
+        model = None  # built only if a point of this checkpoint has to be evaluated
+        line = []
+        for split, loader in self.loaders.items():
+            if epoch not in self.charted[split]:
+                continue
+            point = {"epoch": epoch, "step": ckpt.get("step"), "checkpoint": path.name}
+            n = loader.manifest.split(split).num_samples
+            row = weights and self.measured(split, epoch, ckpt, weights, n)
+            if row:
+                res = (
+                    {"loss": row["loss"], "acc": row["acc"], "n": row["n"]} if "loss" in row else row["point"]
+                )
+                point.update(res, source="metrics.jsonl", dtype=row.get("eval_dtype"))
+                self.reused[split] += 1
+                how = "reused"
+            else:
+                if model is None:
+                    model, _ = build_model_from_checkpoint(ckpt, self.device)
+                t0 = time.perf_counter()
+                res = self.evaluate_point(model, loader)
+                secs = time.perf_counter() - t0
+                point.update(
+                    res, source="evaluated", dtype=dtype_name(self.amp_dtype), seconds=round(secs, 3)
+                )
+                self.evaluated[split] += 1
+                self.seconds[split] += secs
+                how = f"evaluated {secs:.1f} s"
+            losses["splits"][split].append(point)
+            line.append(f"{point_text(split, res)} ({how})")
+        print(f"[chart_losses] epoch {epoch}: " + "  ".join(line))
 
+    def measured(self, split: str, epoch: int, ckpt: dict, weights: str, n: int) -> dict | None:
+        """What training measured of ``split`` with this checkpoint (:func:`measured_row`, or for a
+        verification split :func:`measured_verification_row` as ``{"point", "eval_dtype"}``), else None."""
+        dataset_id = self.manifest.dataset_id
+        if self.manifest.split_kind(split) != "verification":
+            return measured_row(self.metrics, split, epoch, ckpt, weights, dataset_id, n)
+        trials = self.manifest.data["protocol"]["splits"][split]["trials"]["count"]
+        role = self.manifest.split_role(split)
+        v = measured_verification_row(self.metrics, split, role, epoch, ckpt, weights, dataset_id, trials)
+        return v and {"point": verification_point(v, n), "eval_dtype": v["eval_dtype"]}
 
-def evaluate_point(c: Chart, model, loader) -> dict:
-    """The figures of one split for a model (:func:`spkr.run.evaluation.evaluate_split`): loss/acc/n
-    (classification), or EER, minDCF(0.01, 0.05), their thresholds and trial counts and n
-    (verification: every utterance embedded once, the trial list scored)."""
-    from spkr.run.evaluation import EvalOptions, evaluate_split, local_env
-
-    opts = EvalOptions(c.amp_dtype, storage_options=c.storage_options)
-    res = evaluate_split(model, loader, local_env(c.device), opts)
-    return verification_point(res["verification"], res["n"]) if "verification" in res else res
+    def report(self) -> None:
+        """Per split: how many points were reused and how many evaluated (and how long that took)."""
+        for split in self.splits:
+            took = f" in {self.seconds[split]:.1f} s" if self.evaluated[split] else ""
+            print(
+                f"[chart_losses] {split}: {self.reused[split]} point(s) reused from metrics.jsonl (measured by "
+                f"training, same weights and dataset), {self.evaluated[split]} evaluated{took}"
+            )
+        for split in self.last_only():
+            if len(self.ckpts) > 1:
+                print(
+                    f"[chart_losses] {split}: last epoch only (training tests once, at the end); --test-epochs "
+                    f"all evaluates the other {len(self.ckpts) - 1} epoch checkpoints on it"
+                )
 
 
 def verification_point(v: dict, n: int) -> dict:
@@ -307,87 +378,18 @@ def point_text(split: str, res: dict) -> str:
     return f"{split} loss {res['loss']:.4f} acc {100 * res['acc']:.2f}%"
 
 
-def chart_checkpoint(c: Chart, epoch: int, path: Path, losses: dict) -> None:
-    """The points of one epoch checkpoint: reused from metrics.jsonl when proven, else evaluated."""
-    from spkr.checkpoint import build_model_from_checkpoint, check_dataset, weights_fingerprint
-    from spkr.checkpoint import load as load_ckpt
-    from spkr.run.distributed import dtype_name
-
-    ckpt = load_ckpt(path)
-    if ckpt["stats"] != c.first["stats"]:
-        raise ValueError(f"{path}: other feature statistics than {c.ckpts[0][1].name}: not one run")
-    warning = check_dataset(ckpt, c.manifest, str(path), allow_other_dataset=c.args.allow_other_dataset)
-    if warning and epoch == c.ckpts[0][0]:
-        print(f"[chart_losses] {warning}", file=sys.stderr)
-    weights = weights_fingerprint(ckpt["model"]) if c.metrics else None
-    model = None  # built only if a point of this checkpoint has to be evaluated
-    line = []
-    for split, loader in c.loaders.items():
-        if epoch not in c.charted[split]:
-            continue
-        point = {"epoch": epoch, "step": ckpt.get("step"), "checkpoint": path.name}
-        n = loader.manifest.split(split).num_samples
-        row = weights and measured(c, split, epoch, ckpt, weights, n)
-        if row:
-            res = {"loss": row["loss"], "acc": row["acc"], "n": row["n"]} if "loss" in row else row["point"]
-            point.update(res, source="metrics.jsonl", dtype=row.get("eval_dtype"))
-            c.reused[split] += 1
-            how = "reused"
-        else:
-            if model is None:
-                model, _ = build_model_from_checkpoint(ckpt, c.device)
-            t0 = time.perf_counter()
-            res = evaluate_point(c, model, loader)
-            secs = time.perf_counter() - t0
-            point.update(res, source="evaluated", dtype=dtype_name(c.amp_dtype), seconds=round(secs, 3))
-            c.evaluated[split] += 1
-            c.seconds[split] += secs
-            how = f"evaluated {secs:.1f} s"
-        losses["splits"][split].append(point)
-        line.append(f"{point_text(split, res)} ({how})")
-    print(f"[chart_losses] epoch {epoch}: " + "  ".join(line))
-
-
-def measured(c: Chart, split: str, epoch: int, ckpt: dict, weights: str, n: int) -> dict | None:
-    """What training measured of ``split`` with this checkpoint (:func:`measured_row`, or for a
-    verification split :func:`measured_verification_row` as ``{"point", "eval_dtype"}``), else None."""
-    dataset_id = c.manifest.dataset_id
-    if c.manifest.split_kind(split) != "verification":
-        return measured_row(c.metrics, split, epoch, ckpt, weights, dataset_id, n)
-    trials = c.manifest.data["protocol"]["splits"][split]["trials"]["count"]
-    role = c.manifest.split_role(split)
-    v = measured_verification_row(c.metrics, split, role, epoch, ckpt, weights, dataset_id, trials)
-    return v and {"point": verification_point(v, n), "eval_dtype": v["eval_dtype"]}
-
-
-def report(c: Chart) -> None:
-    """Per split: how many points were reused and how many evaluated (and how long that took)."""
-    for split in c.splits:
-        took = f" in {c.seconds[split]:.1f} s" if c.evaluated[split] else ""
-        print(
-            f"[chart_losses] {split}: {c.reused[split]} point(s) reused from metrics.jsonl (measured by "
-            f"training, same weights and dataset), {c.evaluated[split]} evaluated{took}"
-        )
-    for split in c.last_only():
-        if len(c.ckpts) > 1:
-            print(
-                f"[chart_losses] {split}: last epoch only (training tests once, at the end); --test-epochs "
-                f"all evaluates the other {len(c.ckpts) - 1} epoch checkpoints on it"
-            )
-
-
 def run(args) -> int:
     """The command: chart every epoch checkpoint, then write losses.json and losses.png."""
     run_dir = Path(args.run)
-    c = open_chart(args)
+    c = Chart.open(args)
     shards = args.shards or c.first.get("shards")
     losses: dict = {"run": str(run_dir), "shards": str(shards), "splits": {s: [] for s in c.splits}}
     losses["kinds"] = {s: c.manifest.split_kind(s) for s in c.splits}
     losses["last_epoch_only"] = c.last_only()
     for epoch, path in c.ckpts:
         if any(epoch in c.charted[s] for s in c.splits):
-            chart_checkpoint(c, epoch, path, losses)
-    report(c)
+            c.chart_checkpoint(epoch, path, losses)
+    c.report()
     losses["reuse"] = {"reused": sum(c.reused.values()), "evaluated": sum(c.evaluated.values())}
     losses["test_epochs"] = args.test_epochs
     metrics = read_metrics(run_dir)
