@@ -326,7 +326,7 @@ def test_workers_started_by_forkserver_or_spawn_resume_exactly(shards, context, 
     import multiprocessing as mp
 
     kw = dict(train=True, seed=3, rank=0, world_size=2, num_workers=2, bucket_window=8, mmap=mmap)
-    ref = epoch_batches(SpeakerLoader(str(shards), "train", 3, **kw), epoch=1)
+    ref = epoch_batches(SpeakerLoader(str(shards), "train", 3, multiprocessing_context="fork", **kw), epoch=1)
     ctx = mp.get_context(context)
     got = epoch_batches(SpeakerLoader(str(shards), "train", 3, multiprocessing_context=ctx, **kw), epoch=1)
     assert [g["keys"] for g in got] == [r["keys"] for r in ref] and len(ref) == 9
@@ -335,6 +335,25 @@ def test_workers_started_by_forkserver_or_spawn_resume_exactly(shards, context, 
     rest = epoch_batches(resumed, epoch=1)
     assert [r["keys"] for r in rest] == [r["keys"] for r in ref[5:]]
     assert all(torch.equal(x["mel"], y["mel"]) for x, y in zip(rest, ref[5:]))
+
+
+def test_workers_start_from_a_fork_server_not_from_this_process(shards):
+    """By default no worker is forked from the loader's process (a rank runs gloo threads by then, and
+    a child forked from a multi-threaded process can hang in fork): each is a child of the fork server."""
+    import psutil
+
+    me = psutil.Process()
+    before = {c.pid for c in me.children(recursive=True)}
+    loader = SpeakerLoader(str(shards), "train", 3, train=True, seed=3, rank=0, world_size=1, num_workers=2)
+    it = iter(loader)
+    next(it)
+    new = [c for c in me.children(recursive=True) if c.pid not in before]
+    workers = [c for c in new if c.ppid() != me.pid]  # a worker shares its fork server's command line
+    assert len(workers) == 2
+    assert all("forkserver" in " ".join(psutil.Process(w.ppid()).cmdline()) for w in workers)
+    assert sum(1 for _ in it) == len(loader) - 1  # and the epoch completes
+    with pytest.raises(ValueError, match="multiprocessing_context must be"):
+        SpeakerLoader(str(shards), "train", 3, num_workers=1, multiprocessing_context="thread")
 
 
 def test_a_state_without_its_dataset_is_refused(shards):

@@ -29,6 +29,15 @@ Normalisation: per-mel-bin ``(x - mean) / std`` with the manifest's training sta
 sees its training normalisation). Every sample is checked against its manifest checksum on every
 read (``checksums=True``), in every layout.
 
+Worker start (``multiprocessing_context``, default ``"forkserver"``): DataLoader workers are forked
+from a single-threaded server process that this process starts once, never from the rank itself,
+which by then runs threads (gloo's transport loops, a previous iterator's queue feeder). A child
+forked from a multi-threaded process can inherit a lock one of them held and never return from
+``fork()``: its rank then waits for batches forever and the other ranks wait in a collective until
+gloo's 30-minute timeout (docs/loader.md). The server has this module's imports loaded, so a
+worker starts in milliseconds; the dataset reaches it pickled (~0.1 MB: index files are mapped
+again, not copied). ``"fork"`` shares the rank's pages instead (safe in a single-threaded process).
+
 Skipped samples (``on_error="skip"``): a sample that cannot be read is dropped from its batch (the
 batch gets smaller; a batch whose samples were all skipped is yielded with B = 0 so that batch counts
 stay equal across ranks) and recorded in ``loader.skipped``.
@@ -37,6 +46,7 @@ stay equal across ranks) and recorded in ``loader.skipped``.
 from __future__ import annotations
 
 import gc
+import multiprocessing as mp
 from collections.abc import Iterator
 
 import numpy as np
@@ -78,6 +88,26 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     return rank, world_size
+
+
+WORKER_START = "forkserver"
+_PRELOAD = ["spkr.stream.loader"]  # what the fork server imports once (torch, numpy, the dataset)
+
+
+def worker_context(start):
+    """The multiprocessing context DataLoader workers start in: ``start`` a context, or a start-method
+    name (``"forkserver"``, ``"spawn"``, ``"fork"``), or None (the platform's default). A start method
+    the platform lacks falls back to its default (forkserver exists on Linux and macOS)."""
+    if start is None or not isinstance(start, str):
+        return start
+    if start not in ("fork", "forkserver", "spawn"):
+        raise ValueError(f"multiprocessing_context must be 'fork', 'forkserver' or 'spawn', not {start!r}")
+    if start not in mp.get_all_start_methods():
+        return None
+    ctx = mp.get_context(start)
+    if start == "forkserver":
+        ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
 
 
 def _check_choices(on_error: str, dtype: str) -> None:
@@ -210,7 +240,7 @@ class SpeakerLoader:
         backoff: float = 0.2,
         chunk_size: int | None = None,
         mmap: bool = True,
-        multiprocessing_context=None,
+        multiprocessing_context=WORKER_START,
         manifest: Manifest | None = None,
     ):
         rank, world_size = _rank_world(rank, world_size)
@@ -224,7 +254,7 @@ class SpeakerLoader:
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
-        self.multiprocessing_context = multiprocessing_context
+        self.multiprocessing_context = worker_context(multiprocessing_context)
         stats = normalisation(self.manifest, self.n_mels, stats) if normalize else {}
         collate = Collate(self.n_mels, mean=stats.get("mean"), std=stats.get("std"), crop_frames=crop_frames,
                           seed=seed, rank=rank, dtype=BATCH_DTYPES[dtype])  # fmt: skip
@@ -311,9 +341,9 @@ class SpeakerLoader:
             yield batch
 
     def _start_workers(self) -> Iterator:
-        """The DataLoader's iterator, its workers started with this process's objects frozen: a
-        forked worker's full garbage collection then skips them instead of writing to every page that
-        holds one (copying the parent's whole heap into each worker, tools/bench_scale.py)."""
+        """The DataLoader's iterator, its workers started with this process's objects frozen: a worker
+        forked from this process (``"fork"``) then skips them in a full garbage collection instead of
+        writing to every page that holds one (copying the parent's whole heap, tools/bench_scale.py)."""
         gc.freeze()
         try:
             return iter(self._dataloader())
