@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import tarfile
 
 import numpy as np
@@ -337,22 +338,46 @@ def test_workers_started_by_forkserver_or_spawn_resume_exactly(shards, context, 
     assert all(torch.equal(x["mel"], y["mel"]) for x, y in zip(rest, ref[5:]))
 
 
-def test_workers_start_from_a_fork_server_not_from_this_process(shards):
-    """By default no worker is forked from the loader's process (a rank runs gloo threads by then, and
-    a child forked from a multi-threaded process can hang in fork): each is a child of the fork server."""
+def _new_workers(loader) -> tuple[list, object]:
+    """The processes that starting ``loader``'s iteration created below this one (workers, and a fork
+    server if it was not running yet), with the iterator (one batch consumed)."""
     import psutil
 
     me = psutil.Process()
     before = {c.pid for c in me.children(recursive=True)}
-    loader = SpeakerLoader(str(shards), "train", 3, train=True, seed=3, rank=0, world_size=1, num_workers=2)
     it = iter(loader)
     next(it)
     new = [c for c in me.children(recursive=True) if c.pid not in before]
-    workers = [c for c in new if c.ppid() != me.pid]  # a worker shares its fork server's command line
-    assert len(workers) == 2
-    assert all("forkserver" in " ".join(psutil.Process(w.ppid()).cmdline()) for w in workers)
-    assert sum(1 for _ in it) == len(loader) - 1  # and the epoch completes
-    with pytest.raises(ValueError, match="multiprocessing_context must be"):
+    return new, it
+
+
+def test_workers_start_from_a_fork_server_inside_a_process_group(shards):
+    """A rank runs gloo's threads, and a child forked from a multi-threaded process can hang in fork():
+    inside a process group ("auto") each worker is a child of the fork server, never of this process;
+    outside one they are forked (a script without a main guard keeps working)."""
+    import psutil
+    import torch.distributed as dist
+
+    me = psutil.Process()
+    kw = dict(train=True, seed=3, rank=0, world_size=1, num_workers=2)
+    loader = SpeakerLoader(str(shards), "train", 3, **kw)
+    new, it = _new_workers(loader)
+    assert [c.ppid() for c in new] == [me.pid, me.pid]  # no process group: forked
+    assert sum(1 for _ in it) == len(loader) - 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        loader = SpeakerLoader(str(shards), "train", 3, **kw)
+        new, it = _new_workers(loader)
+        workers = [c for c in new if c.ppid() != me.pid]  # a worker shares its server's command line
+        assert len(workers) == 2
+        assert all("forkserver" in " ".join(psutil.Process(w.ppid()).cmdline()) for w in workers)
+        assert sum(1 for _ in it) == len(loader) - 1  # and the epoch completes
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(ValueError, match="multiprocessing_context must be one of"):
         SpeakerLoader(str(shards), "train", 3, num_workers=1, multiprocessing_context="thread")
 
 

@@ -29,14 +29,18 @@ Normalisation: per-mel-bin ``(x - mean) / std`` with the manifest's training sta
 sees its training normalisation). Every sample is checked against its manifest checksum on every
 read (``checksums=True``), in every layout.
 
-Worker start (``multiprocessing_context``, default ``"forkserver"``): DataLoader workers are forked
-from a single-threaded server process that this process starts once, never from the rank itself,
-which by then runs threads (gloo's transport loops, a previous iterator's queue feeder). A child
-forked from a multi-threaded process can inherit a lock one of them held and never return from
-``fork()``: its rank then waits for batches forever and the other ranks wait in a collective until
-gloo's 30-minute timeout (docs/loader.md). The server has this module's imports loaded, so a
-worker starts in milliseconds; the dataset reaches it pickled (~0.1 MB: index files are mapped
-again, not copied). ``"fork"`` shares the rank's pages instead (safe in a single-threaded process).
+Worker start (``multiprocessing_context``, default ``"auto"``): inside a torch.distributed process
+group DataLoader workers start from a fork server, a single-threaded process this process starts
+once, never forked from the rank itself, which runs threads by then (gloo's transport loops, a
+previous iterator's queue feeder). A child forked from a multi-threaded process can inherit a lock
+one of them held and never return from ``fork()``: its rank then waits for batches forever and the
+others wait in a collective until the process group's timeout (docs/loader.md). The server has
+this module's imports loaded, so a worker starts in milliseconds; the dataset reaches it pickled
+(~0.1 MB: index files are mapped again, not copied). Like any forkserver or spawn start, it runs the
+main script's top level again in the server: a script that iterates a loader under torchrun needs
+the ``if __name__ == "__main__":`` guard (spkr's CLIs have it). Outside a process group ``"auto"``
+forks (workers share this process's pages; no guard needed); ``"fork"``, ``"forkserver"``,
+``"spawn"`` or a context force one.
 
 Skipped samples (``on_error="skip"``): a sample that cannot be read is dropped from its batch (the
 batch gets smaller; a batch whose samples were all skipped is yielded with B = 0 so that batch counts
@@ -90,18 +94,28 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-WORKER_START = "forkserver"
+WORKER_START = "auto"
+START_METHODS = ("auto", "fork", "forkserver", "spawn")
 _PRELOAD = ["spkr.stream.loader"]  # what the fork server imports once (torch, numpy, the dataset)
 
 
+def check_worker_start(start) -> None:
+    if isinstance(start, str) and start not in START_METHODS:
+        raise ValueError(f"multiprocessing_context must be one of {', '.join(START_METHODS)}, not {start!r}")
+
+
 def worker_context(start):
-    """The multiprocessing context DataLoader workers start in: ``start`` a context, or a start-method
-    name (``"forkserver"``, ``"spawn"``, ``"fork"``), or None (the platform's default). A start method
-    the platform lacks falls back to its default (forkserver exists on Linux and macOS)."""
+    """The multiprocessing context DataLoader workers start in, for ``start`` = a context, a
+    start-method name, ``"auto"`` (forkserver inside a torch.distributed process group, else the
+    platform's default) or None (the platform's default). A start method the platform lacks falls
+    back to its default (forkserver exists on Linux and macOS)."""
+    if start == "auto":
+        import torch.distributed as dist
+
+        start = "forkserver" if dist.is_available() and dist.is_initialized() else None
     if start is None or not isinstance(start, str):
         return start
-    if start not in ("fork", "forkserver", "spawn"):
-        raise ValueError(f"multiprocessing_context must be 'fork', 'forkserver' or 'spawn', not {start!r}")
+    check_worker_start(start)
     if start not in mp.get_all_start_methods():
         return None
     ctx = mp.get_context(start)
@@ -254,7 +268,8 @@ class SpeakerLoader:
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
-        self.multiprocessing_context = worker_context(multiprocessing_context)
+        check_worker_start(multiprocessing_context)
+        self.multiprocessing_context = multiprocessing_context  # resolved when workers start
         stats = normalisation(self.manifest, self.n_mels, stats) if normalize else {}
         collate = Collate(self.n_mels, mean=stats.get("mean"), std=stats.get("std"), crop_frames=crop_frames,
                           seed=seed, rank=rank, dtype=BATCH_DTYPES[dtype])  # fmt: skip
@@ -367,7 +382,7 @@ class SpeakerLoader:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
-            multiprocessing_context=self.multiprocessing_context,
+            multiprocessing_context=worker_context(self.multiprocessing_context),
             generator=generator,
             **kwargs,
         )
