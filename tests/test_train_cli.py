@@ -139,7 +139,9 @@ def test_config_names_resolve_from_any_cwd(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--config mamba3: no such file, and no bundled config of that name" in err
-    assert "bundled: mamba-ssm, mamba-torch, mamba2-torch, tiny-aam, tiny-transformer, tiny, transformer" in err
+    assert (
+        "bundled: mamba-ssm, mamba-torch, mamba2-torch, tiny-aam, tiny-transformer, tiny, transformer" in err
+    )
     with pytest.raises(SystemExit):
         parse_args(["--shards", "x", "--config", "sub/missing.toml"])
     assert "no such file" in capsys.readouterr().err
@@ -247,6 +249,26 @@ def test_shards_name():
     assert shards_name(".") == Path.cwd().name
 
 
+def test_fresh_removes_the_previous_runs_outputs_only(tmp_path):
+    """--fresh into a directory an earlier run wrote: its checkpoints, metrics and evaluations go (else
+    chart_losses would chart the old epochs and rows as this run's), anything else stays; a torchrun
+    restart of the --fresh job removes nothing (what is there is its own first attempt's)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    old = ["last.pt", "ckpt-epoch000.pt", "ckpt-epoch007.pt", "metrics.jsonl", "test.json",
+           "eval-test-verify.json", "losses.json", "losses.png"]  # fmt: skip
+    for name in old + ["notes.txt", "tiny.toml"]:
+        (out / name).write_text("x")
+    args = parse_args(["--shards", "x", "--out", str(out), "--fresh"])
+    assert decide_run_dir(args, 1)[:2] == (out, False)  # a restart: nothing removed
+    assert all((out / n).exists() for n in old)
+    got, resume, notes = decide_run_dir(args, 0)
+    assert (got, resume) == (out, False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "tiny.toml"]
+    assert "--fresh: removed the previous run's" in notes[-1] and "and 2 more" in notes[-1]
+    assert decide_run_dir(args, 0)[2] == [f"run dir {out}"]  # nothing left to remove: no note
+
+
 def test_run_dir_decisions(tmp_path, monkeypatch):
     """Without --out: new or empty runs/<name>, else the next free runs/<name>-N; a torchrun restart
     returns to the directory its own job claimed; --resume takes the latest with a checkpoint. With
@@ -297,6 +319,7 @@ def test_run_dir_decisions(tmp_path, monkeypatch):
         decide("--out", "elsewhere", "--resume")
     assert decide("--out", "runs/toy-2") == ("runs/toy-2", True)
     assert decide("--out", "runs/toy-2", "--fresh") == ("runs/toy-2", False)
+    Path("runs/toy-2/last.pt").write_bytes(b"")  # --fresh removed it: the fresh run's first checkpoint
     assert decide("--out", "runs/toy-2", restart=1) == ("runs/toy-2", True)
     assert decide("--out", "elsewhere", restart=1) == ("elsewhere", False)
     assert not Path("elsewhere").exists()  # deciding never creates an explicit --out

@@ -3,7 +3,8 @@
     out, resume, notes = agree_on_run_dir(args, restart, env)   # rank 0 decides, every rank receives
 
 ``--out DIR``: that directory; resume with ``--resume`` (an error without ``DIR/last.pt``), after a
-torchrun restart, or whenever ``DIR/last.pt`` exists, unless ``--fresh``. Without ``--out``:
+torchrun restart, or whenever ``DIR/last.pt`` exists, unless ``--fresh`` (which first removes an
+earlier run's outputs there: :func:`clear_previous_run`). Without ``--out``:
 ``runs/<name of --shards>`` when new or empty, else the next free ``runs/<name>-N``, claimed by creating
 ``run.json`` exclusively (``{"shards", "run_id": TORCHELASTIC_RUN_ID, "agent": "host:ppid", "time"}``),
 which is how a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) finds its first attempt's directory.
@@ -106,7 +107,35 @@ def decide_run_dir(args, restart: int) -> tuple[Path, bool, list[str]]:
     resume = not args.fresh and (args.resume or restart > 0 or last.exists())
     if restart > 0 and not last.exists():
         resume = False  # restarted before the first checkpoint: start over
-    return out, resume, [f"run dir {out}"]
+    notes = [f"run dir {out}"]
+    if args.fresh and restart == 0:
+        notes += clear_previous_run(out)
+    return out, resume, notes
+
+
+# What a run writes from its checkpoints: left from an earlier run in the same directory, they would be
+# read as this run's (chart_losses charts every epoch checkpoint and metrics row it finds).
+RUN_OUTPUTS = (
+    "last.pt",
+    "ckpt-epoch*.pt",
+    "metrics.jsonl",
+    "test.json",
+    "eval-*.json",
+    "losses.json",
+    "losses.png",
+)
+
+
+def clear_previous_run(out: Path) -> list[str]:
+    """``--fresh`` into a directory holding an earlier run: remove that run's outputs
+    (:data:`RUN_OUTPUTS`, nothing else), so nothing of it is read as the new run's. -> log lines."""
+    gone = sorted(p for pattern in RUN_OUTPUTS for p in out.glob(pattern) if p.is_file())
+    for p in gone:
+        p.unlink()
+    if not gone:
+        return []
+    return [f"--fresh: removed the previous run's {', '.join(p.name for p in gone[:6])}"
+            + (f" and {len(gone) - 6} more" if len(gone) > 6 else "")]  # fmt: skip
 
 
 def _default_run_dir(args, restart: int) -> tuple[Path, bool, list[str]]:
