@@ -132,9 +132,11 @@ TINY_RUN_MODEL = (
 def tiny_run(base: Path) -> dict:
     """A real run directory, built once per session in ~2 s: synthetic shards, the tiny Mamba-1 above
     trained in-process (fp32, eager) for 3 epochs, validated every 2nd epoch (so epoch 0 has no valid
-    row), twice into the same directory: seed 1, then --fresh with seed 0. metrics.jsonl so holds rows
-    of both runs with the same epochs, steps and dataset_id, but only the second run's weights are in
-    the checkpoints. Returns {"run", "shards", "rows" (the second run's metrics rows)}."""
+    row), twice into the same directory: seed 1, then --fresh with seed 0 (which removes the first
+    run's outputs). The first run's metrics rows are then put back in front of the second's, as a
+    torchrun restart of a --fresh job leaves its first attempt's: metrics.jsonl holds rows of both runs
+    with the same epochs, steps and dataset_id, but only the second run's weights are in the
+    checkpoints. Returns {"run", "shards", "rows" (the second run's metrics rows), "stale"}."""
     from spkr.train import main as train_main
     from tests.shardkit import make_shards
 
@@ -152,8 +154,12 @@ def tiny_run(base: Path) -> dict:
         "--verify-pairs", "0",
     ]  # fmt: skip
     assert train_main(args + ["--seed", "1"]) == 0
-    n_first = len((run / "metrics.jsonl").read_text().splitlines())
+    first = (run / "metrics.jsonl").read_text()
+    n_first = len(first.splitlines())
     assert train_main(args + ["--seed", "0", "--fresh"]) == 0
+    second = (run / "metrics.jsonl").read_text()
+    assert not second.startswith(first)  # --fresh removed the first run's rows
+    (run / "metrics.jsonl").write_text(first + second)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     info = {"run": str(run), "shards": str(shards), "rows": rows[n_first:], "stale": rows[:n_first]}
     info_file.write_text(json.dumps(info))
