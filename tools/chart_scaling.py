@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    color = {m: f"C{i}" for i, m in enumerate(sorted({r["model"] for r in rows}))}  # same in both panels
+    sizes = sorted({r["train_speakers"] for r in rows})
     for ax, (protocol, figure, label) in zip(axes, PANELS, strict=True):
         for model, pts in curves(rows, protocol, figure).items():
             xs, mean, lo, hi = ([p[i] for p in pts] for i in range(4))
@@ -101,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
                 [m - a for m, a in zip(mean, lo, strict=True)],
                 [b - m for m, b in zip(mean, hi, strict=True)],
             ]
-            ax.errorbar(xs, mean, yerr=yerr, marker="o", capsize=3, label=model)
+            ax.errorbar(xs, mean, yerr=yerr, marker="o", capsize=3, label=model, color=color[model])
         ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("training speakers")
         ax.set_ylabel(label)
         ax.set_title(protocol)
