@@ -24,6 +24,9 @@ A checkpoint (``<run>/last.pt``, ``<run>/ckpt-epoch001.pt``, ...) is one ``torch
                    "min_dcf", "trials", "target_trials", "nontarget_trials", "split", "weights" (the
                    weights_fingerprint they were measured on: spkr.predict uses them only when it equals
                    this checkpoint's), "epoch", "step"}
+    best           (``select = "valid"`` only, optional) the best validation so far, whose weights are in
+                   ``<run>/best.pt``: {"metric", "value", "score" (higher is better), "epoch", "step",
+                   "weights" (their weights_fingerprint)}
 
 Nothing else (no classes, no functions), so ``torch.load(path, weights_only=True)`` reads it and a
 file carrying any other pickle payload is refused before anything in it runs.

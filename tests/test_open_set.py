@@ -5,6 +5,7 @@ trial list (+ AS-norm), and the gallery-side scoring/identification helpers on h
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,19 +63,26 @@ OPEN_EPOCHS = 2
 
 @pytest.fixture(scope="module")
 def open_run(open_shards, tmp_path_factory) -> Path:
-    """A tiny model trained 2 epochs on the open shards by a real 2-rank torchrun (gloo, eager)."""
+    """A tiny model trained 2 epochs on the open shards by a real 2-rank torchrun (gloo, eager), the final
+    test on the weights of the best valid-verify EER (``--select valid``)."""
     out = tmp_path_factory.mktemp("open_run") / "run"
-    config = out.parent / "tiny.toml"
-    config.write_text(TINY_MODEL)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(free_port()), "-m", "spkr.train", "--config", str(config),
-        "--shards", str(open_shards), "--out", str(out), "--no-progress", "--no-compile", "--dtype", "fp32",
-        "--epochs", str(OPEN_EPOCHS), "--batch-size", "8", "--crop-frames", "100", "--eval-batch-size", "8",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    (out.parent / "tiny.toml").write_text(TINY_MODEL)
+    proc = _torchrun_train(out, open_shards)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
+
+
+def _torchrun_train(out: Path, shards: Path) -> subprocess.CompletedProcess:
+    """``spkr.train --out out`` (config ``out/../tiny.toml``) by a 2-rank torchrun, ``--select valid``; run
+    again on a finished run, it resumes to its final test."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), "-m", "spkr.train", "--config", str(out.parent / "tiny.toml"),
+        "--shards", str(shards), "--out", str(out), "--no-progress", "--no-compile", "--dtype", "fp32",
+        "--epochs", str(OPEN_EPOCHS), "--batch-size", "8", "--crop-frames", "100", "--eval-batch-size", "8",
+        "--select", "valid",
+    ]  # fmt: skip
+    return subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -93,6 +101,12 @@ def test_open_training_verifies_every_epoch_and_calibrates_thresholds(open_run, 
         assert 0 <= v["eer"] <= 1 and {"min_dcf_0.01", "min_dcf_0.05", "identification"} <= v.keys()
     (test,) = [r for r in rows if r["kind"] == "test"]
     assert "loss" not in test and test["n"] == splits["test-verify"]["num_utterances"]
+    # --select valid: the test measured the weights of the first best valid-verify EER, kept in best.pt
+    eers = [r["verification"]["eer"] for r in valid]
+    best = valid[eers.index(min(eers))]
+    assert test["weights"] == best["weights"] == test["selected"]["weights"]
+    assert test["selected"]["epoch"] == best["epoch"] and test["selected"]["value"] == min(eers)
+    assert weights_fingerprint(load(open_run / "best.pt")["model"]) == best["weights"]
     assert test["verification"]["split"] == "test-verify", test["verification"]
     assert test["verification"]["trials"] == splits["test-verify"]["trials"]["count"]
 
@@ -112,7 +126,7 @@ def test_evaluate_open_scores_the_test_trials_like_training(open_run, open_shard
     from spkr.evaluate import main
 
     out = tmp_path / "eval.json"
-    argv = ["--checkpoint", str(open_run / "last.pt"), "--dtype", "fp32", "--out", str(out)]
+    argv = ["--checkpoint", str(open_run / "best.pt"), "--dtype", "fp32", "--out", str(out)]
     assert main(argv + ["--as-norm", "--top-k", "5"]) == 0  # shards: the checkpoint's; split: test role
     res = json.loads(out.read_text())
     assert res["split"] == "test-verify" and res["kind"] == "verification" and "loss" not in res
@@ -133,6 +147,50 @@ def test_evaluate_open_scores_the_test_trials_like_training(open_run, open_shard
     for extra, message in bad:
         assert main(argv + extra) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_select_valid_tests_the_selected_weights_on_every_rank(open_run, open_shards, tmp_path):
+    """The final test of ``--select valid`` loads best.pt on both ranks, proven to be the selected weights:
+    a copy of the finished run whose record selects epoch 0 (best.pt = ckpt-epoch000.pt) tests exactly
+    those weights, with the figures spkr.evaluate gives for them; a best.pt of other weights is refused
+    on every rank with the same one line."""
+    from spkr.checkpoint import load, save_atomic, weights_fingerprint
+    from spkr.evaluate import main as evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(open_run, run)
+    shutil.copy(open_run.parent / "tiny.toml", tmp_path / "tiny.toml")
+    epoch0 = load(run / "ckpt-epoch000.pt")
+    last = load(run / "last.pt")
+    assert weights_fingerprint(epoch0["model"]) != weights_fingerprint(last["model"])
+    record = {
+        **last["best"],
+        "epoch": 0,
+        "step": epoch0["step"],
+        "weights": weights_fingerprint(epoch0["model"]),
+    }
+    save_atomic({**last, "best": record}, run / "last.pt")
+    shutil.copy(run / "ckpt-epoch000.pt", run / "best.pt")
+    (run / "metrics.jsonl").write_text("")
+    proc = _torchrun_train(run, open_shards)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (test,) = [r for r in read_metrics(run) if r["kind"] == "test"]
+    assert test["weights"] == record["weights"] and test["selected"]["epoch"] == 0
+    out = tmp_path / "eval.json"
+    assert (
+        evaluate(["--checkpoint", str(run / "ckpt-epoch000.pt"), "--dtype", "fp32", "--out", str(out)]) == 0
+    )
+    v = json.loads(out.read_text())["verification"]
+    assert v["eer"] == pytest.approx(test["verification"]["eer"], abs=0.02)
+
+    shutil.copy(run / "last.pt", run / "best.pt")  # other weights than the record's
+    proc = _torchrun_train(run, open_shards)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "exitcode  : 2" in out, out[-3000:]
+    assert f'File "{REPO / "spkr"}' not in out, out[-3000:]  # one line, no traceback on any rank
+    errors = [ln for ln in out.splitlines() if ln.startswith("[train] error:")]
+    assert errors and all("best.pt: not the weights of the best validation (epoch 0" in ln for ln in errors)
 
 
 @pytest.mark.slow

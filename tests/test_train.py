@@ -506,3 +506,51 @@ def test_resume_refuses_shards_with_other_statistics_or_class_weights(tmp_path):
         assert other.dataset_id == m.dataset_id
         with pytest.raises(TrainError, match=r"^cannot resume from last\.pt: the shards' " + says):
             check_resumable(ckpt, other, model_cfg, 1, "last.pt")
+
+
+def test_select_valid_keeps_the_first_best_validation():
+    """``select = "valid"`` records the validation to test with: valid accuracy (higher is better) without
+    a verification split of role valid, its EER (lower) with one; a tie keeps the earlier, an unusable
+    trial list (an error entry) selects nothing; ``select = "last"`` records nothing."""
+    from types import SimpleNamespace
+
+    from spkr.run.checkpoint import Position
+    from spkr.run.distributed import DistEnv
+    from spkr.run.trainer import Trainer
+
+    def trainer(select: str, verify: bool) -> Trainer:
+        t = Trainer.__new__(Trainer)  # only what the selection reads
+        t.cfg, t.best = TrainConfig(select=select), None
+        t.env = DistEnv(ddp=False, rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+        t.data = SimpleNamespace(valid_verify=object() if verify else None)
+        return t
+
+    def run(t: Trainer, rows: list[dict]) -> list[bool]:
+        return [
+            t.track_best(Position(step=10 * e, epoch=e), {**r, "weights": f"w{e}"})
+            for e, r in enumerate(rows)
+        ]
+
+    t = trainer("valid", verify=False)
+    assert run(t, [{"acc": a} for a in (0.5, 0.7, 0.7, 0.6)]) == [True, True, False, False]
+    assert t.best == {
+        "metric": "valid accuracy",
+        "value": 0.7,
+        "score": 0.7,
+        "epoch": 1,
+        "step": 10,
+        "weights": "w1",
+    }
+    t = trainer("valid", verify=True)
+    rows = [{"verification": {"split": "valid-verify", "eer": e}} for e in (0.3, 0.2, 0.2, 0.25)]
+    assert run(t, [*rows, {"verification": {"error": "bad trials"}}]) == [True, True, False, False, False]
+    assert (t.best["metric"], t.best["value"], t.best["epoch"], t.best["weights"]) == (
+        "valid-verify EER",
+        0.2,
+        1,
+        "w1",
+    )
+    t = trainer("last", verify=True)
+    assert run(t, rows) == [False] * 4 and t.best is None
+    with pytest.raises(ValueError, match='select must be "last" or "valid"'):
+        TrainConfig(select="best")

@@ -19,7 +19,7 @@ For every cell (corpus, protocol, augmentation) it runs, with the real CLIs and 
    ``tiny@eq_db=6``), once per ``--seeds`` seed (rows per seed and their mean), the head by protocol
    (``softmax`` on closed protocols; ``aam`` on ``open``: issue 14's margin head), the same number of
    optimizer steps with and without copies (epochs / (1 + K)); then ``python -m spkr.evaluate`` on the split of role test (``--as-norm`` on
-   open).
+   open) with the run's ``best.pt`` when it wrote one (``@select=valid``), else ``last.pt``.
 
 Scaling curve (``--train-speakers 50,100,200,500,1000``): per N, the cells run on a view of the
 corpus (:func:`corpus_view`, symlinks under ``<work>/<name>/n<N>/``) holding its first N training
@@ -301,10 +301,11 @@ def run_cell(args, ctx: dict, corpus: str, cell: Path, seeds, src: str, env: dic
         spec = {"cmd": cmd, "config": text, "dataset_id": did, "src": src}
         secs = run_step(run / "train-step", spec, cmd, cell / f"train-{name}.log", env)
         ev = run / "eval-test.json"
-        cmd = [sys.executable, "-m", "spkr.evaluate", "--checkpoint", str(run / "last.pt"),
+        ckpt = run / ("best.pt" if (run / "best.pt").exists() else "last.pt")  # select = "valid": best.pt
+        cmd = [sys.executable, "-m", "spkr.evaluate", "--checkpoint", str(ckpt),
                "--shards", str(shards), "--out", str(ev)] + (["--as-norm"] if protocol == "open" else [])  # fmt: skip
         run_step(run / "eval-step", {"cmd": cmd[1:], "train": spec}, cmd, cell / f"eval-{name}.log", env)
-        figures = eval_figures(json.loads(ev.read_text()))
+        figures = {**eval_figures(json.loads(ev.read_text())), "checkpoint": ckpt.name}
         rows.append(row(**ctx, model=model, figures=figures, did=did, src=src, secs=secs, seed=seed))
     return rows
 

@@ -58,6 +58,8 @@ class TrainConfig:
     ckpt_every: int = 0  # also write last.pt every N optimizer steps (0 = only at epoch ends)
     log_every: int = 10  # steps between metrics lines
     eval_every: int = 1  # validate every N epochs (and after the last)
+    select: str = "last"  # the weights the final test measures: "last" | "valid" (those of the best
+    #   validation: valid-verify EER with protocol open, else valid accuracy; kept in <out>/best.pt)
     verify_pairs: int = 200_000  # trial pairs for the final EER/minDCF (0 = all pairs)
 
     def __post_init__(self) -> None:
@@ -70,6 +72,8 @@ class TrainConfig:
                 raise ConfigError(f"{name}: {getattr(self, name)} is not < 1")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.select not in ("last", "valid"):
+            raise ValueError(f'select must be "last" or "valid", got {self.select!r}')
         if not (isinstance(self.compile, bool) or self.compile == "auto"):
             raise ValueError(f'compile must be true, false or "auto", got {self.compile!r}')
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every", "eval_every"):

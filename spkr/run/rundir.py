@@ -117,6 +117,7 @@ def decide_run_dir(args, restart: int) -> tuple[Path, bool, list[str]]:
 # read as this run's (chart_losses charts every epoch checkpoint and metrics row it finds).
 RUN_OUTPUTS = (
     "last.pt",
+    "best.pt",
     "ckpt-epoch*.pt",
     "metrics.jsonl",
     "test.json",

@@ -7,7 +7,8 @@
     outcome = t.train_epoch(pos, stop_at_step, profiler)      # "end" | "done" | "paused" | "profiled"
     stop = t.end_epoch(pos, outcome)                           # validate when due, checkpoint, advance
     t.final_test(pos)                                          # test loss/acc + EER/minDCF, test.json
-                                                               # (protocol open: test-verify's trials)
+                                                               # (protocol open: test-verify's trials;
+                                                               # select = "valid": best.pt's weights)
 
 One optimizer step (:meth:`Trainer.train_step`) is ``grad_accum`` micro-batches (fewer at an epoch's
 end): each one's loss is divided by the group's size, DDP synchronises gradients on the group's last
@@ -36,13 +37,22 @@ import torch.nn.functional as F
 
 from spkr import storage
 from spkr.checkpoint import load as load_checkpoint
-from spkr.checkpoint import rng_state, save_atomic, to_plain
+from spkr.checkpoint import rng_state, save_atomic, to_plain, weights_fingerprint
 from spkr.config import to_dict
 from spkr.run import TrainError
 from spkr.run import checkpoint as state
 from spkr.run.checkpoint import Position
 from spkr.run.configs import TrainConfig
-from spkr.run.distributed import DistEnv, autocast, barrier, describe_dtype, dtype_name, gather, make_scaler
+from spkr.run.distributed import (
+    DistEnv,
+    autocast,
+    barrier,
+    broadcast,
+    describe_dtype,
+    dtype_name,
+    gather,
+    make_scaler,
+)
 from spkr.run.evaluation import EvalOptions, eval_loader, eval_splits, evaluate_split, load_trials
 from spkr.run.mel_augment import eq_active, eq_augment, spec_augment
 from spkr.run.metrics import Logger, TrainWindow, eval_line, eval_row, train_line
@@ -182,6 +192,8 @@ class Trainer:
         weights = torch.tensor(manifest.class_weights, dtype=torch.float32, device=env.device)
         self.class_weights = weights if cfg.class_weighted else None
         self.thresholds: dict | None = None  # verification thresholds of the last validation (protocol open)
+        # select = "valid": the best validation so far, {"metric", "value", "epoch", "step", "weights"}
+        self.best: dict | None = None
         self.clock = PhaseClock()  # step phase timing (spkr.run.phases)
         # the loader's normalisation {"mean", "std"} when eq_augment is on
         self.eq_stats = normalisation(manifest, n_mels) if eq_active(cfg) else None
@@ -189,6 +201,10 @@ class Trainer:
     @property
     def last(self) -> Path:
         return self.out / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out / "best.pt"
 
     def restore(self, restart: int) -> Position:
         """The position (and model/optimizer/schedule/scaler/RNG state) of ``<out>/last.pt``."""
@@ -200,6 +216,7 @@ class Trainer:
             where=str(self.last),
         )  # fmt: skip
         self.thresholds = ckpt.get("verification_thresholds")
+        self.best = ckpt.get("best")
         self.logger.log(
             f"resumed from {self.last} (restart {restart}): epoch {pos.epoch}, step {pos.step}, "
             f"{pos.batches_done}/{self.data.micro_per_epoch} batches of the epoch done"
@@ -367,10 +384,12 @@ class Trainer:
             else Position(pos.step, pos.epoch, pos.batches_done)
         )
         stop = outcome == "done" or next_pos.epoch >= self.cfg.epochs
+        improved = False
         if ((pos.epoch + 1) % self.cfg.eval_every == 0 or stop) and (end_of_epoch or outcome != "paused"):
-            self.validate(pos)
+            improved = self.track_best(pos, self.validate(pos))
         next_pos.finished = stop
         paths = [self.out / f"ckpt-epoch{pos.epoch:03d}.pt", self.last] if end_of_epoch else [self.last]
+        paths += [self.best_path] if improved else []
         self.save_checkpoint(next_pos, paths)
         self.logger.log(f"checkpoint {', '.join(str(p) for p in paths)}")
         pos.epoch, pos.batches_done, pos.finished = next_pos.epoch, next_pos.batches_done, stop
@@ -388,6 +407,8 @@ class Trainer:
             )  # fmt: skip
             if self.thresholds is not None:
                 ckpt["verification_thresholds"] = self.thresholds
+            if self.best is not None:
+                ckpt["best"] = self.best
             save_atomic(ckpt, *paths)
 
     # ----------------------------------------------------------------------- evaluation
@@ -417,15 +438,71 @@ class Trainer:
         self.logger.log(f"epoch {pos.epoch} {eval_line('valid', res)}")
         return row
 
+    def track_best(self, pos: Position, row: dict) -> bool:
+        """``select = "valid"``: whether the validation ``row`` beats :attr:`best` (a tie keeps the
+        earlier). Rank 0 decides (its row has the verification figures), every rank gets the record."""
+        if self.cfg.select != "valid":
+            return False
+        record = None
+        if self.env.master:
+            score = self._score(row)
+            if score is not None and (self.best is None or score["score"] > self.best["score"]):
+                record = {**score, "epoch": pos.epoch, "step": pos.step, "weights": row["weights"]}
+        record = broadcast(record, self.env)
+        if record is not None:
+            self.best = record
+        return record is not None
+
+    def _score(self, row: dict) -> dict | None:
+        """``{"metric", "value", "score"}`` (higher score is better) of a validation row: the role-valid
+        verification split's EER with protocol open, else valid accuracy; None for an unusable trial
+        list (an ``error`` entry)."""
+        if self.data.valid_verify is None:
+            return {"metric": "valid accuracy", "value": float(row["acc"]), "score": float(row["acc"])}
+        v = row.get("verification") or {}
+        if "eer" not in v:
+            return None
+        return {
+            "metric": f"{v.get('split', 'valid-verify')} EER",
+            "value": float(v["eer"]),
+            "score": -float(v["eer"]),
+        }
+
+    def load_best(self) -> None:
+        """``select = "valid"``: the weights of the best validation back into the model from ``best.pt``,
+        proven on every rank to be the ones validated (the model's weights fingerprint after loading,
+        gathered) before any is tested: another file there is the same error on every rank."""
+        barrier(self.env)  # rank 0 wrote best.pt
+        ckpt = load_checkpoint(self.best_path, map_location=self.env.device)
+        self.raw_model.load_state_dict(ckpt["model"])
+        held = gather(weights_fingerprint(self.raw_model.state_dict()), self.env)
+        wrong = [rank for rank, fp in enumerate(held) if fp != self.best["weights"]]
+        if wrong:
+            raise TrainError(
+                f"{self.best_path}: not the weights of the best validation (epoch {self.best['epoch']}, "
+                f"weights {self.best['weights'][:16]}): rank {wrong[0]} holds {held[wrong[0]][:16]}; "
+                "train again with --fresh"
+            )
+        self.logger.log(
+            f"final test with the weights of epoch {self.best['epoch']} ({self.best_path}): best "
+            f"{self.best['metric']} {self.best['value']:.4f}"
+        )
+
     def final_test(self, pos: Position) -> dict:
         """The split of role test: ``test`` loss/accuracy and label-pair EER/minDCF over every rank's
         embeddings, or (protocol open) ``test-verify``'s trial list; rank 0 writes the row to
-        metrics.jsonl and ``<out>/test.json``."""
+        metrics.jsonl and ``<out>/test.json``. With ``select = "valid"`` it measures the weights of the
+        best validation (``best.pt``; the row's ``selected`` says which) instead of the last ones."""
+        selected = self.cfg.select == "valid" and self.best is not None
+        if selected:
+            self.load_best()
         res = self._eval(self.data.test, pairs=self.cfg.verify_pairs, seed=self.cfg.seed)
         verification = res.pop("verification", None)
         row = eval_row("test", pos.epoch, pos.step, res, *self._measured())
         if self.env.master:
             row["verification"] = verification
+            if selected:
+                row["selected"] = dict(self.best)
             self.logger.metrics(row)
             (self.out / "test.json").write_text(json.dumps(row, indent=1) + "\n")
             self.logger.log(eval_line("test", row))
