@@ -128,3 +128,38 @@ def test_scaling_rows_average_within_their_population_size():
             for n, seed, e in ((50, 0, 0.2), (50, 1, 0.4), (100, 0, 0.1), (100, 1, 0.3))]  # fmt: skip
     means = bq.seed_means(rows, "p", *cell, 50) + bq.seed_means(rows, "p", *cell, 100)
     assert [(m["train_speakers"], round(m["eer"], 6)) for m in means] == [(50, 0.3), (100, 0.2)]
+
+
+def test_a_run_with_best_pt_is_evaluated_on_it_and_on_last_pt(tmp_path, monkeypatch):
+    """``@select=valid`` runs write best.pt: the row's figures are best.pt's (the weights the run's own
+    test measured), and a ``[last]`` row has last.pt's; a run without best.pt is evaluated on last.pt.
+    Each evaluation is its own reusable step (its spec names the checkpoint)."""
+    steps = []
+
+    def fake_step(out, spec, cmd, log, env=None):  # records the command; writes what evaluate would
+        steps.append((out.name, cmd[cmd.index("--checkpoint") + 1], spec["cmd"] == cmd[1:]))
+        Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"kind": "verification", "verification": {
+            "eer": 0.1 if Path(cmd[cmd.index("--checkpoint") + 1]).name == "best.pt" else 0.2, "min_dcf_0.01": 0.5, "trials": 8}}))  # fmt: skip
+
+    monkeypatch.setattr(bq, "run_step", fake_step)
+    run = tmp_path / "run"
+    run.mkdir()
+    shards, spec = tmp_path / "shards", {"cmd": ["train"]}
+    first = bq.evaluate_run(run, run / "eval-test.json", shards, "open", spec, tmp_path / "a.log", {})
+    assert first["checkpoint"] == "last.pt" and first["eer"] == 0.2
+    (run / "best.pt").write_bytes(b"")
+    best = bq.evaluate_run(run, run / "eval-test.json", shards, "open", spec, tmp_path / "b.log", {})
+    last = bq.evaluate_run(
+        run, run / "eval-last.json", shards, "open", spec, tmp_path / "c.log", {}, last=True
+    )
+    assert (best["checkpoint"], best["eer"], last["checkpoint"], last["eer"]) == (
+        "best.pt",
+        0.1,
+        "last.pt",
+        0.2,
+    )
+    assert steps == [
+        ("eval-step", str(run / "last.pt"), True),
+        ("eval-step", str(run / "best.pt"), True),
+        ("eval-last-step", str(run / "last.pt"), True),
+    ]

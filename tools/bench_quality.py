@@ -19,7 +19,8 @@ For every cell (corpus, protocol, augmentation) it runs, with the real CLIs and 
    ``tiny@eq_db=6``), once per ``--seeds`` seed (rows per seed and their mean), the head by protocol
    (``softmax`` on closed protocols; ``aam`` on ``open``: issue 14's margin head), the same number of
    optimizer steps with and without copies (epochs / (1 + K)); then ``python -m spkr.evaluate`` on the split of role test (``--as-norm`` on
-   open) with the run's ``best.pt`` when it wrote one (``@select=valid``), else ``last.pt``.
+   open) with the run's ``best.pt`` when it wrote one (``@select=valid``; then also its ``last.pt``,
+   a row of model ``NAME[last]``), else ``last.pt``.
 
 Scaling curve (``--train-speakers 50,100,200,500,1000``): per N, the cells run on a view of the
 corpus (:func:`corpus_view`, symlinks under ``<work>/<name>/n<N>/``) holding its first N training
@@ -300,14 +301,30 @@ def run_cell(args, ctx: dict, corpus: str, cell: Path, seeds, src: str, env: dic
                "--no-progress", "--epochs", str(epochs), "--seed", str(seed)]  # fmt: skip
         spec = {"cmd": cmd, "config": text, "dataset_id": did, "src": src}
         secs = run_step(run / "train-step", spec, cmd, cell / f"train-{name}.log", env)
-        ev = run / "eval-test.json"
-        ckpt = run / ("best.pt" if (run / "best.pt").exists() else "last.pt")  # select = "valid": best.pt
-        cmd = [sys.executable, "-m", "spkr.evaluate", "--checkpoint", str(ckpt),
-               "--shards", str(shards), "--out", str(ev)] + (["--as-norm"] if protocol == "open" else [])  # fmt: skip
-        run_step(run / "eval-step", {"cmd": cmd[1:], "train": spec}, cmd, cell / f"eval-{name}.log", env)
-        figures = {**eval_figures(json.loads(ev.read_text())), "checkpoint": ckpt.name}
+        figures = evaluate_run(
+            run, run / "eval-test.json", shards, protocol, spec, cell / f"eval-{name}.log", env
+        )
         rows.append(row(**ctx, model=model, figures=figures, did=did, src=src, secs=secs, seed=seed))
+        if figures["checkpoint"] == "best.pt":  # select = "valid": the last weights too, beside them
+            log = cell / f"eval-last-{name}.log"
+            figures = evaluate_run(run, run / "eval-last.json", shards, protocol, spec, log, env, last=True)
+            rows.append(
+                row(**ctx, model=f"{model}[last]", figures=figures, did=did, src=src, secs=None, seed=seed)
+            )
     return rows
+
+
+def evaluate_run(run: Path, out: Path, shards: Path, protocol: str, train_spec: dict, log: Path, env: dict,
+                 last: bool = False) -> dict:  # fmt: skip
+    """``python -m spkr.evaluate`` of a run on the split of role test (``--as-norm`` on open) -> its
+    figures + ``checkpoint``: the run's ``best.pt`` when it wrote one (``@select=valid``) unless
+    ``last``, else ``last.pt``."""
+    ckpt = run / ("best.pt" if (run / "best.pt").exists() and not last else "last.pt")
+    cmd = [sys.executable, "-m", "spkr.evaluate", "--checkpoint", str(ckpt),
+           "--shards", str(shards), "--out", str(out)] + (["--as-norm"] if protocol == "open" else [])  # fmt: skip
+    step = run / ("eval-last-step" if last else "eval-step")
+    run_step(step, {"cmd": cmd[1:], "train": train_spec}, cmd, log, env)
+    return {**eval_figures(json.loads(out.read_text())), "checkpoint": ckpt.name}
 
 
 def base_figures(base: dict, protocol: str) -> dict:
