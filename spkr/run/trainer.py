@@ -192,7 +192,7 @@ class Trainer:
         weights = torch.tensor(manifest.class_weights, dtype=torch.float32, device=env.device)
         self.class_weights = weights if cfg.class_weighted else None
         self.thresholds: dict | None = None  # verification thresholds of the last validation (protocol open)
-        # select = "valid": the best validation so far, {"metric", "value", "epoch", "step", "weights"}
+        # select = "valid": the best validation so far, {"metric", "value", "score", "epoch", "step", "weights"}
         self.best: dict | None = None
         self.clock = PhaseClock()  # step phase timing (spkr.run.phases)
         # the loader's normalisation {"mean", "std"} when eq_augment is on
