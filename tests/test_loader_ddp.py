@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -65,4 +66,6 @@ FAST = [(2, 2), (3, 0)]
 def test_torchrun_exactly_once_equal_steps(prime_shards, tmp_path, nproc, workers):
     proc = run_torchrun(prime_shards, tmp_path / "keys", nproc, workers)
     check(prime_shards, tmp_path / "keys", nproc)
-    assert "samples/s" in proc.stdout and "dropped" in proc.stdout
+    assert "samples/s" in proc.stdout and "dropped" in proc.stdout and "% data wait" not in proc.stdout
+    waits = [float(w) for w in re.findall(r"data wait ([\d.]+) %", proc.stdout)]
+    assert len(waits) == 2 * nproc and all(0 <= w <= 100 for w in waits)  # one per rank and epoch

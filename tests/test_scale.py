@@ -78,10 +78,31 @@ def test_exactly_once_check_fails_on_a_repeated_or_lost_key(small_shards, tmp_pa
     assert not lost["ok"] and lost["missing"] == 2
 
 
+def test_memory_sampler_keeps_the_role_seen_last():
+    """A rank's child is a copy of the rank until it execs into the fork server: the role seen last
+    names the process, and its peaks start again when the role changes."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "60"])  # a process with no children of its own
+    try:
+        seen = iter(["rank0/worker", "rank0/forkserver", "rank0/forkserver"])
+        sampler = bench.MemorySampler(lambda: [(next(seen), child.pid)])
+        sampler.sample()
+        assert list(sampler.peaks) == [("rank0/worker", child.pid)]
+        sampler.sample()
+        sampler.sample()
+        assert list(sampler.peaks) == [("rank0/forkserver", child.pid)]
+        assert sampler.samples == 3 and sampler.peaks[("rank0/forkserver", child.pid)]["vm_rss"] > 0
+    finally:
+        child.kill()
+        child.wait()
+
+
 @pytest.mark.slow
 def test_data_only_under_torchrun_exactly_once(small_shards, tmp_path):
-    # batch 8: 63 steps keep the workers alive long enough to be sampled on a busy machine
-    args = _args(nproc=2, workers=2, batch_size=8, interval=0.05, timeout=300.0)
+    # 63 steps of batch 8 at a model's pace of 20 ms keep the workers alive for over a second, so the
+    # sampler sees each of them on a busy machine too
+    args = _args(nproc=2, workers=2, batch_size=8, interval=0.05, step_ms=20.0, timeout=300.0)
     run = bench.run_data_only(small_shards, tmp_path / "keys", args)
     once = bench.check_exactly_once(small_shards, tmp_path / "keys", 2, run["per_rank"])
     assert once["ok"], once

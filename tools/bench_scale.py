@@ -221,12 +221,16 @@ def local_rank(pid: int) -> int | None:
 
 class MemorySampler(threading.Thread):
     """Samples the memory of ``roots()``'s processes and their children every ``interval`` s; keeps
-    each process's peak of every figure (``peaks[(role, pid)]``)."""
+    each process's peak of every figure (``peaks[(role, pid)]``).
+
+    A process's role is the one seen last: a child forked by a rank is a copy of the rank until it
+    execs into the fork server or the resource tracker, so a change of role starts its peaks afresh."""
 
     def __init__(self, roots, interval: float = 0.25):
         super().__init__(daemon=True)
         self.roots, self.interval = roots, interval
-        self.peaks: dict[tuple[str, int], dict] = {}
+        self._role: dict[int, str] = {}
+        self._peak: dict[int, dict] = {}
         self.samples = 0
         self._done = threading.Event()
 
@@ -242,10 +246,16 @@ class MemorySampler(threading.Thread):
                 mem = proc_memory(p)
                 if mem is None:
                     continue
-                peak = self.peaks.setdefault((r, p), {k: 0 for k in mem})
+                if self._role.get(p) != r:
+                    self._role[p], self._peak[p] = r, {k: 0 for k in mem}
+                peak = self._peak[p]
                 for k, v in mem.items():
                     peak[k] = max(peak[k], v)
         self.samples += 1
+
+    @property
+    def peaks(self) -> dict[tuple[str, int], dict]:
+        return {(self._role[p], p): peak for p, peak in self._peak.items()}
 
     def stop(self) -> dict:
         self._done.set()
@@ -352,7 +362,7 @@ def run_data_only(shards: Path, logdir: Path, args) -> dict:
         "torchrun", "--standalone", f"--nproc_per_node={args.nproc}",
         "-m", "spkr.stream.data_only", "--shards", str(shards), "--split", SPLIT,
         "--batch-size", str(args.batch_size), "--epochs", "1", "--workers", str(args.workers),
-        "--seed", str(args.seed), "--log-keys", str(logdir),
+        "--seed", str(args.seed), "--log-keys", str(logdir), "--step-ms", str(args.step_ms),
     ]  # fmt: skip
     env = {**_env(), "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
@@ -698,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--interval", type=float, default=0.25, help="memory sampling period (s)")
+    p.add_argument("--step-ms", type=float, default=0.0, help="data-only: a model step's ms after each batch")
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--mp-contexts", default="", help="e.g. fork,forkserver: how the split reaches workers")
     p.add_argument("--mp-scale", type=float, default=1.0, help="the scale the --mp-contexts runs use")

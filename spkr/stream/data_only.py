@@ -1,7 +1,7 @@
 """Iterate the loader without a model: throughput, and a record of which keys every rank consumed.
 
     python -m spkr.stream.data_only --shards DIR --split train --batch-size 32 --epochs 2 --workers 2 \
-        --log-keys OUTDIR [--seed 0] [--crop-frames 200]
+        --log-keys OUTDIR [--seed 0] [--crop-frames 200] [--step-ms 50]
     torchrun --nproc_per_node 3 -m spkr.stream.data_only ...
 
 Under torchrun (WORLD_SIZE > 1) a gloo process group is initialised from the environment and all
@@ -39,6 +39,7 @@ class DataOnly:
     eval: bool = False  # evaluation order: no shuffle, no drop
     log_keys: str | None = None  # directory for rank{r}.jsonl key logs
     max_steps: int | None = None  # stop each epoch after this many steps
+    step_ms: float = 0.0  # a model step of this many ms after each batch (the consumer's pace)
     timeout: float = 300.0  # process-group timeout (s)
     storage_options: dict | None = None
 
@@ -56,6 +57,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--eval", action="store_true", help="evaluation order: no shuffle, no drop")
     p.add_argument("--log-keys", default=None, help="directory for rank{r}.jsonl key logs")
     p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps")
+    p.add_argument(
+        "--step-ms", type=float, default=0.0, help="sleep this long after each batch (a model's pace)"
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="process-group timeout (s)")
     return p
 
@@ -102,7 +106,10 @@ def run(args: DataOnly) -> int:
             loader.set_epoch(epoch)
             t0 = time.perf_counter()
             samples = frames = steps = 0
+            wait = 0.0  # seconds spent waiting for the next batch
+            t_ask = time.perf_counter()
             for step, batch in enumerate(loader):
+                wait += time.perf_counter() - t_ask
                 samples += len(batch["keys"])
                 frames += int(batch["lengths"].sum())
                 steps += 1
@@ -110,6 +117,9 @@ def run(args: DataOnly) -> int:
                     log.write(json.dumps({"epoch": epoch, "step": step, "keys": batch["keys"]}) + "\n")
                 if args.max_steps and steps >= args.max_steps:
                     break
+                if args.step_ms:
+                    time.sleep(args.step_ms / 1e3)
+                t_ask = time.perf_counter()
             dt = max(time.perf_counter() - t0, 1e-9)
             if log:
                 log.flush()
@@ -118,7 +128,7 @@ def run(args: DataOnly) -> int:
                 f"[rank {rank}/{loader.world_size}] epoch {epoch}: {steps} steps (plan {len(loader)}), "
                 f"{samples} samples, {frames} frames in {dt:.2f}s = {samples / dt:.1f} samples/s, "
                 f"{mb / dt:.1f} MB/s; dropped {loader.dropped} (< world {loader.world_size}), "
-                f"skipped {len(loader.skipped)}, retries {loader.retries}",
+                f"skipped {len(loader.skipped)}, retries {loader.retries}; data wait {100 * wait / dt:.1f} %",
                 flush=True,
             )
             if dist.is_initialized():
