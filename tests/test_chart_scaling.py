@@ -51,3 +51,11 @@ def test_one_measurement_with_two_results_is_an_error(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps([_row(50, "open", "tiny", 0, eer=0.25)]))
     with pytest.raises(SystemExit, match="measured twice with different results"):
         cs.load_rows([tmp_path / "a.json", tmp_path / "b.json"])
+    # the same figures on the same data from another source (a reproduction): pooled once, the first kept
+    (tmp_path / "c.json").write_text(json.dumps([{**_row(50, "open", "tiny", 0, eer=0.2), "src": "t"}]))
+    assert [r["src"] for r in cs.load_rows([tmp_path / "a.json", tmp_path / "c.json"])] == ["s"]
+    (tmp_path / "d.json").write_text(
+        json.dumps([{**_row(50, "open", "tiny", 0, eer=0.2), "dataset_id": "x"}])
+    )
+    with pytest.raises(SystemExit, match="measured twice with different results"):
+        cs.load_rows([tmp_path / "a.json", tmp_path / "d.json"])  # other data: not the same measurement

@@ -6,7 +6,9 @@
 Left: open-protocol test EER (unseen speakers) per model; right: closed-session test accuracy (new
 sessions of the training speakers). A point is a model's mean over its seeds at that size (the
 vertical bar spans the seeds' min..max) or its single run. Rows from several JSON files are pooled;
-the same (size, protocol, model, seed) twice must agree (one measurement, not two), else it exits.
+the same (size, protocol, model, seed) twice must agree (one measurement, not two), else it exits; with
+the same figures on the same data it is pooled once, also when another source hash reproduced it (e.g.
+the baseline re-measured after a change elsewhere in spkr).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ PANELS = (
 
 
 def load_rows(paths: list[Path]) -> list[dict]:
-    """Single-run rows (no seed means: they are recomputed here) with ``train_speakers``, deduplicated."""
+    """Single-run rows (no seed means: they are recomputed here) with ``train_speakers``, deduplicated
+    (the first of a measurement and its reproductions is kept)."""
     seen: dict[tuple, dict] = {}
     for path in paths:
         for r in json.loads(path.read_text()):
@@ -39,7 +42,7 @@ def load_rows(paths: list[Path]) -> list[dict]:
                 r["augment_copies"],
             )
             old = seen.setdefault(key, r)
-            if old is not r and any(old.get(f) != r.get(f) for f in ("eer", "acc", "dataset_id", "src")):
+            if old is not r and any(old.get(f) != r.get(f) for f in ("eer", "acc", "dataset_id")):
                 sys.exit(f"chart_scaling: {key} measured twice with different results ({path})")
     return list(seen.values())
 
