@@ -18,7 +18,7 @@ from spkr import checkpoint as ck
 from spkr.config import ConfigError
 from spkr.features import FeatureConfig, mel_centres
 from spkr.run.configs import TrainConfig, load_configs
-from spkr.run.mel_augment import eq_augment, spec_augment
+from spkr.run.mel_augment import eq_augment, noise_augment, spec_augment
 from spkr.run.trainer import lr_factor
 from spkr.train import main, parse_args
 
@@ -111,6 +111,40 @@ def test_eq_augment_adds_one_smooth_curve_in_db_per_utterance_within_lengths():
     assert not torch.allclose(offset[0, 0], offset[1, 0])  # a different curve per utterance
     torch.manual_seed(0)
     assert torch.equal(eq_augment(mel, lengths, TrainConfig(eq_db=6.0), stats, features), out)  # torch RNG
+
+
+def test_noise_augment_adds_noise_at_the_drawn_snr_in_the_power_spectrum():
+    mel, lengths, stats = _eq_batch()
+    features = FeatureConfig()
+    assert noise_augment(mel, lengths, TrainConfig(), stats, features) is mel  # off by default
+    before = _in_db(mel, stats)
+
+    def power(db: torch.Tensor) -> torch.Tensor:  # summed over bins, mean over frames
+        return torch.pow(10.0, db / 10).sum(dim=1).mean()
+
+    for snr in (0.0, 10.0, 25.0):
+        torch.manual_seed(0)
+        cfg = TrainConfig(noise=1.0, noise_snr_min_db=snr, noise_snr_max_db=snr)
+        out = noise_augment(mel, lengths, cfg, stats, features)
+        after = _in_db(out, stats)
+        for b, n in enumerate(lengths.tolist()):
+            assert torch.equal(out[b, n:], mel[b, n:])  # padding untouched
+            assert (after[b, :n] >= before[b, :n] - 1e-3).all()  # noise only adds power
+            speech, added = power(before[b, :n]), power(after[b, :n]) - power(before[b, :n])
+            assert abs(10 * torch.log10(speech / added).item() - snr) < 0.05  # the drawn SNR, realised
+        assert not torch.allclose(after[0, 0] - before[0, 0], after[1, 0] - before[1, 0])  # its own noise
+    torch.manual_seed(0)
+    half = noise_augment(mel, lengths, TrainConfig(noise=0.5), stats, features)
+    changed = [not torch.equal(half[b], mel[b]) for b in range(len(lengths))]
+    assert any(changed) and not all(changed)  # a share of the utterances
+    torch.manual_seed(0)
+    assert torch.equal(
+        noise_augment(mel, lengths, TrainConfig(noise=0.5), stats, features), half
+    )  # torch RNG
+    with pytest.raises(ValueError, match="noise"):
+        TrainConfig(noise=1.5)
+    with pytest.raises(ValueError, match="noise SNRs"):
+        TrainConfig(noise_snr_min_db=20.0, noise_snr_max_db=10.0)
 
 
 def test_eq_augment_band_limits_attenuate_the_band_edges_down_to_the_floor():

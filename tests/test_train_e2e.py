@@ -64,7 +64,7 @@ def test_torchrun_kill9_resume_then_evaluate(session_base):
 def test_mid_epoch_resume_is_bit_exact(tmp_path, workers):
     """fp32 eager, one process: a run paused mid-epoch (--stop-at-step) and resumed logs exactly (==)
     the per-step losses of an uninterrupted run and ends with identical weights and test results.
-    Dropout, SpecAugment, the random microphone (eq_*) and random crops all draw random numbers. With workers, creating the
+    Dropout, SpecAugment, additive noise, the random microphone (eq_*) and random crops all draw random numbers. With workers, creating the
     DataLoader iterator on resume used to draw from the just-restored global torch RNG."""
     from spkr.checkpoint import load
     from spkr.train import main
@@ -78,6 +78,7 @@ def test_mid_epoch_resume_is_bit_exact(tmp_path, workers):
         "--dtype", "fp32", "--epochs", "2", "--batch-size", "4", "--warmup-steps", "2", "--crop-frames", "20",
         "--freq-masks", "1", "--time-masks", "1", "--num-workers", str(workers), "--log-every", "1",
         "--verify-pairs", "0", "--eq-db", "6", "--eq-lowpass-hz", "3000", "--eq-highpass-hz", "300",
+        "--noise", "0.5",
     ]  # fmt: skip
     whole, paused = tmp_path / "whole", tmp_path / "paused"
     assert main(common + ["--out", str(whole)]) == 0

@@ -51,6 +51,10 @@ class TrainConfig:
     #   bins (tilt + 3 bumps, each gain uniform in +-eq_db dB) added to its log-mels (0 = off) ...
     eq_lowpass_hz: float = 0.0  # ... and a band limit: a low-pass at a cutoff log-uniform in [this, f_max]
     eq_highpass_hz: float = 0.0  # ... and a high-pass at a cutoff log-uniform in [f_min, this] (0 = off)
+    noise: float = 0.0  # additive noise: this share of training utterances gets a coloured noise
+    #   (tilt, hum/fan tones, a syllabic level modulation) added in the power spectrum (0 = off) ...
+    noise_snr_min_db: float = 5.0  # ... at an SNR uniform in [noise_snr_min_db, noise_snr_max_db]
+    noise_snr_max_db: float = 30.0
     num_workers: int = 2  # DataLoader workers per rank
     seed: int = 0
     dtype: str = "auto"  # "auto" | "bf16" | "fp16" | "fp32" (spkr.run.distributed.resolve_dtype)
@@ -87,6 +91,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.eq_db <= 40:
             raise ValueError(f"eq_db must be in [0, 40] dB, got {self.eq_db}")
+        if not 0 <= self.noise <= 1:
+            raise ValueError(f"noise must be a share in [0, 1], got {self.noise}")
+        if not -20 <= self.noise_snr_min_db <= self.noise_snr_max_db <= 80:
+            raise ValueError(
+                f"noise SNRs must satisfy -20 <= noise_snr_min_db <= noise_snr_max_db <= 80 dB, got "
+                f"{self.noise_snr_min_db} and {self.noise_snr_max_db}"
+            )
         if self.eq_lowpass_hz < 0 or self.eq_highpass_hz < 0:
             raise ValueError("eq_lowpass_hz and eq_highpass_hz must be >= 0 (0 = off)")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:

@@ -54,7 +54,7 @@ from spkr.run.distributed import (
     make_scaler,
 )
 from spkr.run.evaluation import EvalOptions, eval_loader, eval_splits, evaluate_split, load_trials
-from spkr.run.mel_augment import eq_active, eq_augment, spec_augment
+from spkr.run.mel_augment import eq_active, eq_augment, noise_augment, spec_augment
 from spkr.run.metrics import Logger, TrainWindow, eval_line, eval_row, train_line
 from spkr.run.phases import PhaseClock
 from spkr.stream.loader import normalisation
@@ -195,8 +195,8 @@ class Trainer:
         # select = "valid": the best validation so far, {"metric", "value", "score", "epoch", "step", "weights"}
         self.best: dict | None = None
         self.clock = PhaseClock()  # step phase timing (spkr.run.phases)
-        # the loader's normalisation {"mean", "std"} when eq_augment is on
-        self.eq_stats = normalisation(manifest, n_mels) if eq_active(cfg) else None
+        # the loader's normalisation {"mean", "std"} when noise_augment or eq_augment is on
+        self.db_stats = normalisation(manifest, n_mels) if cfg.noise or eq_active(cfg) else None
 
     @property
     def last(self) -> Path:
@@ -279,8 +279,10 @@ class Trainer:
         mel = batch["mel"].to(device, non_blocking=True).float()
         lengths = batch["lengths"].to(device, non_blocking=True)
         y = batch["labels"].to(device, non_blocking=True)
-        if self.eq_stats is not None:
-            mel = eq_augment(mel, lengths, self.cfg, self.eq_stats, self.data.manifest.feature_config)
+        if self.db_stats is not None:
+            features = self.data.manifest.feature_config
+            mel = noise_augment(mel, lengths, self.cfg, self.db_stats, features)  # noise, then the microphone
+            mel = eq_augment(mel, lengths, self.cfg, self.db_stats, features)
         mel = spec_augment(mel, lengths, self.cfg)
         no_sync = self.env.ddp and not sync
         with self.model.no_sync() if no_sync else contextlib.nullcontext():
