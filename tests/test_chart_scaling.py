@@ -59,3 +59,20 @@ def test_one_measurement_with_two_results_is_an_error(tmp_path):
     )
     with pytest.raises(SystemExit, match="measured twice with different results"):
         cs.load_rows([tmp_path / "a.json", tmp_path / "d.json"])  # other data: not the same measurement
+
+
+def test_labels_name_a_model_and_its_last_epoch_rows(tmp_path):
+    rows = [_row(50, "open", "tiny@noise=0.5", 0, eer=0.2), _row(50, "open", "tiny@noise=0.5[last]", 0, eer=0.3),
+            _row(50, "open", "baseline", None, eer=0.4)]  # fmt: skip
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    md = tmp_path / "t.md"
+    argv = [str(tmp_path / "a.json"), "--out", str(tmp_path / "c.png"), "--md", str(md)]
+    assert cs.main([*argv, "--label", "tiny@noise=0.5=tiny + noise"]) == 0
+    text = md.read_text()
+    assert "| 50 | tiny + noise | 20.00 % |  |" in text
+    assert "| 50 | tiny + noise (last epoch) | 30.00 % |  |" in text
+    assert "| 50 | baseline | 40.00 % |  |" in text
+    assert cs.main([*argv, "--no-last"]) == 0
+    assert "last epoch" not in md.read_text() and "| 50 | tiny@noise=0.5 | 20.00 % |  |" in md.read_text()
+    with pytest.raises(SystemExit, match="is not MODEL=NAME"):
+        cs.main([*argv, "--label", "tiny"])

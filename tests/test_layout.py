@@ -104,3 +104,27 @@ def test_the_checks_see_violations():
         "spkr.c",
         "spkr.a",
     ]
+
+
+MAX_FUNCTION_LINES = 59  # a function you can read on one screen
+MAX_FILE_LINES = 700  # one room per responsibility
+
+
+def sizes() -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """([(lines, "file:function")], [(lines, "file")]) for every function and module of the package."""
+    functions, files = [], []
+    for path in sorted(PKG.rglob("*.py")):
+        src = path.read_text()
+        name = str(path.relative_to(PKG.parent))
+        files.append((len(src.splitlines()), name))
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                functions.append((node.end_lineno - node.lineno + 1, f"{name}:{node.name}"))
+    return functions, files
+
+
+def test_functions_and_files_stay_readable():
+    functions, files = sizes()
+    assert len(functions) > 500 and len(files) > 50  # the walk saw the package
+    assert [f for f in functions if f[0] > MAX_FUNCTION_LINES] == []
+    assert [f for f in files if f[0] > MAX_FILE_LINES] == []

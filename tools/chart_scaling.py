@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """The scaling curve of ``tools/bench_quality.py --train-speakers``: figures against training speakers.
 
-    python tools/chart_scaling.py runs.json [more.json ...] --out docs/scaling.png [--md table.md]
+    python tools/chart_scaling.py runs.json [more.json ...] --out docs/scaling.png [--md table.md] \
+        [--label 'tiny@epochs=8@noise=0.5=tiny + noise' ...]
 
 Left: open-protocol test EER (unseen speakers) per model; right: closed-session test accuracy (new
 sessions of the training speakers). A point is a model's mean over its seeds at that size (the
 vertical bar spans the seeds' min..max) or its single run. Rows from several JSON files are pooled;
 the same (size, protocol, model, seed) twice must agree (one measurement, not two), else it exits; with
 the same figures on the same data it is pooled once, also when another source hash reproduced it (e.g.
-the baseline re-measured after a change elsewhere in spkr).
+the baseline re-measured after a change elsewhere in spkr). A model's ``[last]`` rows (its last epoch
+beside the selected one) are drawn dashed in the model's colour (``--no-last`` leaves them out); ``--label MODEL=NAME`` names a model in
+the legend and the table (the split is at the last ``=``).
 """
 
 from __future__ import annotations
@@ -61,7 +64,28 @@ def curves(
     return dict(out)
 
 
-def table(rows: list[dict]) -> str:
+LAST = "[last]"
+
+
+def parse_labels(items: list[str]) -> dict[str, str]:
+    """``["tiny@epochs=8=tiny, 8 epochs"]`` -> ``{"tiny@epochs=8": "tiny, 8 epochs"}``."""
+    labels = {}
+    for item in items:
+        model, sep, name = item.rpartition("=")
+        if not sep or not model or not name:
+            sys.exit(f"chart_scaling: --label {item!r} is not MODEL=NAME")
+        labels[model] = name
+    return labels
+
+
+def label_of(model: str, labels: dict[str, str]) -> str:
+    """The legend name of ``model``; a ``[last]`` row is named after its model."""
+    base = model.removesuffix(LAST)
+    name = labels.get(base, base)
+    return f"{name} (last epoch)" if model.endswith(LAST) else name
+
+
+def table(rows: list[dict], labels: dict[str, str] | None = None) -> str:
     lines = [
         "| training speakers | model | open test EER (runs) | closed-session test acc (runs) |",
         "|---|---|---|---|",
@@ -78,7 +102,7 @@ def table(rows: list[dict]) -> str:
                 out.append(f"{pt[1]:.2f} % ({pt[2]:.2f}-{pt[3]:.2f}, {pt[4]} seeds)")
             else:
                 out.append(f"{pt[1]:.2f} %")
-        lines.append(f"| {n} | {m} | {out[0]} | {out[1]} |")
+        lines.append(f"| {n} | {label_of(m, labels or {})} | {out[0]} | {out[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -87,8 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("json", type=Path, nargs="+", help="bench_quality.py --json files")
     ap.add_argument("--out", type=Path, required=True, help="PNG to write")
     ap.add_argument("--md", type=Path, default=None, help="also write the table as markdown")
+    ap.add_argument(
+        "--label", action="append", default=[], help="MODEL=NAME: the model's name in legend and table"
+    )
+    ap.add_argument("--no-last", action="store_true", help="leave out the models' [last] rows")
     args = ap.parse_args(argv)
+    labels = parse_labels(args.label)
     rows = load_rows(args.json)
+    if args.no_last:
+        rows = [r for r in rows if not r["model"].endswith(LAST)]
     if not rows:
         sys.exit("chart_scaling: no rows with train_speakers (run bench_quality.py --train-speakers ...)")
     import matplotlib
@@ -96,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    color = {m: f"C{i}" for i, m in enumerate(sorted({r["model"] for r in rows}))}  # same in both panels
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    bases = sorted({r["model"].removesuffix(LAST) for r in rows})
+    color = {m: f"C{i}" for i, m in enumerate(bases)}  # a model and its [last] rows alike, in both panels
     sizes = sorted({r["train_speakers"] for r in rows})
     for ax, (protocol, figure, label) in zip(axes, PANELS, strict=True):
         for model, pts in curves(rows, protocol, figure).items():
@@ -106,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                 [m - a for m, a in zip(mean, lo, strict=True)],
                 [b - m for m, b in zip(mean, hi, strict=True)],
             ]
-            ax.errorbar(xs, mean, yerr=yerr, marker="o", capsize=3, label=model, color=color[model])
+            last = model.endswith(LAST)
+            ax.errorbar(xs, mean, yerr=yerr, marker="o", capsize=3, label=label_of(model, labels),
+                        color=color[model.removesuffix(LAST)], linestyle="--" if last else "-",
+                        alpha=0.6 if last else 1.0)  # fmt: skip
         ax.set_xscale("log")
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.minorticks_off()
@@ -114,11 +149,16 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylabel(label)
         ax.set_title(protocol)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+    handles = {}  # one legend for both panels, below them
+    for ax in axes:
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(name, handle)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize="small")
+    legend_rows = (len(handles) + 2) // 3
+    fig.tight_layout(rect=(0, 0.02 + 0.045 * legend_rows, 1, 1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
-    md = table(rows)
+    md = table(rows, labels)
     print(md, end="")
     if args.md:
         args.md.write_text(md)

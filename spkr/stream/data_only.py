@@ -74,6 +74,40 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+def run_epoch(loader, epoch: int, args: DataOnly, log) -> None:
+    """One epoch of ``loader``: its keys to ``log`` (a jsonl file or None), a model's pace of
+    ``args.step_ms`` per batch, and one line of throughput and data wait (the share of the epoch spent
+    waiting for the next batch)."""
+    loader.set_epoch(epoch)
+    t0 = time.perf_counter()
+    samples = frames = steps = 0
+    wait = 0.0  # seconds spent waiting for the next batch
+    t_ask = time.perf_counter()
+    for step, batch in enumerate(loader):
+        wait += time.perf_counter() - t_ask
+        samples += len(batch["keys"])
+        frames += int(batch["lengths"].sum())
+        steps += 1
+        if log:
+            log.write(json.dumps({"epoch": epoch, "step": step, "keys": batch["keys"]}) + "\n")
+        if args.max_steps and steps >= args.max_steps:
+            break
+        if args.step_ms:
+            time.sleep(args.step_ms / 1e3)
+        t_ask = time.perf_counter()
+    dt = max(time.perf_counter() - t0, 1e-9)
+    if log:
+        log.flush()
+    mb = loader.bytes_read / 1e6
+    print(
+        f"[rank {loader.rank}/{loader.world_size}] epoch {epoch}: {steps} steps (plan {len(loader)}), "
+        f"{samples} samples, {frames} frames in {dt:.2f}s = {samples / dt:.1f} samples/s, "
+        f"{mb / dt:.1f} MB/s; dropped {loader.dropped} (< world {loader.world_size}), "
+        f"skipped {len(loader.skipped)}, retries {loader.retries}; data wait {100 * wait / dt:.1f} %",
+        flush=True,
+    )
+
+
 def run(args: DataOnly) -> int:
     """Iterate the loader for ``args.epochs`` epochs, logging keys and throughput per rank."""
     import torch.distributed as dist
@@ -103,34 +137,7 @@ def run(args: DataOnly) -> int:
         log = open(os.path.join(args.log_keys, f"rank{rank}.jsonl"), "w")
     try:
         for epoch in range(args.epochs):
-            loader.set_epoch(epoch)
-            t0 = time.perf_counter()
-            samples = frames = steps = 0
-            wait = 0.0  # seconds spent waiting for the next batch
-            t_ask = time.perf_counter()
-            for step, batch in enumerate(loader):
-                wait += time.perf_counter() - t_ask
-                samples += len(batch["keys"])
-                frames += int(batch["lengths"].sum())
-                steps += 1
-                if log:
-                    log.write(json.dumps({"epoch": epoch, "step": step, "keys": batch["keys"]}) + "\n")
-                if args.max_steps and steps >= args.max_steps:
-                    break
-                if args.step_ms:
-                    time.sleep(args.step_ms / 1e3)
-                t_ask = time.perf_counter()
-            dt = max(time.perf_counter() - t0, 1e-9)
-            if log:
-                log.flush()
-            mb = loader.bytes_read / 1e6
-            print(
-                f"[rank {rank}/{loader.world_size}] epoch {epoch}: {steps} steps (plan {len(loader)}), "
-                f"{samples} samples, {frames} frames in {dt:.2f}s = {samples / dt:.1f} samples/s, "
-                f"{mb / dt:.1f} MB/s; dropped {loader.dropped} (< world {loader.world_size}), "
-                f"skipped {len(loader.skipped)}, retries {loader.retries}; data wait {100 * wait / dt:.1f} %",
-                flush=True,
-            )
+            run_epoch(loader, epoch, args, log)
             if dist.is_initialized():
                 dist.barrier()
     finally:
