@@ -10,8 +10,8 @@ vertical bar spans the seeds' min..max) or its single run. Rows from several JSO
 the same (size, protocol, model, seed) twice must agree (one measurement, not two), else it exits; with
 the same figures on the same data it is pooled once, also when another source hash reproduced it (e.g.
 the baseline re-measured after a change elsewhere in spkr). A model's ``[last]`` rows (its last epoch
-beside the selected one) are drawn dashed in the model's colour (``--no-last`` leaves them out); ``--label MODEL=NAME`` names a model in
-the legend and the table (the split is at the last ``=``).
+beside the selected one) are drawn dashed in the model's colour (``--no-last`` leaves them out);
+``--label MODEL=NAME`` names a model in the legend and the table (the split is at the last ``=``).
 """
 
 from __future__ import annotations
